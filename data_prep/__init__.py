@@ -1,0 +1,1 @@
+"""Offline converters: X-ray datasets as downloaded -> FFCV shards + manifest."""

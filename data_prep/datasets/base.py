@@ -1,0 +1,147 @@
+"""The contract between a dataset plug-in and the converter.
+
+A plug-in is one module in this package that defines ``SPEC`` (a :class:`DatasetSpec`).
+Its ``scan(root)`` only *lists* what is on disk: image paths, labels, mask paths, boxes and
+the patient (group) each image belongs to. It never decodes pixels; decoding, resizing and
+packing happen in :mod:`data_prep.convert`, which turns undecodable files into rejects too.
+Anything a scanner cannot use (label missing, mask missing, a name it cannot parse) becomes a
+:class:`Reject` with a reason; junk files are dropped silently by :func:`is_junk`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+JUNK_NAMES = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})
+
+# Fields a shard may carry besides the image. The converter writes exactly the ones a spec lists.
+FIELDS = ("label", "labels", "boneage", "male", "body_part", "mask", "boxes")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image and everything known about it before decoding.
+
+    ``split`` is the dataset's own (official) split where it has one: train / valid / test.
+    ``task=False`` marks an image that is usable for pre-training but is not part of the
+    dataset's task (e.g. TBX11K images without boxes); it always goes to the ``extra`` split.
+    ``boxes`` are ``(x, y, w, h, category_id)`` in the pixel space ``box_space = (W, H)``.
+    """
+
+    image: Path
+    group: str
+    split: str | None = None
+    task: bool = True
+    label: int | None = None
+    labels: tuple[int, ...] | None = None
+    boneage: float | None = None
+    male: int | None = None
+    body_part: int | None = None
+    masks: tuple[Path, ...] = ()
+    boxes: tuple[tuple[float, float, float, float, int], ...] | None = None
+    box_space: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    path: str  # relative to the dataset root, POSIX style
+    reason: str
+
+
+@dataclass
+class Scan:
+    records: list[Record] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+    def reject(self, root: Path, path: Path | str, reason: str) -> None:
+        self.rejects.append(Reject(relpath(root, path), reason))
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset is and how to read it.
+
+    ``role="task"``: the paper split is a seeded, patient-grouped 80/10/10 train/valid/test.
+    ``role="pretrain"``: the paper split puts every image in train (MD-MoCo only).
+    ``folder_names``: the usual download folder names, tried in order by ``--dataset all``.
+    ``label_names``: class names for ``label`` (index = value) or for the ``labels`` multi-hot.
+    """
+
+    name: str
+    folder_names: tuple[str, ...]
+    role: str
+    fields: tuple[str, ...]
+    scan: Callable[[Path], Scan]
+    has_official_split: bool = False
+    label_names: tuple[str, ...] = ()
+    box_categories: tuple[str, ...] = ()  # index = category_id - 1
+
+    def __post_init__(self):
+        if self.role not in ("task", "pretrain"):
+            raise ValueError(f"{self.name}: role must be 'task' or 'pretrain', not {self.role!r}")
+        unknown = set(self.fields) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown fields {sorted(unknown)}")
+
+
+def is_junk(path: Path) -> bool:
+    """OS droppings that users' archives carry: never data, never reported."""
+    name = path.name.lower()
+    return name in JUNK_NAMES or name.startswith("._") or "__MACOSX" in path.parts
+
+
+def relpath(root: Path, path: Path | str) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def list_files(directory: Path) -> list[Path]:
+    """Every non-junk file under ``directory``, sorted, following no symlinked dirs."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if d != "__MACOSX")
+        for name in filenames:
+            p = Path(dirpath) / name
+            if not is_junk(p):
+                out.append(p)
+    return sorted(out)
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def find_dir(root: Path, name: str, max_depth: int = 2) -> Path | None:
+    """``root/name`` or the shallowest ``root/**/name`` (users unpack archives one level deeper
+    or shallower than the docs say)."""
+    frontier = [root]
+    for _ in range(max_depth + 1):
+        for d in frontier:
+            if (d / name).is_dir():
+                return d / name
+        frontier = [c for d in frontier for c in sorted(d.iterdir())
+                    if c.is_dir() and c.name != "__MACOSX"]
+    return None
+
+
+def find_file(root: Path, names: tuple[str, ...], max_depth: int = 2) -> Path | None:
+    """The first of ``names`` found at ``root`` or up to ``max_depth`` folders below it."""
+    frontier = [root]
+    for _ in range(max_depth + 1):
+        for name in names:
+            for d in frontier:
+                if (d / name).is_file():
+                    return d / name
+        frontier = [c for d in frontier for c in sorted(d.iterdir())
+                    if c.is_dir() and c.name != "__MACOSX"]
+    return None
+
+
+class LayoutError(Exception):
+    """The folder does not look like the dataset at all (one-line message for the CLI)."""
