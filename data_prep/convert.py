@@ -1,0 +1,326 @@
+"""Convert downloaded X-ray datasets into FFCV shards.
+
+    python -m data_prep.convert --dataset NAME --root DIR --out DIR [--workers N]
+        [--size 800x500] [--split paper|official] [--seed S] [--force]
+
+Writes ``OUT/NAME/{train,valid,test,extra}.beton`` and ``OUT/NAME/manifest.json``. Splits with
+no image get no shard. ``--dataset all`` converts every dataset found under ``--root`` by its
+usual download folder name (``data_prep/LAYOUTS.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import random
+import shutil
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import shard
+from .datasets import NAMES, get_spec
+from .datasets.base import DatasetSpec, LayoutError, Record, Reject, relpath
+from .imaging import MAX_BOXES, Decoded, Unusable, decode
+
+SPLITS = ("train", "valid", "test", "extra")
+PAPER_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+class ConvertError(Exception):
+    """A user error reported as one line."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConvertError(f"--size must look like 800x500 (W x H), not {text!r}") from None
+    if not (16 <= w <= 8192 and 16 <= h <= 8192):
+        raise ConvertError(f"--size {text}: each side must be within 16..8192")
+    return w, h
+
+
+def assign_splits(records: list[Record], spec: DatasetSpec, mode: str, seed: int) -> list[str]:
+    """The split of each record. ``paper``: task sets get a patient-grouped 80/10/10 drawn with
+    ``seed`` (whole patients go to one split, cut by image count); pre-training sets put every
+    image in train. ``official``: the dataset's own split. Non-task images go to extra."""
+    if mode == "official":
+        return [(r.split or "train") if r.task else "extra" for r in records]
+    if spec.role == "pretrain":
+        return ["train" if r.task else "extra" for r in records]
+    sizes = Counter(r.group for r in records if r.task)
+    groups = sorted(sizes)
+    random.Random(seed).shuffle(groups)
+    total, seen, split_of = sum(sizes.values()), 0, {}
+    cut_valid, cut_test = PAPER_FRACTIONS[0] * total, (1 - PAPER_FRACTIONS[2]) * total
+    for g in groups:
+        split_of[g] = "train" if seen < cut_valid else "valid" if seen < cut_test else "test"
+        seen += sizes[g]
+    return [split_of[r.group] if r.task else "extra" for r in records]
+
+
+def _decode_job(args) -> Decoded | str:
+    record, size = args
+    try:
+        return decode(record, size)
+    except Unusable as e:
+        return str(e)
+
+
+def _split_summary(spec: DatasetSpec, rows: list[tuple[Record, Decoded]]) -> dict:
+    summary = {}
+    if "label" in spec.fields:
+        names = spec.label_names
+        counts = Counter(r.label for r, _ in rows)
+        summary["label_counts"] = {(names[k] if k < len(names) else str(k)): counts[k]
+                                   for k in sorted(counts)}
+    if "labels" in spec.fields:
+        totals = np.sum([r.labels for r, _ in rows], axis=0)
+        summary["label_counts"] = {n: int(c) for n, c in zip(spec.label_names, totals)}
+    if "mask" in spec.fields:
+        summary["masks"] = sum(int(d.mask.any()) for _, d in rows)
+    if "boxes" in spec.fields:
+        labels = Counter(int(c) for _, d in rows if d.boxes is not None for c in d.box_labels)
+        cats = spec.box_categories
+        summary["boxes"] = sum(labels.values())
+        summary["box_counts"] = {cats[c - 1] if 0 < c <= len(cats) else str(c): labels[c]
+                                 for c in sorted(labels)}
+        summary["images_with_boxes"] = sum(1 for _, d in rows if d.boxes is not None
+                                           and len(d.boxes))
+    if "boneage" in spec.fields:
+        ages = [r.boneage for r, _ in rows]
+        summary["boneage_months"] = {"min": min(ages), "max": max(ages),
+                                     "mean": round(float(np.mean(ages)), 3)}
+    return summary
+
+
+def _columns(spec: DatasetSpec, rows: list[tuple[Record, Decoded]], images: np.ndarray,
+             masks: np.ndarray | None) -> dict[str, np.ndarray]:
+    n = len(rows)
+    cols = {"image": images[:n], "index": np.arange(n, dtype=np.int64)}
+    if "label" in spec.fields:
+        cols["label"] = np.array([r.label for r, _ in rows], np.int64)
+    if "labels" in spec.fields:
+        cols["labels"] = np.array([r.labels for r, _ in rows], np.uint8)
+    if "boneage" in spec.fields:
+        cols["boneage"] = np.array([r.boneage for r, _ in rows], np.float64)
+    if "male" in spec.fields:
+        cols["male"] = np.array([r.male for r, _ in rows], np.int64)
+    if "body_part" in spec.fields:
+        cols["body_part"] = np.array([r.body_part for r, _ in rows], np.int64)
+    if "mask" in spec.fields:
+        cols["mask"] = masks[:n]
+    if "boxes" in spec.fields:
+        boxes = np.zeros((n, MAX_BOXES, 4), np.float32)
+        box_labels = np.full((n, MAX_BOXES), -1, np.int64)
+        for i, (_, d) in enumerate(rows):
+            if d.boxes is not None and len(d.boxes):
+                boxes[i, :len(d.boxes)], box_labels[i, :len(d.boxes)] = d.boxes, d.box_labels
+        cols["boxes"], cols["box_labels"] = boxes, box_labels
+        cols["num_boxes"] = np.array([0 if d.boxes is None else len(d.boxes) for _, d in rows],
+                                     np.int64)
+    return cols
+
+
+def _check_record(spec: DatasetSpec, r: Record) -> str | None:
+    needed = {"label": r.label, "labels": r.labels, "boneage": r.boneage, "male": r.male,
+              "body_part": r.body_part}
+    for name in spec.fields:
+        if name in needed and needed[name] is None:
+            return f"label missing: no {name}"
+        if name == "mask" and not r.masks:
+            return "mask missing"
+    return None
+
+
+def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), split="paper",
+                    seed=0, workers=1, force=False, log=print) -> dict:
+    """Scan, decode, pack and publish one dataset; return its manifest."""
+    if split == "official" and not spec.has_official_split:
+        raise ConvertError(f"{spec.name} has no official split; use --split paper")
+    if not root.is_dir():
+        raise ConvertError(f"{spec.name}: --root {root} is not a folder")
+    try:
+        scan = spec.scan(root)
+    except LayoutError as e:
+        raise ConvertError(str(e)) from None
+    records, rejects = [], list(scan.rejects)
+    for r in scan.records:
+        problem = _check_record(spec, r)
+        if problem:
+            rejects.append(Reject(relpath(root, r.image), problem))
+        else:
+            records.append(r)
+    if not records:
+        raise ConvertError(f"{spec.name}: no usable image found under {root}")
+    params = {"size": list(size), "split_mode": split, "seed": seed,
+              "format_version": shard.FORMAT_VERSION,
+              "scanned": {"records": len(records), "rejects": len(rejects)}}
+    final = out / spec.name
+    previous = shard.read_manifest(final)
+    if previous and previous.get("params") == params and not force:
+        log(f"{spec.name}: already converted in {final} (use --force to redo)")
+        return previous
+
+    splits = assign_splits(records, spec, split, seed)
+    order = sorted(range(len(records)), key=lambda i: SPLITS.index(splits[i]))
+    planned = Counter(splits)
+    stage = shard.staging_dir(out, spec.name)
+    try:
+        w, h = size
+        images = {s: np.lib.format.open_memmap(stage / f".{s}.images.npy", "w+", np.uint8,
+                                               (planned[s], h, w, 1)) for s in planned}
+        masks = {s: np.lib.format.open_memmap(stage / f".{s}.masks.npy", "w+", np.uint8,
+                                              (planned[s], h, w, 1))
+                 for s in planned} if "mask" in spec.fields else {}
+        rows: dict[str, list] = {s: [] for s in planned}
+        pix_sum = pix_sq = 0.0
+        jobs = ((records[i], size) for i in order)
+        pool = multiprocessing.Pool(workers) if workers > 1 else None
+        try:
+            results = pool.imap(_decode_job, jobs, chunksize=4) if pool else map(_decode_job,
+                                                                                  jobs)
+            for i, res in tqdm(zip(order, results), total=len(order), desc=spec.name,
+                               unit="img", disable=None):
+                rec = records[i]
+                if isinstance(res, str):
+                    rejects.append(Reject(relpath(root, rec.image), res))
+                    continue
+                s, k = splits[i], len(rows[splits[i]])
+                images[s][k, :, :, 0] = res.image
+                if masks:
+                    masks[s][k, :, :, 0] = res.mask
+                rows[s].append((rec, res))
+                img = res.image.astype(np.float64)
+                pix_sum += img.mean()
+                pix_sq += (img * img).mean()
+        finally:
+            if pool:
+                pool.terminate()
+        fields = shard.ffcv_fields(spec.fields, size)
+        if "labels" in spec.fields:
+            from ffcv.fields import NDArrayField
+            fields["labels"] = NDArrayField(np.dtype("uint8"), (len(spec.label_names),))
+        manifest_splits = {}
+        for s in SPLITS:
+            if not rows.get(s):
+                continue
+            cols = _columns(spec, rows[s], images[s], masks.get(s))
+            shard.write_shard(stage / f"{s}.beton", fields, cols)
+            manifest_splits[s] = {"file": f"{s}.beton", "count": len(rows[s]),
+                                  **_split_summary(spec, rows[s])}
+        del images, masks
+        for tmp in stage.glob(".*.npy"):
+            tmp.unlink()
+        n = sum(len(v) for v in rows.values())
+        if n == 0:
+            raise ConvertError(f"{spec.name}: every image under {root} was rejected")
+        mean = pix_sum / n
+        manifest = {
+            "dataset": spec.name, "size": list(size), "splits": manifest_splits,
+            "rejects": [{"path": r.path, "reason": r.reason}
+                        for r in sorted(rejects, key=lambda r: r.path)],
+            "pixel_mean": round(mean, 4), "pixel_std": round(float(np.sqrt(pix_sq / n - mean**2)),
+                                                             4),
+            "role": spec.role, "fields": _field_doc(spec, fields), "params": params,
+        }
+        shard.write_json_atomic(stage / shard.MANIFEST, manifest)
+        shard.publish(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _field_doc(spec: DatasetSpec, fields: dict) -> dict:
+    doc = {}
+    for name, f in fields.items():
+        entry = {"type": type(f).__name__}
+        if hasattr(f, "shape"):
+            entry.update(shape=list(f.shape), dtype=str(f.dtype))
+        if name in ("label", "labels") and spec.label_names:
+            entry["names"] = list(spec.label_names)
+        if name == "box_labels":
+            entry["names"] = list(spec.box_categories)
+            entry["padding"] = -1
+        doc[name] = entry
+    return doc
+
+
+def find_dataset_folder(spec: DatasetSpec, root: Path) -> Path | None:
+    for name in spec.folder_names:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _report(manifest: dict, seconds: float, log) -> None:
+    counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
+    reasons = Counter(r["reason"].split(":")[0] for r in manifest["rejects"])
+    rej = "; ".join(f"{n} {why}" for why, n in sorted(reasons.items())) or "none"
+    log(f"{manifest['dataset']}: {counts} | rejected: {rej} | {seconds:.1f}s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=(*NAMES, "all"))
+    p.add_argument("--root", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--workers", type=int, default=min(8, multiprocessing.cpu_count()))
+    p.add_argument("--size", default="800x500", help="W x H of the stored images")
+    p.add_argument("--split", choices=("paper", "official"), default="paper")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="redo a finished conversion")
+    args = p.parse_args(argv)
+    # SIGTERM (scancel, kill) unwinds like Ctrl-C so the staging folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        size = parse_size(args.size)
+        if args.workers < 1:
+            raise ConvertError("--workers must be >= 1")
+        if args.dataset != "all":
+            jobs = [(get_spec(args.dataset), args.root, args.split)]
+        else:
+            if not args.root.is_dir():
+                raise ConvertError(f"--root {args.root} is not a folder")
+            jobs = []
+            for name in NAMES:
+                spec = get_spec(name)
+                folder = find_dataset_folder(spec, args.root)
+                if folder is None:
+                    print(f"{name}: skipped, none of {', '.join(spec.folder_names)} under "
+                          f"{args.root}")
+                    continue
+                mode = args.split if spec.has_official_split else "paper"
+                if mode != args.split:
+                    print(f"{name}: has no official split, using the paper split")
+                jobs.append((spec, folder, mode))
+            if not jobs:
+                raise ConvertError(f"no dataset found under {args.root}")
+        failed = 0
+        for spec, root, mode in jobs:
+            start = time.time()
+            try:
+                m = convert_dataset(spec, root, args.out, size, mode, args.seed, args.workers,
+                                    args.force)
+                _report(m, time.time() - start, print)
+            except ConvertError as e:
+                if len(jobs) == 1:
+                    raise
+                failed += 1
+                print(f"error: {e}", file=sys.stderr)
+        return 1 if failed else 0
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Decode any X-ray file to 1-channel uint8 at the shard size, with its mask and boxes.
+
+Resizing is a plain resize to W×H (no letterbox), the paper's 800×500 input; boxes are scaled
+with it. Downscaling uses area averaging (anti-aliased), upscaling bilinear; masks nearest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, ImageFile
+
+from .datasets.base import Record
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must be a reject, not grey padding
+Image.MAX_IMAGE_PIXELS = 64_000_000  # Montgomery is 20 Mpx; far above that is a bad file
+
+MAX_BOXES = 32
+
+
+class Unusable(Exception):
+    """The file cannot be packed; the message is the reject reason."""
+
+
+def to_uint8(im: Image.Image) -> np.ndarray:
+    """Gray uint8 from any PIL mode. High-bit-depth images are windowed min→0, max→255 over
+    their own range, so nothing is clipped (``convert('L')`` would clip I;16 at 255)."""
+    if im.mode in ("L", "1", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "PA"):
+        if im.mode in ("RGBA", "LA", "PA"):
+            im = im.convert("RGB" if im.mode != "LA" else "L")
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+    arr = np.asarray(im)
+    if arr.ndim == 3:
+        arr = arr[..., :3].mean(axis=2)
+    arr = arr.astype(np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, np.uint8)
+    return np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def open_image(path) -> Image.Image:
+    try:
+        im = Image.open(path)
+        im.load()
+    except FileNotFoundError:
+        raise Unusable("file missing") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise Unusable(f"unreadable: {e}") from None
+    return im
+
+
+def resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    w, h = size
+    if arr.shape == (h, w):
+        return arr
+    shrink = arr.shape[0] * arr.shape[1] > w * h
+    return cv2.resize(arr, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def load_mask(paths, size: tuple[int, int]) -> np.ndarray:
+    """Union of binary masks (any bit depth, any size) at ``size``, values 0/1."""
+    w, h = size
+    union = np.zeros((h, w), np.uint8)
+    for p in paths:
+        im = open_image(p)
+        arr = np.asarray(im.convert("L") if im.mode in ("RGB", "RGBA", "P", "LA") else im)
+        if arr.ndim == 3:
+            arr = arr.max(axis=2)
+        binary = (arr > 0).astype(np.uint8)
+        union |= cv2.resize(binary, (w, h), interpolation=cv2.INTER_NEAREST)
+    return union
+
+
+@dataclass
+class Decoded:
+    image: np.ndarray  # (H, W) uint8
+    mask: np.ndarray | None = None  # (H, W) uint8 0/1
+    boxes: np.ndarray | None = None  # (n, 4) float32 xyxy in output pixels
+    box_labels: np.ndarray | None = None  # (n,) int64 category ids
+
+
+def decode(record: Record, size: tuple[int, int]) -> Decoded:
+    im = open_image(record.image)
+    src_w, src_h = im.size
+    out = Decoded(resize(to_uint8(im), size))
+    if record.masks:
+        out.mask = load_mask(record.masks, size)
+    if record.boxes is not None:
+        if len(record.boxes) > MAX_BOXES:
+            raise Unusable(f"too many boxes: {len(record.boxes)} > {MAX_BOXES}")
+        bw, bh = record.box_space or (src_w, src_h)
+        sx, sy = size[0] / bw, size[1] / bh
+        xywh = np.array([b[:4] for b in record.boxes], np.float64).reshape(-1, 4)
+        xyxy = np.stack([xywh[:, 0] * sx, xywh[:, 1] * sy,
+                         (xywh[:, 0] + xywh[:, 2]) * sx, (xywh[:, 1] + xywh[:, 3]) * sy], 1)
+        out.boxes = np.clip(xyxy, 0, [size[0], size[1], size[0], size[1]]).astype(np.float32)
+        out.box_labels = np.array([int(b[4]) for b in record.boxes], np.int64)
+    return out

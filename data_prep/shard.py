@@ -1,0 +1,109 @@
+"""FFCV shard layout and atomic publication of a converted dataset.
+
+A dataset is built in a hidden staging folder next to its final place and renamed into place
+only when every shard and the manifest are complete, so ``OUT/NAME/manifest.json`` existing
+means the conversion finished. A killed run leaves only a staging folder, removed by the next.
+Shards are written by one FFCV writer process from already-decoded arrays (a failing sample
+inside FFCV's writer hangs it, so nothing that can fail runs there), which also makes the
+bytes of a shard depend only on its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .imaging import MAX_BOXES
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def ffcv_fields(fields: tuple[str, ...], size: tuple[int, int]) -> dict:
+    """Field name -> FFCV field for a dataset's shard. Images are stored raw as H×W×1 uint8:
+    FFCV's image field takes only 3 channels, and raw gray reads fastest."""
+    from ffcv.fields import FloatField, IntField, NDArrayField
+
+    w, h = size
+    out = {"image": NDArrayField(np.dtype("uint8"), (h, w, 1)), "index": IntField()}
+    for name in fields:
+        if name in ("label", "male", "body_part"):
+            out[name] = IntField()
+        elif name == "labels":
+            continue  # added by the caller, which knows the number of classes
+        elif name == "boneage":
+            out[name] = FloatField()
+        elif name == "mask":
+            out[name] = NDArrayField(np.dtype("uint8"), (h, w, 1))
+        elif name == "boxes":
+            out["boxes"] = NDArrayField(np.dtype("float32"), (MAX_BOXES, 4))
+            out["box_labels"] = NDArrayField(np.dtype("int64"), (MAX_BOXES,))
+            out["num_boxes"] = IntField()
+    return out
+
+
+class ArrayDataset:
+    """Index -> tuple in field order, over decoded arrays (images/masks may be memmaps)."""
+
+    def __init__(self, columns: dict[str, np.ndarray]):
+        self.columns = columns
+        self.names = list(columns)
+        self.n = len(next(iter(columns.values())))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return tuple(self.columns[k][i] for k in self.names)
+
+
+def write_shard(path: Path, fields: dict, columns: dict[str, np.ndarray]) -> None:
+    from ffcv.writer import DatasetWriter
+
+    ordered = {k: fields[k] for k in columns}
+    writer = DatasetWriter(str(path), ordered, num_workers=1)
+    writer.from_indexed_dataset(ArrayDataset(columns), chunksize=64)
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def staging_dir(out: Path, name: str) -> Path:
+    """A fresh staging folder for ``out/name``; leftovers of killed runs are removed first."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f".{name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in out.glob(f".{name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = out / f".{name}.partial-{os.getpid()}"
+    stage.mkdir()
+    return stage
+
+
+def publish(stage: Path, final: Path) -> None:
+    """Swap the finished staging folder into place. ``final`` is never half-written: it is
+    either the previous complete conversion, absent for an instant, or the new one."""
+    for f in stage.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
