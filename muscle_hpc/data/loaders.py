@@ -1,0 +1,305 @@
+"""FFCV loaders: the MD-MoCo two-view loader over many shards, and task loaders.
+
+FFCV reads, shuffles and splits samples between ranks; augmentation (``augment.py``) and the
+mixing of shards run in one background thread per loader, so the training loop only pops
+ready float tensors. Batches are fully determined by ``(seed, epoch, step, rank, world)``:
+``epoch_batches(epoch, start_step)`` replays any point of any epoch exactly.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import numba
+import numpy as np
+import torch
+
+from . import augment
+from .shards import Shard
+
+# The paper's Z-score gray normalisation (MUSCLE, sec. 3.1).
+MEAN, STD = 122.786, 18.390
+
+
+def rank_and_world(distributed: bool) -> tuple[int, int]:
+    if not distributed:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("distributed=True needs torch.distributed to be initialised first")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _order_class(rank: int, world: int, shuffle: bool, drop_uneven: bool):
+    """An FFCV traversal order: one seeded permutation per epoch, split between ranks.
+
+    Unlike FFCV's own distributed order (torch's DistributedSampler, which pads by repeating
+    samples), ranks get disjoint samples; with ``drop_uneven`` the few samples that do not
+    divide evenly are left out this epoch (a different few each epoch) so every rank runs
+    the same number of steps."""
+    from ffcv.loader.loader import ORDER_MAP
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class RankOrder(TraversalOrder):
+        def sample_order(self, epoch: int):
+            idx = np.asarray(self.indices)
+            if shuffle:
+                idx = np.random.default_rng([self.seed, epoch]).permutation(idx)
+            end = len(idx) // world * world if drop_uneven else len(idx)
+            return idx[rank:end:world]
+
+    # FFCV 1.0.2 builds custom orders only through this table (its isinstance path is broken).
+    ORDER_MAP[RankOrder] = RankOrder
+    return RankOrder
+
+
+def ffcv_loader(shard: Shard, batch_size: int, fields: tuple[str, ...], *, shuffle: bool,
+                seed: int, rank: int, world: int, num_workers: int, drop_last: bool):
+    """A raw FFCV loader of ``fields`` (numpy batches, nothing decoded beyond the bytes)."""
+    from ffcv.fields.basics import FloatDecoder, IntDecoder
+    from ffcv.fields.ndarray import NDArrayDecoder
+    from ffcv.loader import Loader
+
+    decoders = {"IntField": IntDecoder, "FloatField": FloatDecoder, "NDArrayField": NDArrayDecoder}
+    pipelines = {}
+    for name, doc in shard.fields.items():
+        pipelines[name] = [decoders[doc["type"]]()] if name in fields else None
+    missing = set(fields) - set(shard.fields)
+    if missing:
+        raise ValueError(f"{shard.dataset}/{shard.split} has no field {sorted(missing)}")
+    order = _order_class(rank, world, shuffle, drop_uneven=drop_last)
+    loader = Loader(str(shard.path), batch_size=batch_size, num_workers=num_workers,
+                    order=order, seed=seed, pipelines=pipelines, drop_last=drop_last,
+                    batches_ahead=2)
+    loader.output_names = [n for n in shard.fields if n in fields]
+    return loader
+
+
+class _Stream:
+    """Consumes an FFCV loader a few samples at a time across its batch boundaries."""
+
+    def __init__(self, loader):
+        self.loader, self.it, self.batch, self.pos = loader, None, None, 0
+
+    def start(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+        self.it, self.batch, self.pos = iter(self.loader), None, 0
+
+    def take(self, n: int, out: dict[str, np.ndarray] | None, rows: np.ndarray) -> None:
+        """Copy the next ``n`` samples into ``out[name][rows]`` (or just skip them)."""
+        done = 0
+        while done < n:
+            if self.batch is None or self.pos == len(self.batch[0]):
+                # FFCV recycles a batch's memory only after later batches are requested,
+                # so the current batch stays valid until it is fully consumed here.
+                self.batch, self.pos = next(self.it), 0
+            m = min(n - done, len(self.batch[0]) - self.pos)
+            if out is not None:
+                for name, arr in zip(self.loader.output_names, self.batch):
+                    out[name][rows[done:done + m]] = arr[self.pos:self.pos + m].reshape(
+                        (m, *out[name].shape[1:]))
+            self.pos += m
+            done += m
+
+
+def prefetch(batches: Iterator, depth: int) -> Iterator:
+    """Run ``batches`` in a daemon thread, ``depth`` ahead; errors re-raise in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            for b in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=produce, daemon=True, name="muscle-loader")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+class TwoViewLoader:
+    """MD-MoCo batches ``(query_view, key_view)``, each (B, 1, H, W) float32, Z-scored.
+
+    All shards are mixed at the sample level: each epoch every rank draws a seeded random
+    interleaving of its samples of every shard, so a batch holds images of all datasets in
+    proportion to their size, without a merged copy of the data on disk. Each view gets its
+    own horizontal flip and rotation in ``[-max_degrees, max_degrees]``; no crop, blur or
+    intensity jitter (the paper's choice for X-rays). ``len()`` is the number of full batches
+    per epoch; the remainder is dropped. ``with_keys=True`` adds a (B, 2) tensor of
+    (shard position, sample index) identifying each image.
+    """
+
+    def __init__(self, shards: list[Shard], batch_size: int, *, seed: int = 0,
+                 max_degrees: float = 10.0, flip_prob: float = 0.5, mean: float = MEAN,
+                 std: float = STD, num_workers: int = 2, distributed: bool = False,
+                 sub_batch: int = 32, prefetch_depth: int = 2, with_keys: bool = False):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.rank, self.world = rank_and_world(distributed)
+        self.shards, self.batch_size, self.seed = shards, batch_size, seed
+        self.max_degrees, self.flip_prob, self.mean, self.std = max_degrees, flip_prob, mean, std
+        self.num_workers, self.prefetch_depth = num_workers, prefetch_depth
+        self.with_keys = with_keys
+        self.width, self.height = shards[0].size
+        self.loaders = [ffcv_loader(s, sub_batch, ("image", "index"), shuffle=True,
+                                    seed=seed + 1000 * k, rank=self.rank, world=self.world,
+                                    num_workers=num_workers, drop_last=False)
+                        for k, s in enumerate(shards)]
+        self.counts = np.array([len(ld.first_traversal_order) for ld in self.loaders])
+        self.epoch = 0
+        if len(self) == 0:
+            raise ValueError(f"{int(self.counts.sum())} samples per rank do not fill one batch "
+                             f"of {batch_size}")
+
+    def __len__(self) -> int:
+        return int(self.counts.sum()) // self.batch_size
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self.epoch_batches(epoch)
+
+    def interleaving(self, epoch: int) -> np.ndarray:
+        """Which shard each of this rank's samples of ``epoch`` comes from, in order."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank, 0x4D49])
+        return rng.permutation(np.repeat(np.arange(len(self.shards)), self.counts))
+
+    def _batches(self, epoch: int, start_step: int):
+        streams = [_Stream(ld) for ld in self.loaders]
+        for s in streams:
+            s.start(epoch)
+        seq = self.interleaving(epoch)
+        b, h, w = self.batch_size, self.height, self.width
+        src_of = np.concatenate([np.arange(b), np.arange(b)])
+        numba.set_num_threads(self.num_workers)
+        for step in range(len(self)):
+            which = seq[step * b:(step + 1) * b]
+            raw = {"image": np.empty((b, h, w), np.uint8), "index": np.empty(b, np.int64)}
+            for k, stream in enumerate(streams):
+                rows = np.flatnonzero(which == k)
+                if len(rows):
+                    stream.take(len(rows), raw if step >= start_step else None, rows)
+            if step < start_step:
+                continue
+            mats = np.concatenate([self._views(epoch, which, raw["index"], v) for v in (0, 1)])
+            out = torch.empty((2 * b, 1, h, w), dtype=torch.float32)
+            augment.warp_normalize(raw["image"], src_of, mats, self.mean, self.std, out.numpy())
+            if self.with_keys:
+                keys = torch.from_numpy(np.stack([which, raw["index"]], axis=1))
+                yield out[:b], out[b:], keys
+            else:
+                yield out[:b], out[b:]
+
+    def _views(self, epoch, dataset, index, view):
+        u = [augment.uniforms(self.seed, epoch, dataset, index, view, s) for s in (0, 1)]
+        return augment.affine_params(u[0], u[1], self.flip_prob, self.max_degrees,
+                                     self.width, self.height)
+
+    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator:
+        """The batches of ``epoch`` from ``start_step`` on (resume mid-epoch)."""
+        return prefetch(self._batches(epoch, start_step), self.prefetch_depth)
+
+
+TASK_FIELDS = {
+    "classification": ("label",),
+    "multilabel": ("labels",),
+    "segmentation": ("mask",),
+    "detection": ("boxes", "box_labels", "num_boxes"),
+}
+
+
+class TaskLoader:
+    """Batches of one task shard as a dict: ``image`` (B, 1, H, W) float32 Z-scored, ``index``,
+    and per kind ``label`` (B,) int64 / ``labels`` (B, C) float32 / ``mask`` (B, H, W) int64 /
+    ``boxes`` + ``box_labels`` (lists of per-image tensors, xyxy pixels, torchvision's format).
+
+    ``train=True`` shuffles per epoch and flips horizontally (mask and boxes with the image);
+    otherwise order is fixed, nothing is flipped and the last partial batch is kept.
+    """
+
+    def __init__(self, shard: Shard, batch_size: int, kind: str, *, train: bool,
+                 seed: int = 0, flip_prob: float = 0.5, mean: float = MEAN, std: float = STD,
+                 num_workers: int = 2, distributed: bool = False, prefetch_depth: int = 2):
+        if kind not in TASK_FIELDS:
+            raise ValueError(f"kind must be one of {', '.join(TASK_FIELDS)}, not {kind!r}")
+        self.rank, self.world = rank_and_world(distributed)
+        self.kind, self.train, self.seed, self.shard = kind, train, seed, shard
+        self.flip_prob = flip_prob if train else 0.0
+        self.mean, self.std, self.num_workers = mean, std, num_workers
+        self.prefetch_depth = prefetch_depth
+        self.width, self.height = shard.size
+        self.loader = ffcv_loader(shard, batch_size, ("image", "index", *TASK_FIELDS[kind]),
+                                  shuffle=train, seed=seed, rank=self.rank, world=self.world,
+                                  num_workers=num_workers, drop_last=train)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self.epoch_batches(epoch)
+
+    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator:
+        return prefetch(self._batches(epoch, start_step), self.prefetch_depth)
+
+    def _batches(self, epoch: int, start_step: int):
+        self.loader.next_epoch = epoch
+        names = self.loader.output_names
+        numba.set_num_threads(self.num_workers)
+        for step, arrays in enumerate(self.loader):
+            if step < start_step:
+                continue
+            yield self._to_batch(epoch, dict(zip(names, arrays)))
+
+    def _to_batch(self, epoch: int, raw: dict) -> dict:
+        b, h, w = len(raw["image"]), self.height, self.width
+        index = raw["index"].reshape(b).astype(np.int64)
+        u = augment.uniforms(self.seed, epoch, np.zeros(b, np.int64), index, 0, 0)
+        flip = u < self.flip_prob
+        mats = augment.affine_params(u, np.full(b, 0.5), self.flip_prob, 0.0, w, h)
+        image = torch.empty((b, 1, h, w), dtype=torch.float32)
+        augment.warp_normalize(raw["image"].reshape(b, h, w), np.arange(b), mats, self.mean,
+                               self.std, image.numpy())
+        batch = {"image": image, "index": torch.from_numpy(index)}
+        if self.kind == "classification":
+            batch["label"] = torch.from_numpy(raw["label"].reshape(b).astype(np.int64))
+        elif self.kind == "multilabel":
+            batch["labels"] = torch.from_numpy(raw["labels"].astype(np.float32))
+        elif self.kind == "segmentation":
+            mask = np.empty((b, h, w), np.uint8)
+            augment.flip_copy(raw["mask"].reshape(b, h, w), flip, mask)
+            batch["mask"] = torch.from_numpy(mask.astype(np.int64))
+        else:
+            counts = raw["num_boxes"].reshape(b)
+            boxes, labels = [], []
+            for i in range(b):
+                bx = raw["boxes"][i, :counts[i]].astype(np.float32).copy()
+                if flip[i]:
+                    bx[:, [0, 2]] = w - bx[:, [2, 0]]
+                boxes.append(torch.from_numpy(bx))
+                labels.append(torch.from_numpy(raw["box_labels"][i, :counts[i]].astype(np.int64)))
+            batch["boxes"], batch["box_labels"] = boxes, labels
+        return batch

@@ -1,0 +1,66 @@
+"""Finding shards by dataset and split, with one-line errors for what is missing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PRETRAIN_SPLITS = ("train", "extra")  # MD-MoCo never sees a task set's valid/test images
+
+
+class ShardError(Exception):
+    """A missing or inconsistent shard, said in one line."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    dataset: str
+    split: str
+    count: int
+    size: tuple[int, int]  # (W, H)
+    manifest: dict
+
+    @property
+    def fields(self) -> dict:
+        return self.manifest["fields"]
+
+
+def read_manifest(data_root: Path, dataset: str) -> dict:
+    folder = Path(data_root) / dataset
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{dataset}: no manifest.json in {folder} (convert it first: "
+                         f"python -m data_prep.convert --dataset {dataset} ...)") from None
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{dataset}: {folder / 'manifest.json'} is not valid JSON ({e})") from None
+
+
+def open_shard(data_root: Path, dataset: str, split: str) -> Shard:
+    manifest = read_manifest(data_root, dataset)
+    info = manifest["splits"].get(split)
+    if info is None:
+        raise ShardError(f"{dataset}: no {split!r} split (has {', '.join(manifest['splits'])})")
+    path = Path(data_root) / dataset / info["file"]
+    if not path.is_file():
+        raise ShardError(f"{dataset}: shard {path} is listed in the manifest but missing")
+    return Shard(path, dataset, split, info["count"], tuple(manifest["size"]), manifest)
+
+
+def pretrain_shards(data_root: Path, datasets) -> list[Shard]:
+    """Every pre-training shard (train + extra) of ``datasets``; all must share one size."""
+    shards = []
+    for name in datasets:
+        manifest = read_manifest(data_root, name)
+        for split in PRETRAIN_SPLITS:
+            if split in manifest["splits"]:
+                shards.append(open_shard(data_root, name, split))
+    if not shards:
+        raise ShardError(f"no train shard found in {data_root} for {', '.join(datasets)}")
+    sizes = {s.size for s in shards}
+    if len(sizes) > 1:
+        detail = ", ".join(f"{s.dataset}/{s.split} {s.size[0]}x{s.size[1]}" for s in shards)
+        raise ShardError(f"shards have different image sizes ({detail}); convert with one --size")
+    return shards

@@ -1,0 +1,116 @@
+"""The converter core on a hand-made plug-in: modes, rejects, masks, boxes, splits, manifest."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep import convert
+from data_prep.datasets.base import DatasetSpec, Record, Scan
+from data_prep.imaging import decode, to_uint8
+from muscle_hpc.data import TaskLoader, open_shard
+
+
+def test_sixteen_bit_is_windowed_not_clipped():
+    arr = np.array([[1000, 3000], [5000, 9000]], np.uint16)
+    out = to_uint8(Image.fromarray(arr))
+    assert out.dtype == np.uint8
+    assert out.min() == 0 and out.max() == 255
+    assert list(out.ravel()) == sorted(out.ravel())  # order kept, nothing saturated early
+
+
+def test_rgba_and_palette_become_gray():
+    rgba = Image.new("RGBA", (4, 4), (200, 200, 200, 0))
+    assert to_uint8(rgba).tolist() == [[200] * 4] * 4  # alpha ignored, not composited to black
+    pal = Image.new("L", (4, 4), 90).convert("P")
+    assert to_uint8(pal).max() == 90
+
+
+def test_boxes_and_mask_follow_the_resize(tmp_path):
+    Image.new("L", (512, 512), 50).save(tmp_path / "x.png")
+    mask = np.zeros((256, 256), np.uint16)
+    mask[64:192, 0:128] = 65535  # 16-bit mask at half resolution
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    rec = Record(tmp_path / "x.png", "g", masks=(tmp_path / "m.png",),
+                 boxes=((100.0, 50.0, 20.0, 40.0, 2),), box_space=(512, 512))
+    d = decode(rec, (256, 128))
+    assert d.image.shape == (128, 256)
+    np.testing.assert_allclose(d.boxes, [[50, 12.5, 60, 22.5]])
+    assert d.box_labels.tolist() == [2]
+    assert set(np.unique(d.mask)) == {0, 1}
+    assert d.mask[64, 10] == 1 and d.mask[64, 200] == 0 and d.mask[5, 10] == 0
+
+
+def _toy_spec(root: Path, n_groups=10, per_group=2) -> DatasetSpec:
+    modes = ["L", "RGB", "RGBA", "I;16", "P"]
+    for g in range(n_groups):
+        for k in range(per_group):
+            arr = (np.arange(64 * 48).reshape(48, 64) % 251).astype(np.uint8)
+            im = Image.fromarray(arr)
+            mode = modes[(g + k) % len(modes)]
+            if mode == "I;16":
+                im = Image.fromarray(arr.astype(np.uint16) * 200)
+            elif mode != "L":
+                im = im.convert(mode)
+            im.save(root / f"p{g}_{k}.png")
+    (root / "p99_broken.png").write_bytes((root / "p0_0.png").read_bytes()[:100])
+
+    def scan(r: Path) -> Scan:
+        s = Scan()
+        for p in sorted(r.glob("*.png")):
+            group = p.stem.split("_")[0]
+            s.records.append(Record(p, group, label=int(group[1:]) % 2))
+        s.reject(r, r / "nolabel.png", "label missing")
+        return s
+
+    return DatasetSpec("toy", ("toy",), "task", ("label",), scan, label_names=("a", "b"))
+
+
+def test_convert_splits_rejects_and_manifest(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    spec = _toy_spec(src)
+    m = convert.convert_dataset(spec, src, tmp_path / "out", size=(32, 16), seed=3,
+                                log=lambda *_: 0)
+    on_disk = json.loads((tmp_path / "out/toy/manifest.json").read_text())
+    assert on_disk == m
+    assert set(m) >= {"dataset", "size", "splits", "rejects", "pixel_mean", "pixel_std"}
+    assert m["size"] == [32, 16]
+    assert {s: v["count"] for s, v in m["splits"].items()} == {"train": 16, "valid": 2, "test": 2}
+    assert sum(sum(v["label_counts"].values()) for v in m["splits"].values()) == 20
+    reasons = {r["path"]: r["reason"] for r in m["rejects"]}
+    assert reasons["nolabel.png"] == "label missing"
+    assert reasons["p99_broken.png"].startswith("unreadable")
+    # patients never straddle splits
+    groups = {}
+    for split in m["splits"]:
+        loader = TaskLoader(open_shard(tmp_path / "out", "toy", split), 4, "classification",
+                            train=False, num_workers=1)
+        for batch in loader:
+            assert batch["image"].shape[1:] == (1, 16, 32)
+            groups.setdefault(split, []).extend(batch["label"].tolist())
+    assert sum(len(v) for v in groups.values()) == 20
+    assert not list((tmp_path / "out").glob(".toy.*"))  # no staging left behind
+
+
+def test_grouped_split_is_seeded_and_keeps_patients_together(tmp_path):
+    recs = [Record(Path(f"{g}_{k}.png"), f"g{g}") for g in range(50) for k in range(g % 3 + 1)]
+    spec = DatasetSpec("t", ("t",), "task", (), lambda r: Scan())
+    a = convert.assign_splits(recs, spec, "paper", seed=1)
+    assert a == convert.assign_splits(recs, spec, "paper", seed=1)
+    assert a != convert.assign_splits(recs, spec, "paper", seed=2)
+    by_group = {}
+    for r, s in zip(recs, a):
+        by_group.setdefault(r.group, set()).add(s)
+    assert all(len(v) == 1 for v in by_group.values())
+    frac = {s: a.count(s) / len(a) for s in ("train", "valid", "test")}
+    assert frac["train"] == pytest.approx(0.8, abs=0.05)
+    assert frac["valid"] == pytest.approx(0.1, abs=0.05)
+
+
+def test_official_split_refused_when_absent(tmp_path):
+    spec = DatasetSpec("t", ("t",), "task", (), lambda r: Scan())
+    with pytest.raises(convert.ConvertError, match="no official split"):
+        convert.convert_dataset(spec, tmp_path, tmp_path / "o", split="official")

@@ -1,0 +1,98 @@
+"""The MD-MoCo two-view loader and the task loaders over real FFCV shards."""
+
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from muscle_hpc.data import MEAN, STD, ShardError, TwoViewLoader, open_shard, pretrain_shards
+
+
+def _values(view):
+    """The stored gray level of each image, read at its centre (rotation keeps the centre)."""
+    return torch.round(view[:, 0, 12, 20] * STD + MEAN).long().tolist()
+
+
+def test_two_views_mix_all_shards_once_per_epoch(flat_shards):
+    shards = pretrain_shards(flat_shards, ["dark", "bright"])
+    loader = TwoViewLoader(shards, batch_size=8, seed=5, num_workers=1, with_keys=True)
+    assert len(loader) == (23 + 11) // 8
+    seen, mixed_batches = [], 0
+    for q, k, keys in loader:
+        assert q.shape == k.shape == (8, 1, 24, 40) and q.dtype == torch.float32
+        assert _values(q) == _values(k)  # two views of the same images
+        assert _values(q) == [[40, 200][s] for s in keys[:, 0].tolist()]
+        mixed_batches += len(set(keys[:, 0].tolist())) == 2
+        seen += [tuple(x) for x in keys.tolist()]
+    assert len(seen) == len(set(seen)) == 32  # each sample at most once, remainder dropped
+    assert mixed_batches >= 2
+    assert not torch.equal(q, k)  # views are augmented independently
+
+
+def test_normalisation_is_the_papers_z_score(flat_shards):
+    loader = TwoViewLoader(pretrain_shards(flat_shards, ["dark"]), 4, max_degrees=0,
+                           flip_prob=0, num_workers=1)
+    q, _ = next(iter(loader))
+    torch.testing.assert_close(q, torch.full_like(q, (40 - 122.786) / 18.390))
+
+
+def test_batches_replay_exactly_from_any_step(flat_shards):
+    shards = pretrain_shards(flat_shards, ["dark", "bright"])
+    a = TwoViewLoader(shards, 4, seed=1, num_workers=1)
+    full = list(a.epoch_batches(3))
+    tail = list(TwoViewLoader(shards, 4, seed=1, num_workers=2).epoch_batches(3, start_step=5))
+    assert len(tail) == len(full) - 5
+    for (q1, k1), (q2, k2) in zip(full[5:], tail):
+        assert torch.equal(q1, q2) and torch.equal(k1, k2)
+    other_epoch = list(a.epoch_batches(4))
+    assert not torch.equal(other_epoch[0][0], full[0][0])
+
+
+def test_missing_shard_is_one_line(tmp_path, flat_shards):
+    with pytest.raises(ShardError, match="no manifest.json"):
+        pretrain_shards(tmp_path, ["nih"])
+    (tmp_path / "dark").mkdir()
+    manifest = (flat_shards / "dark" / "manifest.json").read_text()
+    (tmp_path / "dark" / "manifest.json").write_text(manifest)
+    with pytest.raises(ShardError, match="listed in the manifest but missing"):
+        open_shard(tmp_path, "dark", "train")
+
+
+def _rank_main(rank, world, init_file, shard_root, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    shards = pretrain_shards(shard_root, ["dark", "bright"])
+    loader = TwoViewLoader(shards, 4, seed=2, num_workers=1, distributed=True, with_keys=True)
+    from muscle_hpc.data import TaskLoader
+
+    task = TaskLoader(open_shard(shard_root, "dark", "train"), 3, "classification", train=True,
+                      num_workers=1, distributed=True)
+    for epoch in range(2):
+        keys = [tuple(x) for _, _, kk in loader for x in kk.tolist()]
+        idx = [i for b in task for i in b["index"].tolist()]
+        np.save(os.path.join(out_dir, f"moco_{rank}_{epoch}.npy"), np.array(keys))
+        np.save(os.path.join(out_dir, f"task_{rank}_{epoch}.npy"), np.array(idx))
+        steps = torch.tensor([len(keys) // 4])
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        assert steps.item() == len(keys) // 4, "ranks ran different numbers of steps"
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_see_disjoint_samples(tmp_path, flat_shards):
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), flat_shards, str(tmp_path)),
+             nprocs=2, join=True)
+    for epoch in range(2):
+        m0, m1 = (set(map(tuple, np.load(tmp_path / f"moco_{r}_{epoch}.npy"))) for r in (0, 1))
+        assert m0 and m1 and not (m0 & m1)
+        t0, t1 = (np.load(tmp_path / f"task_{r}_{epoch}.npy") for r in (0, 1))
+        assert len(t0) == len(t1) > 0
+        assert not set(t0) & set(t1)
+        assert Counter(t0.tolist()).most_common(1)[0][1] == 1
+    e0 = np.load(tmp_path / "task_0_0.npy")
+    e1 = np.load(tmp_path / "task_0_1.npy")
+    assert e0.tolist() != e1.tolist()  # reshuffled per epoch
