@@ -11,9 +11,9 @@ Anything a scanner cannot use (label missing, mask missing, a name it cannot par
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 JUNK_NAMES = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})
