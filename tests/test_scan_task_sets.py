@@ -125,13 +125,15 @@ def test_pneumonia_nested_tree_is_used_when_it_is_the_only_one(tmp_path):
     root = tmp_path / "chest_xray"
     img(root / "chest_xray/train/NORMAL/IM-0115-0001.jpeg")
     img(root / "chest_xray/val/PNEUMONIA/person3_virus_15.jpeg")
+    img(root / "chest_xray/val/NORMAL/NORMAL2-IM-0872-0001-0002.jpeg")
     write(root / "__MACOSX/chest_xray/train/NORMAL/._IM-0115-0001.jpeg", b"junk")
     scan = get_spec("pneumonia").scan(root)
     assert rel(root, (r.image for r in scan.records)) == [
         "chest_xray/train/NORMAL/IM-0115-0001.jpeg",
+        "chest_xray/val/NORMAL/NORMAL2-IM-0872-0001-0002.jpeg",
         "chest_xray/val/PNEUMONIA/person3_virus_15.jpeg"]
     assert [(r.label, r.group, r.split) for r in scan.records] == [
-        (0, "IM-0115", "train"), (1, "person3", "valid")]
+        (0, "IM-0115", "train"), (0, "NORMAL2-IM-0872", "valid"), (1, "person3", "valid")]
     assert scan.rejects == []
 
 

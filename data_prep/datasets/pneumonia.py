@@ -21,8 +21,8 @@ from .base import DatasetSpec, LayoutError, Record, Scan, is_image, list_files
 
 SPLITS = {"train": "train", "val": "valid", "valid": "valid", "test": "test"}
 CLASSES = {"normal": 0, "pneumonia": 1}
-PATIENT = (re.compile(r"(person\d+)_[a-z]+_\d+", re.IGNORECASE),
-           re.compile(r"((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE))
+PATIENT = (re.compile(r"(person\d+)_[a-z]+(?:_\d+)+", re.IGNORECASE),
+           re.compile(r"((?:NORMAL2-)?IM-\d+)(?:-\d+)+", re.IGNORECASE))
 MAX_DEPTH = 3
 
 
