@@ -1,4 +1,4 @@
-"""Flip + small rotation + Z-score in one pass over uint8 gray images.
+"""Flip + small rotation + Z-score over uint8 gray images, straight into float32.
 
 Random parameters are a pure function of ``(seed, epoch, dataset, sample index, view)``
 (a SplitMix64 hash), not of a generator's running state. A sample is therefore augmented the
@@ -37,63 +37,80 @@ def uniforms(seed: int, epoch: int, dataset: np.ndarray, index: np.ndarray, view
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def affine_params(u_flip: np.ndarray, u_angle: np.ndarray, flip_prob: float,
-                  max_degrees: float, width: int, height: int) -> np.ndarray:
-    """Per image, the 2×3 map from output pixel (x, y) to source pixel: rotation by an angle in
-    [-max_degrees, max_degrees] about the centre, then a horizontal flip with ``flip_prob``."""
-    theta = np.deg2rad((2 * u_angle - 1) * max_degrees)
-    c, s = np.cos(theta), np.sin(theta)
-    cx, cy = (width - 1) / 2, (height - 1) / 2
-    flip = u_flip < flip_prob
-    m = np.empty((len(theta), 2, 3), np.float32)
-    # source = R(-theta) (out - centre) + centre, x mirrored afterwards when flipped
-    m[:, 0, 0], m[:, 0, 1] = c, s
-    m[:, 1, 0], m[:, 1, 1] = -s, c
-    m[:, 0, 2] = cx - c * cx - s * cy
-    m[:, 1, 2] = cy + s * cx - c * cy
-    m[flip, 0] *= -1
-    m[flip, 0, 2] += width - 1
-    return m
+def rotate_flip_normalize(src, src_of, degrees, flip, mean, std, out) -> None:
+    """out[n, 0] = Z-score of src[src_of[n]] rotated by degrees[n] about its centre (zero fill),
+    then mirrored in x where flip[n].
+
+    The rotation is done as three shears (Paeth): x-shear by tan(θ/2), y-shear by -sin(θ),
+    x-shear by tan(θ/2), each a linear interpolation with one weight per row (or column). The
+    x-passes vectorise fully and the y-pass is one gather per pixel, about 5x cheaper here than
+    a per-pixel bilinear warp, and within a gray level or two of it for the small angles used.
+    θ = 0 is an exact copy. ``src``: (B, H, W) uint8; ``out``: (N, 1, H, W) float32.
+    """
+    threads = max(1, min(numba.get_num_threads(), len(out)))
+    _rotate_flip_normalize(src, np.asarray(src_of, np.int64), np.asarray(degrees, np.float64),
+                           np.asarray(flip, np.bool_), float(mean), float(std), out, threads)
 
 
 @numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
-def warp_normalize(src, src_of, mats, mean, std, out):
-    """out[n, 0] = (bilinear(src[src_of[n]] at mats[n] · (x, y, 1)) - mean) / std.
-
-    ``src``: (B, H, W) uint8; ``out``: (N, 1, H, W) float32; pixels from outside are 0."""
+def _rotate_flip_normalize(src, src_of, degrees, flip, mean, std, out, threads):
     n_out, _, h, w = out.shape
-    inv = 1.0 / std
-    for n in numba.prange(n_out):
-        img = src[src_of[n]]
-        a, b, c = mats[n, 0, 0], mats[n, 0, 1], mats[n, 0, 2]
-        d, e, f = mats[n, 1, 0], mats[n, 1, 1], mats[n, 1, 2]
-        exact = b == 0.0 and d == 0.0 and a * a == 1.0 and e == 1.0 and f == 0.0
-        for y in range(h):
-            row = out[n, 0, y]
-            if exact:  # flip or identity: a copy, no interpolation
+    inv, mu = np.float32(1.0 / std), np.float32(mean)
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    max_t = np.abs(np.tan(np.deg2rad(degrees) / 2.0)).max() if n_out else 0.0
+    px_max = int(math.ceil(max_t * cy)) + 2
+    py_max = int(math.ceil(min(1.0, 2 * max_t) * (cx + px_max))) + 2
+    for t in numba.prange(threads):
+        # scratch once per thread: fresh large arrays per image would page-fault every time
+        a_buf = np.empty((h + 2 * py_max) * (w + 2 * px_max), np.float32)
+        b_buf = np.empty(h * (w + 2 * px_max), np.float32)
+        off = np.empty(w + 2 * px_max, np.int64)
+        wgt = np.empty(w + 2 * px_max, np.float32)
+        for n in range(t, n_out, threads):
+            img = src[src_of[n]]
+            theta = degrees[n] * math.pi / 180.0
+            alpha, beta = math.tan(theta / 2.0), -math.sin(theta)
+            px = int(math.ceil(abs(alpha) * cy)) + 2
+            py = int(math.ceil(abs(beta) * (cx + px))) + 2
+            wa, ha = w + 2 * px, h + 2 * py
+            a = a_buf[:ha * wa]
+            a[:] = 0.0
+            # pass 1: A(x, y) = src(x + alpha (y - cy), y); A is padded by px, py
+            for y in range(h):
+                s = alpha * (y - cy)
+                k = math.floor(s)
+                f = np.float32(s - k)
+                g = np.float32(1.0) - f
+                i0 = (y + py) * wa + px - int(k)
+                row = img[y]
+                r0, r1, dst = row[0:w - 1], row[1:w], a[i0:i0 + w - 1]
+                for i in range(w - 1):
+                    dst[i] = g * np.float32(r0[i]) + f * np.float32(r1[i])
+                a[i0 - 1] = f * np.float32(row[0])
+                a[i0 + w - 1] = g * np.float32(row[w - 1])
+            # pass 2: B(x, y) = A(x, y + beta (x - cx)), one row offset and weight per column
+            for i in range(wa):
+                s = beta * (i - px - cx)
+                k = math.floor(s)
+                off[i] = (py + int(k)) * wa + i
+                wgt[i] = np.float32(s - k)
+            for y in range(h):
+                src_rows = a[y * wa:]
+                dst = b_buf[y * wa:(y + 1) * wa]
+                for i in range(wa):
+                    v0 = src_rows[off[i]]
+                    dst[i] = v0 + wgt[i] * (src_rows[off[i] + wa] - v0)
+            # pass 3: out(x, y) = B(x + alpha (y - cy), y), mirrored if flipped, Z-scored
+            for y in range(h):
+                s = alpha * (y - cy)
+                k = math.floor(s)
+                f = np.float32(s - k)
+                g = np.float32(1.0) - f
+                j = y * wa + px + int(k)
+                b0, b1 = b_buf[j:j + w], b_buf[j + 1:j + 1 + w]
+                dst = out[n, 0, y, ::-1] if flip[n] else out[n, 0, y]
                 for x in range(w):
-                    row[x] = (img[y, int(a * x + c)] - mean) * inv
-                continue
-            sx0, sy0 = b * y + c, e * y + f
-            for x in range(w):
-                sx, sy = a * x + sx0, d * x + sy0
-                x0, y0 = math.floor(sx), math.floor(sy)
-                fx, fy = sx - x0, sy - y0
-                x0, y0 = int(x0), int(y0)
-                v00 = v01 = v10 = v11 = 0.0
-                if 0 <= y0 < h:
-                    if 0 <= x0 < w:
-                        v00 = img[y0, x0]
-                    if 0 <= x0 + 1 < w:
-                        v01 = img[y0, x0 + 1]
-                if 0 <= y0 + 1 < h:
-                    if 0 <= x0 < w:
-                        v10 = img[y0 + 1, x0]
-                    if 0 <= x0 + 1 < w:
-                        v11 = img[y0 + 1, x0 + 1]
-                top = v00 + (v01 - v00) * fx
-                bottom = v10 + (v11 - v10) * fx
-                row[x] = (top + (bottom - top) * fy - mean) * inv
+                    dst[x] = (g * b0[x] + f * b1[x] - mu) * inv
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)

@@ -140,6 +140,20 @@ def prefetch(batches: Iterator, depth: int) -> Iterator:
         stop.set()
 
 
+class _Ring:
+    """Output buffers reused round-robin. Fresh large tensors per batch would page-fault on
+    every first touch (as costly here as the augmentation itself); like FFCV's own buffers,
+    a batch stays valid until two more batches have been drawn after it."""
+
+    def __init__(self, prefetch_depth: int, make):
+        self.slots = [make() for _ in range(prefetch_depth + 3)]
+        self.i = -1
+
+    def next(self) -> dict:
+        self.i = (self.i + 1) % len(self.slots)
+        return self.slots[self.i]
+
+
 class TwoViewLoader:
     """MD-MoCo batches ``(query_view, key_view)``, each (B, 1, H, W) float32, Z-scored.
 
@@ -149,7 +163,8 @@ class TwoViewLoader:
     own horizontal flip and rotation in ``[-max_degrees, max_degrees]``; no crop, blur or
     intensity jitter (the paper's choice for X-rays). ``len()`` is the number of full batches
     per epoch; the remainder is dropped. ``with_keys=True`` adds a (B, 2) tensor of
-    (shard position, sample index) identifying each image.
+    (shard position, sample index) identifying each image. A batch's tensors are reused two
+    batches later: copy (``.to(device)`` or ``.clone()``) what must outlive that.
     """
 
     def __init__(self, shards: list[Shard], batch_size: int, *, seed: int = 0,
@@ -193,19 +208,24 @@ class TwoViewLoader:
         seq = self.interleaving(epoch)
         b, h, w = self.batch_size, self.height, self.width
         src_of = np.concatenate([np.arange(b), np.arange(b)])
+        ring = _Ring(self.prefetch_depth, lambda: {
+            "image": np.empty((b, h, w), np.uint8), "index": np.empty(b, np.int64),
+            "views": torch.empty((2 * b, 1, h, w), dtype=torch.float32)})
         numba.set_num_threads(self.num_workers)
         for step in range(len(self)):
             which = seq[step * b:(step + 1) * b]
-            raw = {"image": np.empty((b, h, w), np.uint8), "index": np.empty(b, np.int64)}
+            raw = ring.next() if step >= start_step else None
             for k, stream in enumerate(streams):
                 rows = np.flatnonzero(which == k)
                 if len(rows):
-                    stream.take(len(rows), raw if step >= start_step else None, rows)
-            if step < start_step:
+                    stream.take(len(rows), raw, rows)
+            if raw is None:
                 continue
-            mats = np.concatenate([self._views(epoch, which, raw["index"], v) for v in (0, 1)])
-            out = torch.empty((2 * b, 1, h, w), dtype=torch.float32)
-            augment.warp_normalize(raw["image"], src_of, mats, self.mean, self.std, out.numpy())
+            degrees, flip = zip(*(self._views(epoch, which, raw["index"], v) for v in (0, 1)))
+            out = raw["views"]
+            augment.rotate_flip_normalize(raw["image"], src_of, np.concatenate(degrees),
+                                          np.concatenate(flip), self.mean, self.std,
+                                          out.numpy())
             if self.with_keys:
                 keys = torch.from_numpy(np.stack([which, raw["index"]], axis=1))
                 yield out[:b], out[b:], keys
@@ -213,9 +233,9 @@ class TwoViewLoader:
                 yield out[:b], out[b:]
 
     def _views(self, epoch, dataset, index, view):
-        u = [augment.uniforms(self.seed, epoch, dataset, index, view, s) for s in (0, 1)]
-        return augment.affine_params(u[0], u[1], self.flip_prob, self.max_degrees,
-                                     self.width, self.height)
+        u_flip, u_angle = (augment.uniforms(self.seed, epoch, dataset, index, view, s)
+                           for s in (0, 1))
+        return (2 * u_angle - 1) * self.max_degrees, u_flip < self.flip_prob
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator:
         """The batches of ``epoch`` from ``start_step`` on (resume mid-epoch)."""
@@ -277,12 +297,11 @@ class TaskLoader:
     def _to_batch(self, epoch: int, raw: dict) -> dict:
         b, h, w = len(raw["image"]), self.height, self.width
         index = raw["index"].reshape(b).astype(np.int64)
-        u = augment.uniforms(self.seed, epoch, np.zeros(b, np.int64), index, 0, 0)
-        flip = u < self.flip_prob
-        mats = augment.affine_params(u, np.full(b, 0.5), self.flip_prob, 0.0, w, h)
+        flip = augment.uniforms(self.seed, epoch, np.zeros(b, np.int64), index, 0, 0) < \
+            self.flip_prob
         image = torch.empty((b, 1, h, w), dtype=torch.float32)
-        augment.warp_normalize(raw["image"].reshape(b, h, w), np.arange(b), mats, self.mean,
-                               self.std, image.numpy())
+        augment.rotate_flip_normalize(raw["image"].reshape(b, h, w), np.arange(b),
+                                      np.zeros(b), flip, self.mean, self.std, image.numpy())
         batch = {"image": image, "index": torch.from_numpy(index)}
         if self.kind == "classification":
             batch["label"] = torch.from_numpy(raw["label"].reshape(b).astype(np.int64))
