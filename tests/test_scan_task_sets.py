@@ -358,3 +358,54 @@ def test_tbx11k_one_level_deeper_and_without_json_is_a_layout_error(tmp_path):
     img(tmp_path / "bare/imgs/tb/tb0001.png")
     with pytest.raises(LayoutError, match="^tbx11k: .*TBX11K_train.json"):
         get_spec("tbx11k").scan(tmp_path / "bare")
+
+
+# --- the synthetic demo downloads --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synth_tiny(tmp_path_factory):
+    synth = pytest.importorskip("data_prep.synth")
+    if not hasattr(synth, "generate"):
+        pytest.skip("data_prep.synth.generate is not written yet")
+    out = tmp_path_factory.mktemp("synth") / "downloads"
+    synth.generate(out, scale="tiny", seed=0)
+    return out, json.loads((out / "synth_manifest.json").read_text())
+
+
+@pytest.mark.parametrize("name", TASK)
+def test_scan_of_synth_tiny_matches_its_manifest(synth_tiny, name):
+    from data_prep.convert import find_dataset_folder
+
+    out, truth = synth_tiny
+    spec, t = get_spec(name), truth[name]
+    root = find_dataset_folder(spec, out)
+    assert root is not None, f"none of {spec.folder_names} under the synth output"
+    scan = get_spec(name).scan(root)
+    # "unreadable" files are rejected by the converter when it decodes; the scanner lists them
+    unreadable = {p["path"] for p in t["planted_rejects"] if p["reason"].startswith("unreadable")}
+    planted = {p["path"]: p["reason"] for p in t["planted_rejects"] if p["path"] not in unreadable}
+    got = {r.path: r.reason for r in scan.rejects}
+    assert set(got) == set(planted)
+    for path, reason in planted.items():
+        assert got[path].startswith(reason), (path, got[path], reason)
+    paths = {r.image.relative_to(root).as_posix(): r for r in scan.records}
+    assert unreadable <= set(paths)
+    for junk in t["junk"]:
+        assert junk not in got and junk not in paths
+    usable = [r for p, r in paths.items() if p not in unreadable]
+    assert len(usable) == t["usable"]
+    if t.get("label_counts"):
+        counts: dict[str, int] = {}
+        for r in usable:
+            counts[spec.label_names[r.label]] = counts.get(spec.label_names[r.label], 0) + 1
+        want = {(spec.label_names[int(k)] if str(k).isdigit() else k): v
+                for k, v in t["label_counts"].items() if v}
+        assert counts == want
+    if name == "tbx11k":
+        task = [r for r in usable if r.task]
+        assert len(task) == t["task_images"]
+        assert sum(len(r.boxes) for r in task) == t["boxes"]
+        assert all(r.split in ("train", "valid") and r.boxes and r.box_space for r in task)
+        assert all(r.boxes is None for r in usable if not r.task)
+    else:
+        assert all(r.task for r in scan.records)
