@@ -12,6 +12,7 @@ from PIL import Image
 
 from data_prep.datasets import get_spec
 from data_prep.datasets.base import LayoutError
+from data_prep.datasets.mura import BODY_PARTS
 
 TASK = ("pneumonia", "mura", "chestmasks", "tbx11k")
 
@@ -328,8 +329,8 @@ def test_tbx11k_task_boxes_extra_and_rejects(tmp_path):
     got = [(rel(root, [r.image])[0], r.label, r.group, r.task, r.split, r.boxes, r.box_space)
            for r in scan.records]
     assert got == [
-        ("imgs/extra/da/tb/x0001.png", 2, "extra/da/tb/x0001.png", False, None, None, None),
-        ("imgs/extra/db/y0001.png", 0, "extra/db/y0001.png", False, None, None, None),
+        ("imgs/extra/da/tb/x0001.png", None, "extra/da/tb/x0001.png", False, None, None, None),
+        ("imgs/extra/db/y0001.png", None, "extra/db/y0001.png", False, None, None, None),
         ("imgs/health/h0001.png", 0, "health/h0001.png", False, None, None, None),
         ("imgs/health/h0002.png", 0, "health/h0002.png", False, None, None, None),
         ("imgs/sick/s0001.png", 1, "sick/s0001.png", False, None, None, None),
@@ -339,7 +340,7 @@ def test_tbx11k_task_boxes_extra_and_rejects(tmp_path):
          ((1.0, 2.0, 3.0, 4.0, 2),), (512, 480)),
         ("imgs/tb/tb0005.png", 2, "tb/tb0005.png", False, None, None, None),  # no boxes
         ("imgs/tb/tb0006.png", 2, "tb/tb0006.png", False, None, None, None),  # in no JSON
-        ("imgs/test/t0001.png", 0, "test/t0001.png", False, None, None, None),
+        ("imgs/test/t0001.png", None, "test/t0001.png", False, None, None, None),
     ]
     assert rejects(scan) == [
         ("imgs/other/o0001.png", "label missing"),
@@ -394,10 +395,12 @@ def test_scan_of_synth_tiny_matches_its_manifest(synth_tiny, name):
         assert junk not in got and junk not in paths
     usable = [r for p, r in paths.items() if p not in unreadable]
     assert len(usable) == t["usable"]
+    assert sum(r.label is None for r in usable) == t.get("unlabeled", 0)
     if t.get("label_counts"):
         counts: dict[str, int] = {}
         for r in usable:
-            counts[spec.label_names[r.label]] = counts.get(spec.label_names[r.label], 0) + 1
+            if r.label is not None:
+                counts[spec.label_names[r.label]] = counts.get(spec.label_names[r.label], 0) + 1
         want = {(spec.label_names[int(k)] if str(k).isdigit() else k): v
                 for k, v in t["label_counts"].items() if v}
         assert counts == want
@@ -407,5 +410,18 @@ def test_scan_of_synth_tiny_matches_its_manifest(synth_tiny, name):
         assert sum(len(r.boxes) for r in task) == t["boxes"]
         assert all(r.split in ("train", "valid") and r.boxes and r.box_space for r in task)
         assert all(r.boxes is None for r in usable if not r.task)
+        cats: dict[str, int] = {}
+        for r in task:
+            for b in r.boxes:
+                cats[str(b[4])] = cats.get(str(b[4]), 0) + 1
+        assert cats == {k: v for k, v in t["box_counts"].items() if v}
     else:
         assert all(r.task for r in scan.records)
+    if name == "mura":
+        parts: dict[str, int] = {}
+        for r in usable:
+            part = BODY_PARTS[r.body_part]
+            parts[part] = parts.get(part, 0) + 1
+        assert parts == {k: v for k, v in t["body_part_counts"].items() if v}
+    if name == "chestmasks":
+        assert sum(len(r.masks) == 1 and r.masks[0].is_file() for r in usable) == t["masks"]

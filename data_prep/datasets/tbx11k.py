@@ -6,9 +6,9 @@ The task is the TB images that have at least one box (the paper's 800): ``task=T
 from the JSON (categories 1 ActiveTuberculosis, 2 ObsoletePulmonaryTuberculosis,
 3 PulmonaryTuberculosis) and ``box_space`` = the JSON entry's ``(width, height)``. Every other
 readable image (health, sick, extra, test, TB without boxes) is ``task=False`` (the ``extra``
-split, MD-MoCo only) with no boxes. ``label`` from the folder: health 0, sick 1, tb 2; under
-``extra/`` and ``test/`` from a deeper ``health``/``sick``/``tb`` folder if there is one, else
-:data:`UNKNOWN`. Group = the file (its path under ``imgs/``).
+split, MD-MoCo only) with no boxes. ``label`` from the folder: health 0, sick 1, tb 2; images
+under ``extra/`` and ``test/`` have no known class and get ``label=None`` (they are never task
+images, so no task reads it). Group = the file (its path under ``imgs/``).
 
 Rejects: a JSON image whose file is absent (``file missing``), a file outside the five folders
 (``label missing``), a box that is not 4 finite numbers with w, h > 0 and a known category
@@ -26,9 +26,9 @@ from .base import DatasetSpec, LayoutError, Record, Scan, find_dir, find_file, i
 LABEL_NAMES = ("health", "sick", "tb")
 CATEGORIES = ("ActiveTuberculosis", "ObsoletePulmonaryTuberculosis", "PulmonaryTuberculosis")
 JSONS = {"train": "TBX11K_train.json", "valid": "TBX11K_val.json"}
-FOLDERS = (*LABEL_NAMES, "extra", "test")
+UNLABELED = ("extra", "test")  # folders whose images have no class label
+FOLDERS = (*LABEL_NAMES, *UNLABELED)
 TASK_FOLDER = "tb"
-UNKNOWN = 0  # label of an extra/test image whose class the layout does not give
 
 
 def _norm(name: str) -> str:
@@ -97,16 +97,6 @@ def read_json(path: Path) -> dict[str, dict]:
     return entries
 
 
-def _label(rel: PurePosixPath) -> int | None:
-    top = rel.parts[0].lower()
-    if top in LABEL_NAMES:
-        return LABEL_NAMES.index(top)
-    if top not in FOLDERS:
-        return None
-    for part in rel.parts[1:-1]:
-        if part.lower() in LABEL_NAMES:
-            return LABEL_NAMES.index(part.lower())
-    return UNKNOWN
 
 
 def scan(root: Path) -> Scan:
@@ -140,17 +130,18 @@ def scan(root: Path) -> Scan:
 
     for key, p in files.items():
         rel = PurePosixPath(p.relative_to(imgs).as_posix())
-        label = _label(rel) if len(rel.parts) > 1 else None
-        if label is None:
+        top = rel.parts[0].lower() if len(rel.parts) > 1 else ""
+        if top not in FOLDERS:
             out.reject(root, p, f"label missing: not under imgs/{{{','.join(FOLDERS)}}}/")
             continue
+        label = LABEL_NAMES.index(top) if top in LABEL_NAMES else None
         split, entry = listed.get(key, (None, None))
         if entry is not None and entry["bad"]:
             out.reject(root, p, "label missing: malformed box annotation in "
                                 f"{JSONS[split]}")
             continue
         group = rel.as_posix()
-        if entry is not None and entry["boxes"] and rel.parts[0].lower() == TASK_FOLDER:
+        if entry is not None and entry["boxes"] and top == TASK_FOLDER:
             out.records.append(Record(p, group, split=split, task=True, label=label,
                                       boxes=tuple(entry["boxes"]), box_space=entry["size"]))
         else:
