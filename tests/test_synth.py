@@ -72,6 +72,15 @@ def test_same_seed_same_bytes_any_workers(tiny, tmp_path):
     assert other["nih"]["planted_rejects"] != truth["nih"]["planted_rejects"]
 
 
+def test_never_overwrites_folders_it_did_not_write(tmp_path, capsys):
+    real = tmp_path / "ChestX-ray14" / "Data_Entry_2017.csv"
+    real.parent.mkdir()
+    real.write_text("precious")
+    assert main(["--out", str(tmp_path)]) == 2
+    assert real.read_text() == "precious"
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_manifest_agrees_with_disk(tiny, name):
     out, truth, _ = tiny

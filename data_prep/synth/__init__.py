@@ -29,6 +29,17 @@ def _write_one(args) -> dict:
     return WRITERS[name](root, SCALES[scale], seed)
 
 
+def _claim(out: Path) -> None:
+    """Refuse to wipe dataset folders this generator did not write (``--out`` pointed at real
+    downloads by mistake); the manifest, written first, marks a folder as ours."""
+    manifest = out / MANIFEST
+    foreign = [f for f in FOLDERS.values() if (out / f).exists()]
+    if foreign and not manifest.is_file():
+        raise FileExistsError(f"{out} already holds {', '.join(foreign)} and no {MANIFEST}: "
+                              "not overwriting what the generator did not write")
+    manifest.write_text('{"incomplete": true}\n')
+
+
 def generate(out: Path, scale: str = "tiny", seed: int = 0, workers: int = 1) -> dict:
     """Write the nine datasets under ``out`` and return ``{dataset: truth}``.
 
@@ -42,6 +53,7 @@ def generate(out: Path, scale: str = "tiny", seed: int = 0, workers: int = 1) ->
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, not {scale!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
     jobs = [(name, out, scale, seed) for name in NAMES]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:

@@ -21,7 +21,11 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     args = p.parse_args(argv)
     start = time.time()
-    truth = generate(args.out, args.scale, args.seed, workers=max(1, args.workers))
+    try:
+        truth = generate(args.out, args.scale, args.seed, workers=max(1, args.workers))
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for name, t in truth.items():
         print(f"{name:11s} {t['folder']:18s} usable {t['usable']:4d}  "
               f"planted rejects {len(t['planted_rejects'])}")

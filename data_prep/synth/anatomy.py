@@ -74,7 +74,8 @@ def blob(img, cx, cy, sigma, amp, weight=None, hard=False):
 
 def capsule(img, p0, p1, r, value, cortex=0.0, mode="max"):
     """A rounded bar from p0 to p1 (pixels) of radius r. ``cortex`` brightens the rim, as the
-    dense outer shell of a bone does; ``mode`` "max" lets overlapping bones not add up."""
+    dense outer shell of a bone does; ``mode`` "max" lets overlapping bones not add up, "set"
+    paints over (a fracture line)."""
     (x0, y0), (x1, y1) = p0, p1
     c = _crop(img.shape, min(x0, x1) - r, min(y0, y1) - r, max(x0, x1) + r, max(y0, y1) + r)
     if c is None:
@@ -87,6 +88,8 @@ def capsule(img, p0, p1, r, value, cortex=0.0, mode="max"):
     val = alpha * (value + cortex * np.clip(d / max(r, 1e-6), 0, 1) ** 2)
     if mode == "max":
         np.maximum(img[sl], val, out=img[sl])
+    elif mode == "set":
+        img[sl] = img[sl] * (1 - alpha) + val
     else:
         img[sl] += val
 
@@ -185,9 +188,9 @@ def pneumonia(ch: Chest, rng) -> None:
     h, w = ch.image.shape
     weight = cv2.GaussianBlur(ch.lungs.astype(np.float32), (0, 0), max(1.0, w / 100))
     patch = np.clip(0.75 + 0.35 * smooth_noise(h, w, rng, 12), 0.2, None)
-    for _ in range(rng.integers(2, 5)):
+    for _ in range(rng.integers(3, 6)):
         x, y = _lung_point(ch, rng)
-        blob(ch.image, x, y, rng.uniform(0.06, 0.12) * w, rng.uniform(70, 100), weight * patch)
+        blob(ch.image, x, y, rng.uniform(0.07, 0.13) * w, rng.uniform(90, 120), weight * patch)
 
 
 def tb_lesion(img, x, y, size, kind, rng, weight=None):
@@ -197,13 +200,13 @@ def tb_lesion(img, x, y, size, kind, rng, weight=None):
     if kind == 2:
         for _ in range(rng.integers(1, 4)):
             ox, oy = rng.uniform(-0.25, 0.25, 2) * size
-            blob(img, x + ox, y + oy, max(1.0, rng.uniform(0.08, 0.14) * size), 150, hard=True)
+            blob(img, x + ox, y + oy, max(1.5, rng.uniform(0.12, 0.18) * size), 160, hard=True)
         return
     n = rng.integers(2, 5) if kind == 1 else rng.integers(3, 6)
     for _ in range(n):
         ox, oy = rng.uniform(-0.22, 0.22, 2) * size
         s = rng.uniform(0.09, 0.14) * size
-        blob(img, x + ox, y + oy, s, rng.uniform(75, 105) if kind == 1 else 110, weight)
+        blob(img, x + ox, y + oy, s, rng.uniform(90, 120) if kind == 1 else 125, weight)
     if kind == 1 and rng.random() < 0.4:
         blob(img, x, y, 0.08 * size, -60)
 
@@ -328,6 +331,16 @@ def _transform(h, w, rng):
     return f, s
 
 
+def fracture_line(img, centre, axis, radius, rng) -> None:
+    """The lucent line of a fracture: darker than soft tissue, oblique to the bone's axis
+    (joint spaces are square to it), running a little past the cortex."""
+    axis = np.asarray(axis, float) / max(np.hypot(*axis), 1e-6)
+    ang = np.deg2rad(rng.uniform(35, 60) * rng.choice((-1, 1)))
+    c, s = np.cos(ang), np.sin(ang)
+    across = np.array([-axis[1] * c - axis[0] * s, axis[0] * c - axis[1] * s]) * 1.4 * radius
+    capsule(img, centre - across, centre + across, max(1.0, 0.12 * radius), 10, mode="set")
+
+
 def limb(h: int, w: int, rng, part: str, fracture: bool) -> np.ndarray:
     """A MURA study image: soft tissue, the bones of ``part`` and, when ``fracture``, one long
     bone broken: a dark gap across it with the distal piece shifted sideways."""
@@ -347,10 +360,11 @@ def limb(h: int, w: int, rng, part: str, fracture: bool) -> np.ndarray:
         d = b - a
         n = np.array([-d[1], d[0]]) / max(np.hypot(*d), 1e-6)
         t = rng.uniform(0.35, 0.65)
-        gap = max(2.0, 0.015 * s) / max(np.hypot(*d), 1e-6)
-        shift = n * r * s * rng.uniform(0.35, 0.8) * rng.choice((-1, 1))
+        gap = max(2.0, 0.02 * s) / max(np.hypot(*d), 1e-6)
+        shift = n * r * s * rng.uniform(0.6, 1.0) * rng.choice((-1, 1))
         capsule(img, a, a + d * (t - gap), r * s, 150, cortex=60)
         capsule(img, a + d * (t + gap) + shift, b + shift, r * s, 150, cortex=60)
+        fracture_line(img, a + d * t, d, r * s, rng)
     if part == "XR_WRIST":
         for p in CARPALS:
             blob(img, *f(p), 0.035 * s, 0, hard=True)
@@ -408,9 +422,11 @@ def hand(h: int, w: int, rng, age: float, fracture: bool = False) -> np.ndarray:
         if i == broken:
             m = (p + q) / 2
             d = (q - p) / np.linalg.norm(q - p)
-            shift = np.array([d[1], -d[0]]) * r * 0.7
-            capsule(img, f(*p), f(*(m - d * 0.01)), r * s, 150, cortex=60)
-            capsule(img, f(*(m + d * 0.01 + shift)), f(*(q + shift)), r * s, 150, cortex=60)
+            shift = np.array([d[1], -d[0]]) * r * 1.0
+            capsule(img, f(*p), f(*(m - d * 0.015)), r * s, 150, cortex=60)
+            capsule(img, f(*(m + d * 0.015 + shift)), f(*(q + shift)), r * s, 150, cortex=60)
+            a, b = np.array(f(*p)), np.array(f(*q))
+            fracture_line(img, (a + b) / 2, b - a, r * s, rng)
         else:
             capsule(img, f(*p), f(*q), r * s, 150, cortex=60)
     # radius and ulna with distal epiphyses
