@@ -77,14 +77,15 @@ def _split_summary(spec: DatasetSpec, rows: list[tuple[Record, Decoded]]) -> dic
     summary = {}
     if "label" in spec.fields:
         names = spec.label_names
-        counts = Counter(r.label for r, _ in rows)
-        summary["label_counts"] = {(names[k] if k < len(names) else str(k)): counts[k]
+        counts = Counter(-1 if r.label is None else r.label for r, _ in rows)
+        summary["label_counts"] = {(names[k] if 0 <= k < len(names) else
+                                    "unlabeled" if k == -1 else str(k)): counts[k]
                                    for k in sorted(counts)}
     if "labels" in spec.fields:
-        totals = np.sum([r.labels for r, _ in rows], axis=0)
+        totals = np.sum([r.labels for r, _ in rows if r.labels is not None], axis=0)
         summary["label_counts"] = {n: int(c) for n, c in zip(spec.label_names, totals)}
     if "mask" in spec.fields:
-        summary["masks"] = sum(int(d.mask.any()) for _, d in rows)
+        summary["masks"] = sum(int(d.mask is not None and d.mask.any()) for _, d in rows)
     if "boxes" in spec.fields:
         labels = Counter(int(c) for _, d in rows if d.boxes is not None for c in d.box_labels)
         cats = spec.box_categories
@@ -94,7 +95,7 @@ def _split_summary(spec: DatasetSpec, rows: list[tuple[Record, Decoded]]) -> dic
         summary["images_with_boxes"] = sum(1 for _, d in rows if d.boxes is not None
                                            and len(d.boxes))
     if "boneage" in spec.fields:
-        ages = [r.boneage for r, _ in rows]
+        ages = [r.boneage for r, _ in rows if r.boneage is not None] or [float("nan")]
         summary["boneage_months"] = {"min": min(ages), "max": max(ages),
                                      "mean": round(float(np.mean(ages)), 3)}
     return summary
@@ -104,16 +105,22 @@ def _columns(spec: DatasetSpec, rows: list[tuple[Record, Decoded]], images: np.n
              masks: np.ndarray | None) -> dict[str, np.ndarray]:
     n = len(rows)
     cols = {"image": images[:n], "index": np.arange(n, dtype=np.int64)}
+
+    def column(name, dtype, missing):
+        return np.array([missing if getattr(r, name) is None else getattr(r, name)
+                         for r, _ in rows], dtype)
+
+    # Pre-training-only (extra) images may carry no label: -1 / NaN / all-zero, like padding.
     if "label" in spec.fields:
-        cols["label"] = np.array([r.label for r, _ in rows], np.int64)
+        cols["label"] = column("label", np.int64, -1)
     if "labels" in spec.fields:
-        cols["labels"] = np.array([r.labels for r, _ in rows], np.uint8)
+        cols["labels"] = column("labels", np.uint8, (0,) * len(spec.label_names))
     if "boneage" in spec.fields:
-        cols["boneage"] = np.array([r.boneage for r, _ in rows], np.float64)
+        cols["boneage"] = column("boneage", np.float64, np.nan)
     if "male" in spec.fields:
-        cols["male"] = np.array([r.male for r, _ in rows], np.int64)
+        cols["male"] = column("male", np.int64, -1)
     if "body_part" in spec.fields:
-        cols["body_part"] = np.array([r.body_part for r, _ in rows], np.int64)
+        cols["body_part"] = column("body_part", np.int64, -1)
     if "mask" in spec.fields:
         cols["mask"] = masks[:n]
     if "boxes" in spec.fields:
@@ -129,6 +136,8 @@ def _columns(spec: DatasetSpec, rows: list[tuple[Record, Decoded]], images: np.n
 
 
 def _check_record(spec: DatasetSpec, r: Record) -> str | None:
+    if not r.task:
+        return None  # an extra (pre-training only) image needs nothing but its pixels
     needed = {"label": r.label, "labels": r.labels, "boneage": r.boneage, "male": r.male,
               "body_part": r.body_part}
     for name in spec.fields:
@@ -195,7 +204,7 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
                 s, k = splits[i], len(rows[splits[i]])
                 images[s][k, :, :, 0] = res.image
                 if masks:
-                    masks[s][k, :, :, 0] = res.mask
+                    masks[s][k, :, :, 0] = 0 if res.mask is None else res.mask
                 rows[s].append((rec, res))
                 img = res.image.astype(np.float64)
                 pix_sum += img.mean()
