@@ -165,7 +165,7 @@ def chest(h: int, w: int, rng: np.random.Generator, heart: float = 1.0,
     img[(np.abs(u) < 0.055) & body] += 22  # spine behind the mediastinum
 
     scale = sx * (w - 1) / 2
-    ch = Chest(img, right, left, scale, (dx + 0) * (w - 1) / 2 + (w - 1) / 2)
+    ch = Chest(img, right, left, scale, (dx + 1) * (w - 1) / 2)
     for side in (-1, 1):  # clavicles
         capsule(img, ch.px(side * 0.08, 0.13 + dy), ch.px(side * 0.62, 0.09 + dy),
                 0.018 * h, 28, mode="add")
