@@ -65,6 +65,13 @@ def assign_splits(records: list[Record], spec: DatasetSpec, mode: str, seed: int
     return [split_of[r.group] if r.task else "extra" for r in records]
 
 
+def _worker_init() -> None:
+    # Pool workers must not inherit the parent's SIGTERM handler: a worker that turns SIGTERM
+    # into SystemExit while holding the pool's queue lock deadlocks Pool.terminate().
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
 def _decode_job(args) -> Decoded | str:
     record, size = args
     try:
@@ -191,7 +198,7 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
         rows: dict[str, list] = {s: [] for s in planned}
         pix_sum = pix_sq = 0.0
         jobs = ((records[i], size) for i in order)
-        pool = multiprocessing.Pool(workers) if workers > 1 else None
+        pool = multiprocessing.Pool(workers, _worker_init) if workers > 1 else None
         try:
             results = pool.imap(_decode_job, jobs, chunksize=4) if pool else map(_decode_job,
                                                                                   jobs)
@@ -209,6 +216,9 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
                 img = res.image.astype(np.float64)
                 pix_sum += img.mean()
                 pix_sq += (img * img).mean()
+            if pool:
+                pool.close()
+                pool.join()
         finally:
             if pool:
                 pool.terminate()
