@@ -11,13 +11,15 @@ usual download folder name (``data_prep/LAYOUTS.md``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import random
 import shutil
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,24 @@ PAPER_FRACTIONS = (0.8, 0.1, 0.1)
 
 class ConvertError(Exception):
     """A user error reported as one line."""
+
+
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C arrived; the conversion stopped cleanly between two images."""
+
+
+_stop_signal: list[int] = []
+
+
+def _request_stop(signum, _frame) -> None:
+    # Only a flag: raising from a signal handler can land inside multiprocessing's locks and
+    # leave the decode pool unable to shut down. The work loops check it between images.
+    _stop_signal.append(signum)
+
+
+def _check_stop() -> None:
+    if _stop_signal:
+        raise Stopped(f"stopped by {signal.Signals(_stop_signal[0]).name}")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -66,18 +86,43 @@ def assign_splits(records: list[Record], spec: DatasetSpec, mode: str, seed: int
 
 
 def _worker_init() -> None:
-    # Pool workers must not inherit the parent's SIGTERM handler: a worker that turns SIGTERM
-    # into SystemExit while holding the pool's queue lock deadlocks Pool.terminate().
+    # Stopping is the parent's job (it stops feeding work); a worker killed from outside dies.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _decode_job(args) -> Decoded | str:
-    record, size = args
-    try:
-        return decode(record, size)
-    except Unusable as e:
-        return str(e)
+def _decode_chunk(records: list[Record], size) -> list[Decoded | str]:
+    out = []
+    for record in records:
+        try:
+            out.append(decode(record, size))
+        except Unusable as e:
+            out.append(str(e))
+    return out
+
+
+def decoded(records: list[Record], size, workers: int, chunk: int = 4):
+    """Decoded images (or reject reasons) in the order of ``records``, ``workers`` processes
+    decoding ahead. At most a few chunks are in flight, so memory stays bounded and stopping
+    early (closing the generator) waits only for those, never for a hung pool."""
+    chunks = (records[i:i + chunk] for i in range(0, len(records), chunk))
+    if workers == 1:
+        for c in chunks:
+            yield from _decode_chunk(c, size)
+        return
+    with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
+        pending = deque(pool.submit(_decode_chunk, c, size)
+                        for c in itertools.islice(chunks, 3 * workers))
+        try:
+            while pending:
+                results = pending.popleft().result()
+                nxt = next(chunks, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_decode_chunk, nxt, size))
+                yield from results
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def _split_summary(spec: DatasetSpec, rows: list[tuple[Record, Decoded]]) -> dict:
@@ -197,13 +242,11 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
                  for s in planned} if "mask" in spec.fields else {}
         rows: dict[str, list] = {s: [] for s in planned}
         pix_sum = pix_sq = 0.0
-        jobs = ((records[i], size) for i in order)
-        pool = multiprocessing.Pool(workers, _worker_init) if workers > 1 else None
+        results = decoded([records[i] for i in order], size, workers)
         try:
-            results = pool.imap(_decode_job, jobs, chunksize=4) if pool else map(_decode_job,
-                                                                                  jobs)
-            for i, res in tqdm(zip(order, results), total=len(order), desc=spec.name,
-                               unit="img", disable=None):
+            for i, res in tqdm(zip(order, results), total=len(order), desc=spec.name, unit="img",
+                               disable=None):
+                _check_stop()
                 rec = records[i]
                 if isinstance(res, str):
                     rejects.append(Reject(relpath(root, rec.image), res))
@@ -216,12 +259,8 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
                 img = res.image.astype(np.float64)
                 pix_sum += img.mean()
                 pix_sq += (img * img).mean()
-            if pool:
-                pool.close()
-                pool.join()
         finally:
-            if pool:
-                pool.terminate()
+            results.close()  # stops the decode workers when interrupted
         fields = shard.ffcv_fields(spec.fields, size)
         if "labels" in spec.fields:
             from ffcv.fields import NDArrayField
@@ -230,6 +269,7 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
         for s in SPLITS:
             if not rows.get(s):
                 continue
+            _check_stop()
             cols = _columns(spec, rows[s], images[s], masks.get(s))
             shard.write_shard(stage / f"{s}.beton", fields, cols)
             manifest_splits[s] = {"file": f"{s}.beton", "count": len(rows[s]),
@@ -249,6 +289,7 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
                                                              4),
             "role": spec.role, "fields": _field_doc(spec, fields), "params": params,
         }
+        _check_stop()
         shard.write_json_atomic(stage / shard.MANIFEST, manifest)
         shard.publish(stage, final)
     except BaseException:
@@ -298,8 +339,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="redo a finished conversion")
     args = p.parse_args(argv)
-    # SIGTERM (scancel, kill) unwinds like Ctrl-C so the staging folder is removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM (scancel, kill) and Ctrl-C stop at the next image and remove the staging folder.
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
     try:
         size = parse_size(args.size)
         if args.workers < 1:
@@ -339,6 +381,9 @@ def main(argv=None) -> int:
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"{e}; nothing half-written was left", file=sys.stderr)
+        return 128 + _stop_signal[0]
 
 
 if __name__ == "__main__":

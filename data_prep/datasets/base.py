@@ -10,6 +10,7 @@ Anything a scanner cannot use (label missing, mask missing, a name it cannot par
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,29 +118,39 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def read_csv(path: Path) -> list[list[str]]:
+    """CSV rows with every cell stripped; BOM, blank lines and undecodable bytes tolerated."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        rows = [[c.strip() for c in row] for row in csv.reader(f)]
+    return [r for r in rows if any(r)]
+
+
+def _levels(root: Path, max_depth: int):
+    """The folders at depth 0, 1, ... ``max_depth`` below ``root``, one sorted list a level."""
+    frontier = [root]
+    for _ in range(max_depth + 1):
+        yield frontier
+        frontier = [c for d in frontier for c in sorted(d.iterdir())
+                    if c.is_dir() and c.name != "__MACOSX"]
+
+
 def find_dir(root: Path, name: str, max_depth: int = 2) -> Path | None:
     """``root/name`` or the shallowest ``root/**/name`` (users unpack archives one level deeper
     or shallower than the docs say)."""
-    frontier = [root]
-    for _ in range(max_depth + 1):
-        for d in frontier:
+    for level in _levels(root, max_depth):
+        for d in level:
             if (d / name).is_dir():
                 return d / name
-        frontier = [c for d in frontier for c in sorted(d.iterdir())
-                    if c.is_dir() and c.name != "__MACOSX"]
     return None
 
 
 def find_file(root: Path, names: tuple[str, ...], max_depth: int = 2) -> Path | None:
     """The first of ``names`` found at ``root`` or up to ``max_depth`` folders below it."""
-    frontier = [root]
-    for _ in range(max_depth + 1):
+    for level in _levels(root, max_depth):
         for name in names:
-            for d in frontier:
+            for d in level:
                 if (d / name).is_file():
                     return d / name
-        frontier = [c for d in frontier for c in sorted(d.iterdir())
-                    if c.is_dir() and c.name != "__MACOSX"]
     return None
 
 

@@ -8,11 +8,20 @@ no row is a ``label missing`` reject; a row whose image is absent is a ``file mi
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
-from .base import DatasetSpec, LayoutError, Record, Scan, find_dir, find_file, is_image, list_files
+from .base import (
+    DatasetSpec,
+    LayoutError,
+    Record,
+    Scan,
+    find_dir,
+    find_file,
+    is_image,
+    list_files,
+    read_csv,
+)
 
 CSV_NAME = "boneage-training-dataset.csv"
 FOLDER = "boneage-training-dataset"
@@ -31,9 +40,7 @@ def norm_id(text: str) -> str:
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        rows = [[c.strip() for c in row] for row in csv.reader(f)]
-    rows = [r for r in rows if any(r)]
+    rows = read_csv(path)
     if not rows:
         return []
     header = [h.lower() for h in rows[0]]

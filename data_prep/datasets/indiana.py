@@ -12,20 +12,27 @@ When both layouts are present the OpenI one is read.
 
 from __future__ import annotations
 
-import csv
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .base import DatasetSpec, LayoutError, Record, Scan, find_dir, find_file, is_image, list_files
+from .base import (
+    DatasetSpec,
+    LayoutError,
+    Record,
+    Scan,
+    find_dir,
+    find_file,
+    is_image,
+    list_files,
+    read_csv,
+)
 
 REPORTS_CSV, PROJECTIONS_CSV = "indiana_reports.csv", "indiana_projections.csv"
 
 
 def read_table(path: Path) -> list[dict[str, str]]:
     """Rows as {lower-case header: stripped cell}; BOM, blank lines and ragged rows tolerated."""
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        rows = [[c.strip() for c in row] for row in csv.reader(f)]
-    rows = [r for r in rows if any(r)]
+    rows = read_csv(path)
     if not rows:
         return []
     header = [h.lower() for h in rows[0]]

@@ -18,11 +18,20 @@ not ``<split>/XR_<PART>/patient<N>/study<K>[_<label>]/<image>`` (``bad name``).
 
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 
-from .base import DatasetSpec, LayoutError, Record, Scan, find_dir, find_file, is_image, list_files
+from .base import (
+    DatasetSpec,
+    LayoutError,
+    Record,
+    Scan,
+    find_dir,
+    find_file,
+    is_image,
+    list_files,
+    read_csv,
+)
 
 FOLDER = "MURA-v1.1"
 SPLITS = ("train", "valid")
@@ -34,12 +43,8 @@ STUDY = re.compile(r"study\d+(?:_(positive|negative))?", re.IGNORECASE)
 
 
 def read_rows(path: Path | None) -> list[list[str]]:
-    """CSV rows with every cell stripped; BOM and blank lines dropped."""
-    if path is None:
-        return []
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        rows = [[c.strip() for c in row] for row in csv.reader(f)]
-    return [r for r in rows if r and r[0]]
+    """The CSV's rows that name something (first cell non-empty); none for an absent CSV."""
+    return [r for r in read_csv(path) if r[0]] if path is not None else []
 
 
 def csv_parts(text: str) -> tuple[str, ...]:

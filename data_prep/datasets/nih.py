@@ -8,11 +8,10 @@ The official split comes from ``train_val_list.txt`` / ``test_list.txt`` when th
 
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 
-from .base import DatasetSpec, LayoutError, Record, Scan, find_file, is_image, list_files
+from .base import DatasetSpec, LayoutError, Record, Scan, find_file, is_image, list_files, read_csv
 
 LABEL_NAMES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
                "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
@@ -20,13 +19,6 @@ LABEL_NAMES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass"
 CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 _INDEX = {re.sub(r"[\s_]+", " ", n).lower(): i for i, n in enumerate(LABEL_NAMES)}
 _SHARD_DIR = re.compile(r"images_\d+", re.IGNORECASE)
-
-
-def read_rows(path: Path) -> list[list[str]]:
-    """CSV rows with every cell stripped; BOM and blank lines dropped."""
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        rows = [[c.strip() for c in row] for row in csv.reader(f)]
-    return [r for r in rows if any(r)]
 
 
 def finding_index(name: str) -> int | None:
@@ -75,7 +67,7 @@ def scan(root: Path) -> Scan:
             else:
                 files[p.name] = p
 
-    rows = read_rows(csv_path)
+    rows = read_csv(csv_path)
     if rows and rows[0][0].lower() == "image index":
         rows = rows[1:]
     entries: dict[str, tuple[str, str]] = {}  # image name -> (findings, patient id)
