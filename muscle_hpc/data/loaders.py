@@ -142,8 +142,8 @@ def prefetch(batches: Iterator, depth: int) -> Iterator:
 
 class _Ring:
     """Output buffers reused round-robin. Fresh large tensors per batch would page-fault on
-    every first touch (as costly here as the augmentation itself); like FFCV's own buffers,
-    a batch stays valid until two more batches have been drawn after it."""
+    every first touch (as costly here as the augmentation itself). Like FFCV's own buffers, a
+    batch stays valid while the next one is in use; drawing the one after that may reuse it."""
 
     def __init__(self, prefetch_depth: int, make):
         self.slots = [make() for _ in range(prefetch_depth + 3)]
@@ -163,8 +163,8 @@ class TwoViewLoader:
     own horizontal flip and rotation in ``[-max_degrees, max_degrees]``; no crop, blur or
     intensity jitter (the paper's choice for X-rays). ``len()`` is the number of full batches
     per epoch; the remainder is dropped. ``with_keys=True`` adds a (B, 2) tensor of
-    (shard position, sample index) identifying each image. A batch's tensors are reused two
-    batches later: copy (``.to(device)`` or ``.clone()``) what must outlive that.
+    (shard position, sample index) identifying each image. A batch's memory is reused once the
+    batch after the next is drawn: copy (``.to(device)``, ``.clone()``) what must outlive that.
     """
 
     def __init__(self, shards: list[Shard], batch_size: int, *, seed: int = 0,
