@@ -1,0 +1,74 @@
+"""Rolling checkpoints: atomic under SIGKILL, weights_only, RNG round trip."""
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from muscle_hpc import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_round_trip_and_absent(tmp_path):
+    assert checkpoint.load(tmp_path / "none.pth") is None
+    state = {"step": 3, "w": torch.arange(5.0), "nested": {"queue": torch.ones(2, 4)}}
+    checkpoint.save(tmp_path / "checkpoint.pth", state)
+    back = checkpoint.load(tmp_path / "checkpoint.pth")
+    assert back["step"] == 3 and torch.equal(back["w"], state["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+def test_code_in_a_checkpoint_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        checkpoint.load(tmp_path / "evil.pth")
+
+
+def test_rng_state_round_trip(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    checkpoint.save(tmp_path / "c.pth", {"rng": checkpoint.rng_state()})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "c.pth")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+WRITER = """
+import sys, torch
+from muscle_hpc import checkpoint
+path = sys.argv[1]
+checkpoint.save(path, {"version": 1, "x": torch.zeros(10)})
+print("first", flush=True)
+while True:  # keep rewriting a large checkpoint until killed
+    checkpoint.save(path, {"version": 2, "x": torch.rand(40_000_000)})
+"""
+
+
+def test_kill_during_save_keeps_the_last_complete_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "first"
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".checkpoint.pth.tmp-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = checkpoint.load(path)
+    assert state["version"] in (1, 2)
+    assert state["x"].numel() in (10, 40_000_000)
