@@ -211,6 +211,9 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
         scan = spec.scan(root)
     except LayoutError as e:
         raise ConvertError(str(e)) from None
+    except (OSError, ValueError, UnicodeError) as e:  # unreadable or malformed CSV/JSON/XML
+        raise ConvertError(f"{spec.name}: cannot read the download under {root}: "
+                           f"{type(e).__name__}: {e}".replace("\n", " ")) from None
     records, rejects = [], list(scan.rejects)
     for r in scan.records:
         problem = _check_record(spec, r)

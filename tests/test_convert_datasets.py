@@ -173,3 +173,17 @@ def test_stored_pixels_are_the_decoded_image(demo):
                         train=False, num_workers=1, mean=0.0, std=1.0)
     first = next(iter(loader))["image"][0, 0].numpy()
     np.testing.assert_array_equal(first, decode(records[0], SIZE).image.astype(np.float32))
+
+
+def test_malformed_annotation_file_is_one_line(demo, tmp_path, capsys):
+    import shutil
+
+    base, _ = demo
+    broken = tmp_path / "TBX11K"
+    shutil.copytree(base / "downloads" / "TBX11K", broken)
+    ann = broken / "annotations" / "json" / "TBX11K_train.json"
+    ann.write_text(ann.read_text()[:200])
+    assert convert.main(["--dataset", "tbx11k", "--root", str(broken), "--out",
+                         str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: tbx11k: cannot read")
