@@ -1,0 +1,133 @@
+"""Where am I? Rank, world and rendezvous from whatever launched this process.
+
+torchrun sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``; ``srun`` and submitit set
+``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` and a node list; a plain ``python`` sets
+neither and runs alone. ``dist_env`` reads them in that order, so the stage runs the same way
+under each. Slurm's world is ``SLURM_NTASKS``: run the stage through ``srun`` (one task per GPU),
+not directly in the batch script, where that count is the allocation's and the ranks that never
+start would make rank 0 wait until the init timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Host names of a Slurm node list (``node[1-3,5]``, ``gpu[01-02],cpu7``, ``a,b``)."""
+    hosts = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", nodelist):
+        hosts += _expand_one(part)
+    return hosts
+
+
+def _expand_one(name: str) -> list[str]:
+    m = re.search(r"\[([^\]]*)\]", name)
+    if not m:
+        return [name]
+    head, tail = name[:m.start()], name[m.end():]
+    out = []
+    for r in m.group(1).split(","):
+        lo, _, hi = r.partition("-")
+        # zero padding is kept: gpu[08-10] is gpu08, gpu09, gpu10
+        nums = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)]
+        out += [h for n in nums for h in _expand_one(head + n + tail)]
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of ``nodelist``, by ``scontrol`` where there is one (it knows every
+    syntax Slurm does), else by ``expand_nodelist``."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                                 capture_output=True, text=True, timeout=30).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return expand_nodelist(nodelist)[0]
+
+
+def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or anything that mimics it)
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, submitit
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        addr = env.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else "127.0.0.1")
+        if "MASTER_PORT" in env:
+            port = int(env["MASTER_PORT"])
+        else:  # every rank derives the same port; jobs sharing a node rarely collide
+            port = 15000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                       int(env.get("SLURM_LOCALID", 0)), addr, port)
+    return DistEnv(0, 1, 0, "127.0.0.1", free_port())
+
+
+def init_distributed(env: DistEnv | None = None, backend: str | None = None,
+                     timeout_s: float = 600.0) -> DistEnv:
+    """Join the process group of ``env`` (default ``dist_env()``): NCCL on CUDA, else gloo.
+
+    ``timeout_s`` bounds the rendezvous and each collective, so a rank that died or never
+    started fails the job instead of hanging it until Slurm's time limit."""
+    import torch
+    import torch.distributed as dist
+
+    env = env or dist_env()
+    cuda = torch.cuda.is_available()
+    backend = backend or ("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(env.local_rank)
+    # DeepSpeed and some libraries read these rather than asking torch.distributed.
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
+                      LOCAL_RANK=str(env.local_rank), MASTER_ADDR=env.master_addr,
+                      MASTER_PORT=str(env.master_port))
+    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                            rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    return env
+
+
+def is_main() -> bool:
+    """Rank 0, or a process that never joined a group."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
