@@ -1,0 +1,360 @@
+"""Typed YAML configs with ``a.b=value`` overrides, checked before anything runs.
+
+A config is a tree of frozen dataclasses (a *schema*); ``load(path, overrides, schema)`` reads
+the YAML, applies the overrides (each value parsed by ``yaml.safe_load``, so ``model.K=4096``,
+``model.mlp=false`` and ``data.datasets=[nih,mura]`` mean what they say) and converts every
+value to its field's type. Any mistake is a ``ConfigError`` of one line naming the key: a typo
+in a key fails here, with the closest valid key suggested, instead of silently using a default
+hours into a Slurm job. Fields declare ranges and choices with ``opt()``; later stages reuse
+the loader with their own schemas. Checks that relate fields to each other or to the world size
+(``check_moco``, ``deepspeed_config``) come after loading, since overrides may change either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("nih", "shenzhen", "montgomery", "indiana", "boneage", "pneumonia", "mura",
+            "chestmasks", "tbx11k")
+
+# Values that look valid but are refused, each with its one-line reason.
+_FP16_WHY = ("fp16 is not supported: its loss scaler skips overflowing steps, which would still "
+             "update MoCo's key encoder and queue; use bf16")
+_ZERO3_WHY = ("ZeRO stage 3 is not supported: it shards the query encoder's weights, which the "
+              "momentum update of MoCo's key encoder reads whole on every rank; use 0-2")
+
+
+class ConfigError(ValueError):
+    """A config mistake, said in one line that names the key."""
+
+
+def opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
+        gt: float | None = None, choices: tuple | None = None, refuse: dict | None = None):
+    """A dataclass field with checks: ``lo <= v <= hi``, ``v > gt``, ``v in choices`` (for a
+    list, every item), and ``refuse``: values refused with their own reason."""
+    meta = {"lo": lo, "hi": hi, "gt": gt, "choices": choices, "refuse": refuse or {}}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "shards"
+    datasets: list[str] = opt(list(DATASETS), choices=DATASETS)
+    batch_size: int = opt(256, lo=1)  # global, over all ranks
+    num_workers: int = opt(2, lo=1)
+    max_degrees: float = opt(10.0, lo=0.0, hi=180.0)
+    flip_prob: float = opt(0.5, lo=0.0, hi=1.0)
+    mean: float = 122.786
+    std: float = opt(18.390, gt=0.0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = opt("resnet50", choices=("resnet18", "resnet50"))
+    dim: int = opt(128, lo=1)
+    K: int = opt(65536, lo=1)
+    m: float = opt(0.999, lo=0.0, hi=1.0)
+    T: float = opt(0.2, gt=0.0)
+    mlp: bool = True
+    bn: str = opt("shuffle", choices=("shuffle", "sync"))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr_base: float = opt(0.03, gt=0.0)  # per 256 images; see MocoConfig.effective_lr
+    momentum: float = opt(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = opt(1e-4, lo=0.0)
+    epochs: int = opt(200, lo=1)
+    warmup_epochs: int = opt(0, lo=0)
+    schedule: str = opt("cosine", choices=("cosine",))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/mdmoco"
+    checkpoint_every_steps: int = opt(1000, lo=1)
+    log_every_steps: int = opt(50, lo=1)
+    image_grid_every_steps: int = opt(1000, lo=0)  # 0: never
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16"), refuse={"fp16": _FP16_WHY})
+    zero_stage: int = opt(0, lo=0, hi=2, refuse={3: _ZERO3_WHY})
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MocoConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def effective_lr(self) -> float:
+        """MoCo's linear scaling rule: ``lr_base`` is per 256 images of global batch."""
+        return self.optim.lr_base * self.data.batch_size / 256
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def load(path: str | Path | None, overrides: list[str] = (), schema: type = MocoConfig):
+    """``schema`` filled from the YAML at ``path`` (``None``: defaults only), then overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: YAML syntax error{_where(e)}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections, "
+                              f"not {type(data).__name__}")
+    for item in overrides:
+        _apply_override(data, item, schema)
+    return _build(schema, data, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> MocoConfig:
+    return load(path, overrides, MocoConfig)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg, path: str | Path | None = None) -> str:
+    """The resolved config as YAML (what ``load`` reads back to an equal config); written to
+    ``path`` when given, so a run dir records exactly what ran."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def _where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{at}: {problem}"
+
+
+def _keys(schema: type, prefix: str = "") -> list[str]:
+    """Every dotted key of ``schema``, sections included."""
+    out = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        out.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _keys(hints[f.name], key + ".")
+    return out
+
+
+def _unknown(key: str, schema: type) -> ConfigError:
+    keys = {k.lower(): k for k in _keys(schema)}  # model.k is a typo of model.K, not model.m
+    close = difflib.get_close_matches(key.lower(), keys, n=1, cutoff=0.6)
+    if not close:  # a wrong section name hides a right leaf name: compare leaves alone
+        leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+        close = [leaves[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1].lower(),
+                                                               leaves, n=1, cutoff=0.8)]
+    hint = f" (did you mean {keys[close[0]]}?)" if close else ""
+    return ConfigError(f"{key}: unknown key{hint}")
+
+
+def _apply_override(data: dict, item: str, schema: type) -> None:
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"{item!r}: an override must be key=value, e.g. model.K=4096")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: value {text!r} is not valid YAML{_where(e)}") from None
+    if key not in _keys(schema):
+        raise _unknown(key, schema)
+    *sections, leaf = key.split(".")
+    node = data
+    for depth, s in enumerate(sections):
+        nxt = node.setdefault(s, {})
+        if nxt is None:
+            nxt = node[s] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(sections[:depth + 1])}: expected a section (mapping), "
+                              f"got {type(nxt).__name__}")
+        node = nxt
+    node[leaf] = value
+
+
+def _build(schema: type, data: Any, prefix: str, root: type | None = None):
+    root = root or schema  # unknown keys are matched against the whole tree
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a section (mapping), "
+                          f"got {type(data).__name__}")
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    for k in data:
+        if k not in names:
+            raise _unknown(f"{prefix}{k}", root)
+    values = {}
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: missing (no default)")
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            values[f.name] = _build(tp, data[f.name], key + ".", root)
+        else:
+            values[f.name] = _check(key, _convert(key, tp, data[f.name]), f.metadata)
+    return schema(**values)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(key: str, tp, v):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        return _convert(key, tp, v)
+    if origin is list:
+        if isinstance(v, str):  # data.datasets=nih,mura
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        if not isinstance(v, list):
+            raise ConfigError(f"{key}: expected a list, got {type(v).__name__} {v!r}")
+        return [_convert(f"{key}[{i}]", args[0], x) for i, x in enumerate(v)]
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+    elif tp is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+    elif tp is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(v)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return str(v)
+    else:
+        raise ConfigError(f"{key}: unsupported field type {_type_name(tp)} in the schema")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(v).__name__} {v!r}")
+
+
+def _check(key: str, v, meta):
+    if isinstance(v, list):
+        for x in v:
+            _check(key, x, meta)
+        if len(set(v)) != len(v):
+            raise ConfigError(f"{key}: duplicate entries in {v}")
+        if not v:
+            raise ConfigError(f"{key}: must not be empty")
+        return v
+    refuse = meta.get("refuse") or {}
+    if v in refuse and not isinstance(v, bool):
+        raise ConfigError(f"{key}: {refuse[v]}")
+    choices = meta.get("choices")
+    if choices is not None and v not in choices:
+        raise ConfigError(f"{key}: {v!r} is not one of {', '.join(map(str, choices))}")
+    lo, hi, gt = meta.get("lo"), meta.get("hi"), meta.get("gt")
+    if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+        bounds = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{key}: must be {bounds}, got {v}")
+    if v is not None and gt is not None and not v > gt:
+        raise ConfigError(f"{key}: must be > {gt}, got {v}")
+    return v
+
+
+# --- checks against the world size, and the DeepSpeed config -------------------------------
+
+def resolve_precision(precision: str, on_cuda: bool) -> str:
+    """``auto`` is bf16 on CUDA and fp32 on CPU (CPU bf16 is slow on most hosts)."""
+    if precision == "fp16":
+        raise ConfigError(f"run.precision: {_FP16_WHY}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"run.precision: {precision!r} is not one of auto, fp32, bf16")
+    if precision == "auto":
+        return "bf16" if on_cuda else "fp32"
+    return precision
+
+
+def _check_batch(cfg, world_size: int) -> int:
+    batch = cfg.data.batch_size
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if batch % world_size:
+        raise ConfigError(f"data.batch_size: global batch {batch} is not divisible by the world "
+                          f"size {world_size}")
+    return batch // world_size
+
+
+def check_moco(cfg: MocoConfig, world_size: int) -> None:
+    """What a loaded MD-MoCo config must also satisfy on ``world_size`` ranks."""
+    per_rank = _check_batch(cfg, world_size)
+    if per_rank < 2:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} over {world_size} ranks is "
+                          f"{per_rank} image per rank; BatchNorm needs at least 2")
+    if cfg.model.K % cfg.data.batch_size:
+        raise ConfigError(f"model.K: queue size {cfg.model.K} is not a multiple of the global "
+                          f"batch {cfg.data.batch_size} (MoCo enqueues whole batches of keys)")
+    if cfg.model.bn not in ("shuffle", "sync"):
+        raise ConfigError(f"model.bn: {cfg.model.bn!r} is not one of shuffle, sync")
+    if cfg.optim.warmup_epochs >= cfg.optim.epochs:
+        raise ConfigError(f"optim.warmup_epochs: {cfg.optim.warmup_epochs} must be less than "
+                          f"optim.epochs {cfg.optim.epochs}")
+    if not cfg.data.datasets:
+        raise ConfigError("data.datasets: must not be empty")
+
+
+def deepspeed_config(cfg, world_size: int, on_cuda: bool) -> dict:
+    """The DeepSpeed JSON for ``cfg``. The optimizer and LR schedule are not in it: the stage
+    builds SGD itself and sets the LR per step (``schedule.py``), so a resume needs only the
+    step. No gradient accumulation or clipping, as in MoCo v2."""
+    per_rank = _check_batch(cfg, world_size)
+    if cfg.run.zero_stage == 3:
+        raise ConfigError(f"run.zero_stage: {_ZERO3_WHY}")
+    if cfg.run.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"run.zero_stage: must be in [0, 2], got {cfg.run.zero_stage}")
+    bf16 = resolve_precision(cfg.run.precision, on_cuda) == "bf16"
+    return {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": per_rank,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.run.zero_stage},
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,  # quiet; we log ourselves
+        "wall_clock_breakdown": False,
+    }

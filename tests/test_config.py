@@ -1,0 +1,179 @@
+from pathlib import Path
+
+import pytest
+
+from muscle_hpc.config import (
+    DATASETS,
+    ConfigError,
+    MocoConfig,
+    check_moco,
+    deepspeed_config,
+    dump_yaml,
+    load,
+    load_config,
+    to_dict,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def error(path=None, overrides=(), schema=MocoConfig) -> str:
+    with pytest.raises(ConfigError) as e:
+        load(path, list(overrides), schema)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults_are_moco_v2_on_all_nine_sets(tmp_path):
+    cfg = load_config(None)
+    assert cfg == MocoConfig()
+    assert cfg.data.datasets == list(DATASETS)
+    assert (cfg.model.K, cfg.model.m, cfg.model.T, cfg.model.mlp) == (65536, 0.999, 0.2, True)
+    assert (cfg.optim.lr_base, cfg.optim.momentum, cfg.optim.weight_decay) == (0.03, 0.9, 1e-4)
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(tmp_path / "empty.yaml") == cfg
+
+
+def test_overrides_of_each_type():
+    cfg = load_config(None, ["model.K=4096", "model.m=0.99", "model.mlp=false",
+                             "data.datasets=[nih,mura]", "run.dir=/tmp/x", "model.T=1",
+                             "optim.weight_decay=5e-4", "data.batch_size=512"])
+    assert cfg.model.K == 4096 and cfg.model.m == 0.99 and cfg.model.mlp is False
+    assert cfg.data.datasets == ["nih", "mura"] and cfg.run.dir == "/tmp/x"
+    assert isinstance(cfg.model.T, float) and cfg.optim.weight_decay == 5e-4
+    assert cfg.effective_lr == pytest.approx(0.06)
+    assert load_config(None, ["data.datasets=nih,mura"]).data.datasets == ["nih", "mura"]
+
+
+def test_override_wins_over_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("model:\n  K: 1024\n  arch: resnet18\n")
+    cfg = load_config(tmp_path / "c.yaml", ["model.K=2048"])
+    assert (cfg.model.K, cfg.model.arch, cfg.model.dim) == (2048, "resnet18", 128)
+
+
+def test_unknown_keys_suggest_the_closest(tmp_path):
+    assert error(overrides=["model.k=3"]) == "model.k: unknown key (did you mean model.K?)"
+    assert "did you mean data.batch_size?" in error(overrides=["data.batchsize=3"])
+    assert "did you mean model.K?" in error(overrides=["modle.K=3"])
+    (tmp_path / "c.yaml").write_text("optim:\n  epoch: 3\n")
+    assert error(tmp_path / "c.yaml") == "optim.epoch: unknown key (did you mean optim.epochs?)"
+    assert error(overrides=["zzz.qqq=1"]) == "zzz.qqq: unknown key"
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("model.K=abc", "model.K", "expected int"),
+    ("model.mlp=3", "model.mlp", "expected bool"),
+    ("model.T=[1]", "model.T", "expected float"),
+    ("data.datasets=7", "data.datasets", "expected a list"),
+    ("model.K=0", "model.K", ">= 1"),
+    ("data.flip_prob=1.5", "data.flip_prob", "in [0.0, 1.0]"),
+    ("model.T=0", "model.T", "> 0"),
+    ("model.arch=vgg16", "model.arch", "not one of resnet18, resnet50"),
+    ("model.bn=batch", "model.bn", "not one of shuffle, sync"),
+    ("data.datasets=[nih,imagenet]", "data.datasets", "'imagenet' is not one of"),
+    ("data.datasets=[nih,nih]", "data.datasets", "duplicate"),
+    ("run.zero_stage=3", "run.zero_stage", "ZeRO stage 3 is not supported"),
+    ("run.precision=fp16", "run.precision", "fp16 is not supported"),
+    ("model=3", "model", "expected a section"),
+])
+def test_bad_values_are_one_line_naming_the_key(override, key, words):
+    msg = error(overrides=[override])
+    assert msg.startswith(key + ":") and words in msg
+
+
+def test_file_errors_are_one_line(tmp_path):
+    assert "not found" in error(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("model:\n  K: [1, 2\n  m: 0.9\n")
+    msg = error(tmp_path / "bad.yaml")
+    assert "bad.yaml" in msg and "YAML syntax error at line" in msg
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    assert "top level must be a mapping" in error(tmp_path / "list.yaml")
+    assert "key=value" in error(overrides=["model.K"])
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(None, ["model.K=4096", "data.datasets=[mura]", "optim.weight_decay=1e-5"])
+    dump_yaml(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    assert to_dict(cfg)["model"]["K"] == 4096
+
+
+def test_other_schemas_reuse_the_loader():
+    from dataclasses import dataclass, field
+
+    from muscle_hpc.config import opt
+
+    @dataclass(frozen=True)
+    class Head:
+        classes: int = opt(2, lo=1)
+
+    @dataclass(frozen=True)
+    class Tune:
+        head: Head = field(default_factory=Head)
+        lr: float = 0.1
+
+    assert load(None, ["head.classes=5"], Tune).head.classes == 5
+    assert error(overrides=["head.clases=5"], schema=Tune).endswith("(did you mean head.classes?)")
+
+
+def test_deepspeed_config():
+    cfg = load_config(None, ["run.zero_stage=1"])
+    ds = deepspeed_config(cfg, world_size=8, on_cuda=True)
+    assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 32
+    assert ds["gradient_accumulation_steps"] == 1 and ds["zero_optimization"] == {"stage": 1}
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["gradient_clipping"] == 0 and ds["steps_per_print"] >= 10**6
+    assert deepspeed_config(cfg, 8, on_cuda=False)["bf16"]["enabled"] is False
+    fp32 = load_config(None, ["run.precision=fp32"])
+    assert deepspeed_config(fp32, 1, on_cuda=True)["bf16"]["enabled"] is False
+    bf16 = load_config(None, ["run.precision=bf16"])
+    assert deepspeed_config(bf16, 1, on_cuda=False)["bf16"]["enabled"] is True
+
+
+def test_deepspeed_config_refusals():
+    from dataclasses import replace
+
+    cfg = load_config(None)
+    for bad, key in [(replace(cfg, run=replace(cfg.run, precision="fp16")), "run.precision"),
+                     (replace(cfg, run=replace(cfg.run, zero_stage=3)), "run.zero_stage")]:
+        with pytest.raises(ConfigError, match=f"^{key}: ") as e:
+            deepspeed_config(bad, 1, on_cuda=True)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="^data.batch_size: .*not divisible by the world size 3"):
+        deepspeed_config(cfg, 3, on_cuda=True)
+
+
+def test_check_moco():
+    check_moco(load_config(None), 8)
+    with pytest.raises(ConfigError, match="^model.K: .*not a multiple of the global batch 96"):
+        check_moco(load_config(None, ["data.batch_size=96"]), 8)
+    with pytest.raises(ConfigError, match="^data.batch_size: .*not divisible"):
+        check_moco(load_config(None, ["data.batch_size=256"]), 3)
+    with pytest.raises(ConfigError, match="^data.batch_size: .*at least 2"):
+        check_moco(load_config(None, ["data.batch_size=4", "model.K=8"]), 4)
+    with pytest.raises(ConfigError, match="^optim.warmup_epochs"):
+        check_moco(load_config(None, ["optim.warmup_epochs=200"]), 1)
+
+
+@pytest.mark.parametrize("name, world", [("mdmoco_r50", 8), ("mdmoco_r18", 4),
+                                         ("mdmoco_demo", 2)])
+def test_shipped_configs_load_and_validate(name, world):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    check_moco(cfg, world)
+    deepspeed_config(cfg, world, on_cuda=False)
+    assert cfg.data.datasets == list(DATASETS)
+    assert (cfg.data.mean, cfg.data.std, cfg.data.max_degrees) == (122.786, 18.390, 10.0)
+
+
+def test_shipped_configs_are_the_papers():
+    for arch in ("18", "50"):
+        cfg = load_config(CONFIGS / f"mdmoco_r{arch}.yaml")
+        assert cfg.model.arch == f"resnet{arch}" and cfg.data.root == "shards"
+        assert cfg.data.batch_size == 256 and cfg.optim.epochs == 200
+        assert cfg == MocoConfig(data=cfg.data, model=cfg.model, optim=MocoConfig().optim,
+                                 run=cfg.run)
+    demo = load_config(CONFIGS / "mdmoco_demo.yaml")
+    assert (demo.model.arch, demo.data.batch_size, demo.model.K, demo.optim.epochs) == \
+        ("resnet18", 16, 256, 2)
+    assert demo.data.root == "demo_run/shards"
