@@ -177,3 +177,11 @@ def test_shipped_configs_are_the_papers():
     assert (demo.model.arch, demo.data.batch_size, demo.model.K, demo.optim.epochs) == \
         ("resnet18", 16, 256, 2)
     assert demo.data.root == "demo_run/shards"
+
+
+def test_deepspeed_accepts_the_generated_config():
+    ds_config = pytest.importorskip("deepspeed.runtime.config")
+    cfg = load_config(CONFIGS / "mdmoco_demo.yaml", ["run.precision=bf16", "run.zero_stage=2"])
+    parsed = ds_config.DeepSpeedConfig(deepspeed_config(cfg, 1, on_cuda=False))  # world 1 here
+    assert (parsed.train_batch_size, parsed.gradient_accumulation_steps) == (16, 1)
+    assert parsed.zero_optimization_stage == 2 and parsed.bfloat16_config.enabled
