@@ -122,6 +122,7 @@ def test_deepspeed_config():
     ds = deepspeed_config(cfg, world_size=8, on_cuda=True)
     assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["gradient_accumulation_steps"] == 1 and ds["zero_optimization"] == {"stage": 1}
+    assert ds["zero_allow_untested_optimizer"] is True  # SGD under ZeRO 1/2
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     assert ds["gradient_clipping"] == 0 and ds["steps_per_print"] >= 10**6
     assert deepspeed_config(cfg, 8, on_cuda=False)["bf16"]["enabled"] is False
