@@ -1,0 +1,119 @@
+import functools
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from muscle_hpc.models import MoCo, build_backbone, moco_collective_bytes
+
+R18 = functools.partial(build_backbone, "resnet18")
+B, K, DIM, STEPS = 4, 32, 16, 5
+
+
+def make(bn="none", seed=0, **kw):
+    torch.manual_seed(seed)
+    return MoCo(R18, dim=DIM, K=K, m=0.9, T=0.2, bn=bn, **kw)
+
+
+def inputs(step, world=2):
+    g = torch.Generator().manual_seed(100 + step)
+    return (torch.randn(world * B, 1, 32, 48, generator=g),
+            torch.randn(world * B, 1, 32, 48, generator=g))
+
+
+def nudge(moco, step):
+    """The same pseudo optimizer step on every rank, so the momentum update has work to do."""
+    g = torch.Generator().manual_seed(1000 + step)
+    with torch.no_grad():
+        for p in moco.encoder_q.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+
+
+def test_forward_contract_and_queue():
+    moco = make()
+    cols = moco.queue.norm(dim=0)
+    torch.testing.assert_close(cols, torch.ones(K))
+    assert moco.queue_ptr.dtype == torch.long
+    assert not any(p.requires_grad for p in moco.encoder_k.parameters())
+    assert {id(p) for p in moco.trainable_parameters()} == \
+        {id(p) for p in moco.parameters() if p.requires_grad}
+    im_q, im_k = inputs(0, world=1)
+    logits, labels = moco(im_q, im_k)
+    assert logits.shape == (B, 1 + K) and labels.tolist() == [0] * B
+    assert int(moco.queue_ptr) == B
+    # The positive is q·k/T at column 0; the enqueued keys are k.
+    with torch.no_grad():
+        q = torch.nn.functional.normalize(moco.encoder_q(im_q), dim=1)
+    torch.testing.assert_close(logits[:, 0], (q * moco.queue[:, :B].T).sum(1) / 0.2)
+    torch.testing.assert_close(moco.queue.norm(dim=0), torch.ones(K))
+    logits.sum().backward()
+    assert moco.encoder_q.conv1.weight.grad is not None
+    assert moco.encoder_k.conv1.weight.grad is None
+    for _ in range(K // B - 1):
+        moco(im_q, im_k)
+    assert int(moco.queue_ptr) == 0  # wrapped
+
+
+def test_momentum_update_formula():
+    moco = make()
+    nudge(moco, 0)
+    wq, wk = moco.encoder_q.conv1.weight.detach().clone(), moco.encoder_k.conv1.weight.clone()
+    moco.momentum_update()
+    torch.testing.assert_close(moco.encoder_k.conv1.weight, 0.9 * wk + 0.1 * wq)
+
+
+def test_queue_multiple_of_global_batch():
+    moco = make()
+    with pytest.raises(AssertionError, match="multiple of the global batch"):
+        moco(*[x[:3] for x in inputs(0, world=1)])
+
+
+def test_bytes_of_shuffle_design():
+    n = moco_collective_bytes((32, 1, 800, 500), world=8, dim=128)
+    img = 32 * 800 * 500 * 4
+    assert n["ours"]["images"] == img and n["reference"]["images"] == 8 * img
+    assert n["ours"]["total"] < n["reference"]["total"] / 7
+
+
+def run_steps(moco, rank, train, b=B):
+    """STEPS steps on this rank's ``b`` samples of a 2-rank global batch."""
+    moco.train(train)
+    for step in range(STEPS):
+        nudge(moco, step)
+        im_q, im_k = inputs(step)
+        moco(im_q[rank * b:(rank + 1) * b], im_k[rank * b:(rank + 1) * b])
+    return moco.queue.clone(), moco.queue_ptr.clone()
+
+
+def _rank(rank, world, init_file, out_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        out = {}
+        for name, bn, train in (("none_eval", "none", False), ("shuffle_eval", "shuffle", False),
+                                ("shuffle_train", "shuffle", True)):
+            out[name] = run_steps(make(bn), rank, train)
+        torch.save(out, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_share_one_queue(tmp_path):
+    init = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(_rank, args=(2, init, tmp_path / "out"), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
+    for name in r0:  # bit-identical on both ranks, ptr advanced by the global batch
+        assert torch.equal(r0[name][0], r1[name][0]), name
+        assert int(r0[name][1]) == STEPS * 2 * B % K
+    # One rank fed the concatenated batch (eval-mode BN, same init) fills the same queue:
+    # for shuffle-BN this means the unshuffle restored the order.
+    torch.set_num_threads(1)
+    one, _ = run_steps(make("none"), 0, False, b=2 * B)
+    assert STEPS * 2 * B > K  # the queue wrapped: every column was written
+    for name in ("none_eval", "shuffle_eval"):
+        torch.testing.assert_close(r0[name][0], one, atol=1e-5, rtol=1e-4)
+    # Train-mode shuffle-BN normalises with shuffled per-rank batch statistics: other keys.
+    assert not torch.allclose(r0["shuffle_train"][0], one, atol=1e-3)
