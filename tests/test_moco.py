@@ -117,3 +117,13 @@ def test_two_gloo_ranks_share_one_queue(tmp_path):
         torch.testing.assert_close(r0[name][0], one, atol=1e-5, rtol=1e-4)
     # Train-mode shuffle-BN normalises with shuffled per-rank batch statistics: other keys.
     assert not torch.allclose(r0["shuffle_train"][0], one, atol=1e-3)
+
+
+def test_shuffle_bn_on_one_rank_and_sync_bn_refused_on_cpu():
+    moco = make("shuffle")
+    logits, labels = moco(*[x[:B] for x in inputs(0)])
+    assert logits.shape == (B, 1 + K) and int(moco.queue_ptr) == B
+    with pytest.raises(RuntimeError, match="GPU"):
+        make("sync")(*[x[:B] for x in inputs(0)])
+    with pytest.raises(ValueError, match="bn must be one of"):
+        make("ghost")
