@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .layouts import FOLDERS, NAMES, SCALES, WRITERS
@@ -56,8 +57,11 @@ def generate(out: Path, scale: str = "tiny", seed: int = 0, workers: int = 1) ->
     _claim(out)
     jobs = [(name, out, scale, seed) for name in NAMES]
     if workers > 1:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-            truths = pool.map(_write_one, jobs, chunksize=1)
+        # Not multiprocessing.Pool: its terminate(), which its context manager calls, can
+        # deadlock against its own worker-respawning thread (seen here in CI).
+        with ProcessPoolExecutor(min(workers, len(jobs)),
+                                 mp_context=multiprocessing.get_context("fork")) as pool:
+            truths = list(pool.map(_write_one, jobs))
     else:
         truths = [_write_one(j) for j in jobs]
     result = dict(zip(NAMES, truths))
