@@ -21,6 +21,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -125,42 +126,52 @@ def decoded(records: list[Record], size, workers: int, chunk: int = 4):
                 f.cancel()
 
 
-def _split_summary(spec: DatasetSpec, rows: list[tuple[Record, Decoded]]) -> dict:
+class Packed(NamedTuple):
+    """What is kept per packed image once its pixels are in the staging memmap (keeping the
+    decoded arrays would hold the whole dataset in memory)."""
+
+    record: Record
+    boxes: np.ndarray | None
+    box_labels: np.ndarray | None
+    has_foreground: bool
+
+
+def _split_summary(spec: DatasetSpec, rows: list[Packed]) -> dict:
     summary = {}
     if "label" in spec.fields:
         names = spec.label_names
-        counts = Counter(-1 if r.label is None else r.label for r, _ in rows)
+        counts = Counter(-1 if p.record.label is None else p.record.label for p in rows)
         summary["label_counts"] = {(names[k] if 0 <= k < len(names) else
                                     "unlabeled" if k == -1 else str(k)): counts[k]
                                    for k in sorted(counts)}
     if "labels" in spec.fields:
-        totals = np.sum([r.labels for r, _ in rows if r.labels is not None], axis=0)
+        totals = np.sum([p.record.labels for p in rows if p.record.labels is not None], axis=0)
         summary["label_counts"] = {n: int(c) for n, c in zip(spec.label_names, totals)}
     if "mask" in spec.fields:
-        summary["masks"] = sum(int(d.mask is not None and d.mask.any()) for _, d in rows)
+        summary["masks"] = sum(int(p.has_foreground) for p in rows)
     if "boxes" in spec.fields:
-        labels = Counter(int(c) for _, d in rows if d.boxes is not None for c in d.box_labels)
+        labels = Counter(int(c) for p in rows if p.boxes is not None for c in p.box_labels)
         cats = spec.box_categories
         summary["boxes"] = sum(labels.values())
         summary["box_counts"] = {cats[c - 1] if 0 < c <= len(cats) else str(c): labels[c]
                                  for c in sorted(labels)}
-        summary["images_with_boxes"] = sum(1 for _, d in rows if d.boxes is not None
-                                           and len(d.boxes))
+        summary["images_with_boxes"] = sum(1 for p in rows if p.boxes is not None
+                                           and len(p.boxes))
     if "boneage" in spec.fields:
-        ages = [r.boneage for r, _ in rows if r.boneage is not None] or [float("nan")]
+        ages = [p.record.boneage for p in rows if p.record.boneage is not None] or [float("nan")]
         summary["boneage_months"] = {"min": min(ages), "max": max(ages),
                                      "mean": round(float(np.mean(ages)), 3)}
     return summary
 
 
-def _columns(spec: DatasetSpec, rows: list[tuple[Record, Decoded]], images: np.ndarray,
+def _columns(spec: DatasetSpec, rows: list[Packed], images: np.ndarray,
              masks: np.ndarray | None) -> dict[str, np.ndarray]:
     n = len(rows)
     cols = {"image": images[:n], "index": np.arange(n, dtype=np.int64)}
 
     def column(name, dtype, missing):
-        return np.array([missing if getattr(r, name) is None else getattr(r, name)
-                         for r, _ in rows], dtype)
+        values = (getattr(p.record, name) for p in rows)
+        return np.array([missing if v is None else v for v in values], dtype)
 
     # Pre-training-only (extra) images may carry no label: -1 / NaN / all-zero, like padding.
     if "label" in spec.fields:
@@ -178,11 +189,11 @@ def _columns(spec: DatasetSpec, rows: list[tuple[Record, Decoded]], images: np.n
     if "boxes" in spec.fields:
         boxes = np.zeros((n, MAX_BOXES, 4), np.float32)
         box_labels = np.full((n, MAX_BOXES), -1, np.int64)
-        for i, (_, d) in enumerate(rows):
-            if d.boxes is not None and len(d.boxes):
-                boxes[i, :len(d.boxes)], box_labels[i, :len(d.boxes)] = d.boxes, d.box_labels
+        for i, p in enumerate(rows):
+            if p.boxes is not None and len(p.boxes):
+                boxes[i, :len(p.boxes)], box_labels[i, :len(p.boxes)] = p.boxes, p.box_labels
         cols["boxes"], cols["box_labels"] = boxes, box_labels
-        cols["num_boxes"] = np.array([0 if d.boxes is None else len(d.boxes) for _, d in rows],
+        cols["num_boxes"] = np.array([0 if p.boxes is None else len(p.boxes) for p in rows],
                                      np.int64)
     return cols
 
@@ -258,7 +269,8 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
                 images[s][k, :, :, 0] = res.image
                 if masks:
                     masks[s][k, :, :, 0] = 0 if res.mask is None else res.mask
-                rows[s].append((rec, res))
+                rows[s].append(Packed(rec, res.boxes, res.box_labels,
+                                      res.mask is not None and bool(res.mask.any())))
                 img = res.image.astype(np.float64)
                 pix_sum += img.mean()
                 pix_sq += (img * img).mean()
