@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import DATASETS
 from .loaders import TaskLoader, TwoViewLoader
 from .shards import ShardError, open_shard, pretrain_shards, read_manifest
 
-DATASETS = ("nih", "shenzhen", "montgomery", "indiana", "boneage", "pneumonia", "mura",
-            "chestmasks", "tbx11k")
 TASKS = (("pneumonia", "classification"), ("mura", "classification"),
          ("chestmasks", "segmentation"), ("tbx11k", "detection"))
 
