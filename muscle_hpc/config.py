@@ -86,6 +86,9 @@ class RunConfig:
     checkpoint_every_steps: int = opt(1000, lo=1)
     log_every_steps: int = opt(50, lo=1)
     image_grid_every_steps: int = opt(1000, lo=0)  # 0: never
+    # End after this many steps (0: run the whole schedule, which still spans optim.epochs):
+    # smoke tests and demos. A later start with a larger cap continues the same run.
+    max_steps: int = opt(0, lo=0)
     precision: str = opt("auto", choices=("auto", "fp32", "bf16"), refuse={"fp16": _FP16_WHY})
     zero_stage: int = opt(0, lo=0, hi=2, refuse={3: _ZERO3_WHY})
     seed: int = 0
@@ -340,7 +343,13 @@ def check_moco(cfg: MocoConfig, world_size: int) -> None:
 def deepspeed_config(cfg, world_size: int, on_cuda: bool) -> dict:
     """The DeepSpeed JSON for ``cfg``. The optimizer and LR schedule are not in it: the stage
     builds SGD itself and sets the LR per step (``schedule.py``), so a resume needs only the
-    step. No gradient accumulation or clipping, as in MoCo v2."""
+    step. No gradient accumulation or clipping, as in MoCo v2.
+
+    bf16 is DeepSpeed's ``torch_autocast`` (bf16 compute, bf16 gradient all-reduce for conv
+    and linear weights, fp32 weights), not its ``bf16`` mode, which stores the module in bf16:
+    MoCo's key encoder is not in the optimizer, so it would have no fp32 master copy, and its
+    momentum update (a step of 0.001 of the weight for m = 0.999) is below bf16's resolution
+    (2^-8): the key encoder would freeze. The price is fp32 weight memory, small for ResNets."""
     per_rank = _check_batch(cfg, world_size)
     if cfg.run.zero_stage == 3:
         raise ConfigError(f"run.zero_stage: {_ZERO3_WHY}")
@@ -355,8 +364,9 @@ def deepspeed_config(cfg, world_size: int, on_cuda: bool) -> dict:
         # MoCo's SGD is not on DeepSpeed's ZeRO list; it shards it correctly all the same
         # (measured: ZeRO 1 and 2 initialise and step on CPU with torch.optim.SGD).
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": False},
         "fp16": {"enabled": False},
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,  # quiet; we log ourselves
         "wall_clock_breakdown": False,

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from muscle_hpc.config import (
     DATASETS,
@@ -123,13 +124,14 @@ def test_deepspeed_config():
     assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["gradient_accumulation_steps"] == 1 and ds["zero_optimization"] == {"stage": 1}
     assert ds["zero_allow_untested_optimizer"] is True  # SGD under ZeRO 1/2
-    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
     assert ds["gradient_clipping"] == 0 and ds["steps_per_print"] >= 10**6
-    assert deepspeed_config(cfg, 8, on_cuda=False)["bf16"]["enabled"] is False
+    assert deepspeed_config(cfg, 8, on_cuda=False)["torch_autocast"]["enabled"] is False
     fp32 = load_config(None, ["run.precision=fp32"])
-    assert deepspeed_config(fp32, 1, on_cuda=True)["bf16"]["enabled"] is False
+    assert deepspeed_config(fp32, 1, on_cuda=True)["torch_autocast"]["enabled"] is False
     bf16 = load_config(None, ["run.precision=bf16"])
-    assert deepspeed_config(bf16, 1, on_cuda=False)["bf16"]["enabled"] is True
+    assert deepspeed_config(bf16, 1, on_cuda=False)["torch_autocast"]["enabled"] is True
 
 
 def test_deepspeed_config_refusals():
@@ -185,4 +187,5 @@ def test_deepspeed_accepts_the_generated_config():
     cfg = load_config(CONFIGS / "mdmoco_demo.yaml", ["run.precision=bf16", "run.zero_stage=2"])
     parsed = ds_config.DeepSpeedConfig(deepspeed_config(cfg, 1, on_cuda=False))  # world 1 here
     assert (parsed.train_batch_size, parsed.gradient_accumulation_steps) == (16, 1)
-    assert parsed.zero_optimization_stage == 2 and parsed.bfloat16_config.enabled
+    assert parsed.zero_optimization_stage == 2 and parsed.torch_autocast_enabled
+    assert parsed.torch_autocast_dtype == torch.bfloat16 and not parsed.bfloat16_config.enabled

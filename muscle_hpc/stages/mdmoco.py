@@ -1,0 +1,216 @@
+"""MD-MoCo (MUSCLE stage 1): MoCo v2 over the training images of all nine X-ray datasets.
+
+    python -m muscle_hpc.stages.mdmoco --config configs/mdmoco_r50.yaml [key=value ...]
+
+Runs the same under torchrun, srun and submitit (``dist.py`` reads rank and world from the
+environment) and alone. Everything is checked before training starts; a bad config or a missing
+shard is one line on stderr and exit status 2. ``run.dir`` gets the resolved ``config.yaml``,
+the rolling checkpoint, TensorBoard events under ``tb/`` and, when training ends,
+``backbone_torchvision.pth``. Started again on a run directory with a checkpoint, it resumes
+exactly where that stopped. SIGTERM, SIGUSR1 or Ctrl-C: checkpoint after the current step, exit
+with 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from muscle_hpc import checkpoint, config, dist, schedule
+from muscle_hpc.data import TwoViewLoader
+from muscle_hpc.data.shards import ShardError, pretrain_shards
+from muscle_hpc.engine import (
+    RollingCheckpoint,
+    StepTimer,
+    StopOnSignal,
+    deepspeed_engine,
+    grad_norm,
+    load_optimizer_state,
+    optimizer_state,
+)
+from muscle_hpc.models.backbone import build_backbone, export_torchvision
+from muscle_hpc.models.moco import MoCo
+from muscle_hpc.tblog import RunLogger
+
+# Config sections that may change between a run and its resume; anything else would make the
+# resumed run a different experiment.
+RESUMABLE_CHANGES = ("run.", "data.num_workers")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m muscle_hpc.stages.mdmoco",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML file (configs/mdmoco_*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.K=4096")
+    return p.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    print(f"mdmoco: error: {message}", file=sys.stderr)
+    return 2
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return keys
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config.load_config(args.config, args.overrides)
+        env = dist.dist_env()
+        config.check_moco(cfg, env.world_size)
+        shards = pretrain_shards(Path(cfg.data.root), cfg.data.datasets)
+    except (config.ConfigError, ShardError) as e:
+        return fail(str(e))
+    on_cuda = torch.cuda.is_available()
+    ds_config = config.deepspeed_config(cfg, env.world_size, on_cuda)
+    ckpt = RollingCheckpoint(Path(cfg.run.dir), env.rank, env.world_size)
+    try:
+        resumed = ckpt.load()
+        if resumed:
+            diff = [d for d in changed_keys(resumed[0]["config"], config.to_dict(cfg))
+                    if not d.startswith(RESUMABLE_CHANGES)]
+            if diff:
+                raise ValueError(f"{ckpt.path} was written with another config ({'; '.join(diff)})"
+                                 f"; restore it or use a new run.dir")
+    except ValueError as e:
+        return fail(str(e))
+
+    dist.init_distributed(env)
+    try:
+        loader = TwoViewLoader(shards, cfg.data.batch_size // env.world_size, seed=cfg.data.seed,
+                               max_degrees=cfg.data.max_degrees, flip_prob=cfg.data.flip_prob,
+                               mean=cfg.data.mean, std=cfg.data.std,
+                               num_workers=cfg.data.num_workers, distributed=True)
+    except ValueError as e:
+        dist.shutdown()
+        return fail(f"data.batch_size: {e}")
+    try:
+        return train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda)
+    finally:
+        dist.shutdown()
+
+
+def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
+    run_dir, rank = ckpt.run_dir, env.rank
+    device = torch.device("cuda", env.local_rank) if on_cuda else torch.device("cpu")
+    torch.manual_seed(cfg.run.seed)
+    m = cfg.model
+    moco = MoCo(partial(build_backbone, m.arch), dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp,
+                bn=m.bn).to(device)
+    engine = deepspeed_engine(moco, list(moco.trainable_parameters()), ds_config,
+                              momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    sharded_optimizer = engine.zero_optimization_stage() > 0
+
+    steps_per_epoch = len(loader)
+    total = cfg.optim.epochs * steps_per_epoch
+    step = 0
+    if resumed:
+        shared, own = resumed
+        moco.load_state_dict(shared["model"])
+        load_optimizer_state(engine, own["optimizer"] if sharded_optimizer else shared["optimizer"])
+        checkpoint.set_rng_state(own["rng"])
+        step = shared["step"]
+        if shared["steps_per_epoch"] != steps_per_epoch:
+            raise SystemExit(fail(f"{ckpt.path}: {shared['steps_per_epoch']} steps per epoch, "
+                                  f"the data now gives {steps_per_epoch}; the shards changed"))
+    elif rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.dump_yaml(cfg, run_dir / "config.yaml")
+    if rank == 0:
+        print(f"mdmoco: {env.world_size} rank(s), {cfg.data.batch_size} images/step, "
+              f"{steps_per_epoch} steps/epoch, {total} steps, "
+              f"{'resuming at step ' + str(step) if resumed else 'new run'} in {run_dir}",
+              flush=True)
+
+    def save():
+        shared = {"model": moco.state_dict(), "config": config.to_dict(cfg),
+                  "steps_per_epoch": steps_per_epoch}
+        own = {"rng": checkpoint.rng_state()}
+        if sharded_optimizer:
+            own["optimizer"] = optimizer_state(engine)
+        else:
+            shared["optimizer"] = optimizer_state(engine)
+        ckpt.save(step, shared, own)
+
+    log = RunLogger(run_dir / "tb", rank, purge_step=step + 1 if resumed else None)
+    stop = StopOnSignal()
+    timer = StepTimer()
+    lr_peak = cfg.effective_lr
+    warmup = cfg.optim.warmup_epochs * steps_per_epoch
+    end = min(total, cfg.run.max_steps or total)
+    engine.train()
+    try:
+        while step < end:
+            epoch, start = divmod(step, steps_per_epoch)
+            for im_q, im_k in timer.timed(loader.epoch_batches(epoch, start)):
+                im_q = im_q.to(device, non_blocking=True)
+                im_k = im_k.to(device, non_blocking=True)
+                lr = schedule.cosine(step, total, lr_peak, warmup)
+                schedule.set_lr(engine.optimizer, lr)
+                logits, labels = engine(im_q, im_k)
+                loss = F.cross_entropy(logits.float(), labels)
+                engine.backward(loss)
+                logging_now = (step + 1) % cfg.run.log_every_steps == 0
+                norm = grad_norm(engine) if logging_now and not sharded_optimizer else None
+                engine.step()
+                step += 1
+                if logging_now:
+                    if norm is None:
+                        norm = engine.get_global_grad_norm()
+                    top1 = (logits.argmax(dim=1) == 0).float().mean()
+                    stats = torch.stack([loss.detach().float(), top1]).cpu()
+                    if env.world_size > 1:
+                        torch.distributed.all_reduce(stats)
+                        stats /= env.world_size
+                    images_per_s, wait = timer.window(cfg.data.batch_size)
+                    log.scalars(step, "train/", loss=stats[0], lr=lr, top1=stats[1],
+                                images_per_s=images_per_s, data_wait=wait, grad_norm=norm,
+                                epoch=step / steps_per_epoch)
+                    if rank == 0:
+                        print(f"epoch {epoch} step {step}/{total} loss {stats[0]:.4f} "
+                              f"top1 {stats[1]:.3f} lr {lr:.5f} img/s {images_per_s:.1f} "
+                              f"wait {wait:.0%}", flush=True)
+                every = cfg.run.image_grid_every_steps
+                if every and step % every == 0:
+                    n = min(8, im_q.shape[0])
+                    log.image_grid("train/views_query_top_key_bottom",
+                                   torch.cat([im_q[:n], im_k[:n]]), step, nrow=n)
+                signum = stop.agreed()
+                if signum or step % cfg.run.checkpoint_every_steps == 0 \
+                        or step % steps_per_epoch == 0 or step == end:
+                    save()
+                    log.flush()
+                if signum:
+                    if rank == 0:
+                        print(f"mdmoco: stopped by signal {signum} after step {step}; "
+                              f"checkpoint in {ckpt.path}", flush=True)
+                    return 128 + signum
+                if step == end:
+                    break
+    finally:
+        stop.restore()
+        log.close()
+    if rank == 0:
+        checkpoint.save(run_dir / "backbone_torchvision.pth", export_torchvision(moco.encoder_q))
+        print(f"mdmoco: {'done' if step == total else 'reached run.max_steps'}, {step} of "
+              f"{total} steps; torchvision backbone in "
+              f"{run_dir / 'backbone_torchvision.pth'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The MD-MoCo stage end to end: real DeepSpeed, real gloo ranks, real signals, real event files.
+
+Ranks are started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_* in the environment),
+one thread each, on shards of flat gray images at 40x24 so a step takes milliseconds.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import make_flat_dataset
+
+from data_prep import convert
+from muscle_hpc import dist
+from muscle_hpc.stages import mdmoco
+from muscle_hpc.tblog import read_image_tags, read_scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "mdmoco_demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two pre-training sets under real dataset names (the config only accepts those)."""
+    base = tmp_path_factory.mktemp("moco")
+    for name, n, value in (("nih", 23, 40), ("shenzhen", 11, 200)):
+        spec = make_flat_dataset(base / "src", name, n, value)
+        convert.convert_dataset(spec, base / "src" / name, base / "shards", size=(40, 24),
+                                log=lambda *_: 0)
+    return base / "shards"
+
+
+def overrides(shards, run_dir, *extra):
+    # 34 images, 17 per rank at 2 ranks: 4 steps of 4 per epoch on each rank.
+    return [f"data.root={shards}", "data.datasets=nih,shenzhen", "data.batch_size=8",
+            "model.K=32", "optim.epochs=6", "run.log_every_steps=1",
+            "run.checkpoint_every_steps=3", "run.image_grid_every_steps=4",
+            f"run.dir={run_dir}", *extra]
+
+
+def start(world, args, port=None):
+    port = port or dist.free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "muscle_hpc.stages.mdmoco", "--config", str(DEMO), *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def finish(procs, timeout=240):
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        outs.append(out)
+    return [p.returncode for p in procs], outs
+
+
+def run(world, args):
+    codes, outs = finish(start(world, args))
+    assert codes == [0] * world, [o[-3000:] for o in outs]
+    return outs[0]
+
+
+def final_state(run_dir):
+    return torch.load(run_dir / "checkpoint.pth", weights_only=True)
+
+
+def assert_bit_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_stop_by_signal_then_resume_equals_uninterrupted_run(shards, tmp_path):
+    world, args = 2, ["run.zero_stage=2"]  # ZeRO 2: each rank checkpoints its own partition
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    run(world, overrides(shards, ref_dir, *args))
+    ref = final_state(ref_dir)
+    total = ref["step"]
+    assert total == 6 * ref["steps_per_epoch"]
+
+    procs = start(world, overrides(shards, cut_dir, *args))
+    victim = procs[-1]  # the signal reaches one rank only; all must stop after the same step
+    for line in procs[0].stdout:
+        if line.startswith("epoch ") and int(line.split()[3].split("/")[0]) >= 5:
+            victim.send_signal(signal.SIGTERM)
+            break
+    codes, outs = finish(procs)
+    assert codes == [128 + signal.SIGTERM] * world, outs
+    cut = final_state(cut_dir)
+    assert 5 <= cut["step"] < total  # it really stopped early, at a step boundary
+    assert not (cut_dir / "backbone_torchvision.pth").exists()
+
+    out = run(world, overrides(shards, cut_dir, *args))
+    assert f"resuming at step {cut['step']}" in out
+    resumed = final_state(cut_dir)
+    assert resumed["step"] == total
+    assert_bit_equal(resumed["model"], ref["model"])  # both encoders, queue and pointer
+    ckpt_files = sorted((cut_dir / "checkpoint").iterdir())
+    assert [f.name for f in ckpt_files] == [f"step{total:09d}-rank{r}.pth" for r in range(world)]
+
+
+def test_one_rank_resume_tensorboard_and_exported_backbone(shards, tmp_path, stage_error):
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    run(1, overrides(shards, ref_dir, "optim.epochs=2"))
+    run(1, overrides(shards, cut_dir, "optim.epochs=2", "run.max_steps=5"))
+    assert final_state(cut_dir)["step"] == 5
+    run(1, overrides(shards, cut_dir, "optim.epochs=2"))
+    ref, resumed = final_state(ref_dir), final_state(cut_dir)
+    assert resumed["step"] == ref["step"] == 8  # 34 images, batches of 8
+    assert_bit_equal(resumed["model"], ref["model"])  # ZeRO 0: optimizer in checkpoint.pth
+
+    scalars = read_scalars(cut_dir / "tb")
+    for tag in ("loss", "lr", "top1", "images_per_s", "data_wait", "grad_norm", "epoch"):
+        steps = [s for s, _ in scalars[f"train/{tag}"]]
+        assert steps == list(range(1, 9)), tag  # one curve across the resume, no step twice
+    lrs = [v for _, v in scalars["train/lr"]]
+    assert lrs[0] == pytest.approx(0.03 * 8 / 256) and lrs == sorted(lrs, reverse=True)
+    assert all(0 <= v <= 1 for _, v in scalars["train/data_wait"])
+    assert all(v > 0 for _, v in scalars["train/grad_norm"])
+    assert read_image_tags(cut_dir / "tb") == ["train/views_query_top_key_bottom"]
+
+    backbone = torchvision.models.resnet18()
+    backbone.load_state_dict(torch.load(cut_dir / "backbone_torchvision.pth", weights_only=True))
+    assert torch.equal(backbone.layer4[1].conv2.weight,
+                       resumed["model"]["encoder_q.layer4.1.conv2.weight"])
+
+    # Resuming with another experiment's settings or world size is refused.
+    base = ["--config", str(DEMO), *overrides(shards, cut_dir, "optim.epochs=2")]
+    assert "written with another config (model.T: 0.2 -> 0.1)" in stage_error(*base, "model.T=0.1")
+    assert "written by 1 ranks; resume it with 1, not 2" in stage_error(*base, world=2)
+
+
+@pytest.fixture
+def stage_error(monkeypatch, capsys):
+    """The stage's one-line error for ``args`` (run in this process: nothing may start)."""
+    def error(*args, world=1):
+        for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+            monkeypatch.delenv(k, raising=False)
+        if world > 1:
+            monkeypatch.setenv("SLURM_PROCID", "0")
+            monkeypatch.setenv("SLURM_NTASKS", str(world))
+            monkeypatch.setenv("SLURM_JOB_NODELIST", "localhost")
+        capsys.readouterr()
+        assert mdmoco.main(list(args)) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+    return error
+
+
+def test_bad_configs_fail_in_one_line_before_training(shards, tmp_path, stage_error):
+    base = ["--config", str(DEMO), *overrides(shards, tmp_path / "run")]
+    assert "model.K: queue size 20 is not a multiple of the global batch 8" in \
+        stage_error(*base, "model.K=20")
+    assert stage_error(*base, "model.kk=4") == \
+        "mdmoco: error: model.kk: unknown key (did you mean model.K?)"
+    assert "mura: no manifest.json" in stage_error(*base, "data.datasets=nih,mura")
+    assert "not divisible by the world size 3" in stage_error(*base, world=3)
+    assert "do not fill one batch" in stage_error(*base, "data.batch_size=64", "model.K=64")
+    assert "run.precision: fp16 is not supported" in stage_error(*base, "run.precision=fp16")
+    assert not (tmp_path / "run").exists()  # nothing was trained, nothing written
