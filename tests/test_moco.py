@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from muscle_hpc.models import MoCo, build_backbone, moco_collective_bytes
+from muscle_hpc.models.moco import GroupStatsBatchNorm2d, bn_channels
 
 R18 = functools.partial(build_backbone, "resnet18")
 B, K, DIM, STEPS = 4, 32, 16, 5
@@ -71,10 +72,37 @@ def test_queue_multiple_of_global_batch():
 
 
 def test_bytes_of_shuffle_design():
-    n = moco_collective_bytes((32, 1, 800, 500), world=8, dim=128)
+    channels, layers = bn_channels(build_backbone("resnet50"))
+    assert (channels, layers) == (26560, 53)
+    n = moco_collective_bytes((32, 1, 800, 500), world=8, dim=128, bn_channels=channels,
+                              n_bn=layers)
     img = 32 * 800 * 500 * 4
-    assert n["ours"]["images"] == img and n["reference"]["images"] == 8 * img
-    assert n["ours"]["total"] < n["reference"]["total"] / 7
+    assert n["reference"]["images"] == 7 * img  # all-gather: the 7 other ranks' batches
+    assert n["ours"]["bn_stats"] == 2 * 7 / 8 * ((2 * channels + 53) * 8 * 8)  # ring all-reduce
+    assert "images" not in n["ours"] and n["ours"]["total"] < n["reference"]["total"] / 50
+
+
+def test_group_stats_bn_is_batch_norm_over_each_group():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    gbn = GroupStatsBatchNorm2d(3)
+    gbn.load_state_dict(bn.state_dict())
+    x = torch.randn(6, 3, 5, 7) * 3 + 10  # mean far from 0: the variance must not cancel
+    gbn.groups, gbn.num_groups = torch.tensor([1, 0, 1, 0, 0, 1]), 2
+    y = gbn(x)
+    for g in (0, 1):  # each group's samples: plain train-mode BN over that group alone
+        rows = (gbn.groups == g).nonzero().flatten()
+        torch.testing.assert_close(y[rows], bn(x[rows]), atol=1e-5, rtol=1e-5)
+    # running statistics: those of the whole batch, as one BN over it would keep
+    ref = torch.nn.BatchNorm2d(3)
+    ref(x)
+    torch.testing.assert_close(gbn.running_mean, ref.running_mean)
+    torch.testing.assert_close(gbn.running_var, ref.running_var)
+    gbn.groups = None  # no groups: plain BN over the batch
+    torch.testing.assert_close(gbn(x), bn(x))
 
 
 def run_steps(moco, rank, train, b=B):
@@ -85,6 +113,26 @@ def run_steps(moco, rank, train, b=B):
         im_q, im_k = inputs(step)
         moco(im_q[rank * b:(rank + 1) * b], im_k[rank * b:(rank + 1) * b])
     return moco.queue.clone(), moco.queue_ptr.clone()
+
+
+@torch.no_grad()
+def reference_shuffle_bn_queue(moco, world=2):
+    """The MoCo reference's shuffle-BN, in one process: shuffle the gathered key batch with the
+    permutation rank 0 would draw, encode each rank's slice on its own (train-mode BN over
+    that slice), unshuffle, enqueue."""
+    moco.train()
+    for step in range(STEPS):
+        nudge(moco, step)
+        _, im_k = inputs(step, world)
+        moco.momentum_update()
+        perm = torch.randperm(world * B)
+        shuffled = im_k[perm]
+        k = torch.cat([torch.nn.functional.normalize(moco.encoder_k(shuffled[r * B:(r + 1) * B]),
+                                                     dim=1) for r in range(world)])
+        keys = torch.empty_like(k)
+        keys[perm] = k
+        moco._dequeue_and_enqueue(keys)
+    return moco.queue.clone()
 
 
 def _rank(rank, world, init_file, out_file):
@@ -115,8 +163,11 @@ def test_two_gloo_ranks_share_one_queue(tmp_path):
     assert STEPS * 2 * B > K  # the queue wrapped: every column was written
     for name in ("none_eval", "shuffle_eval"):
         torch.testing.assert_close(r0[name][0], one, atol=1e-5, rtol=1e-4)
-    # Train-mode shuffle-BN normalises with shuffled per-rank batch statistics: other keys.
+    # Train-mode shuffle-BN normalises with shuffled per-rank batch statistics: other keys,
+    # the very keys of the reference's gather-shuffle-encode-unshuffle, without moving images.
     assert not torch.allclose(r0["shuffle_train"][0], one, atol=1e-3)
+    ref = reference_shuffle_bn_queue(make("none"))
+    torch.testing.assert_close(r0["shuffle_train"][0], ref, atol=1e-5, rtol=1e-4)
 
 
 def test_shuffle_bn_on_one_rank_and_sync_bn_refused_on_cpu():

@@ -7,18 +7,23 @@ enqueued, so the queue is the same on every rank after every step.
 
 Batch norm across ranks (``bn``):
 
-- ``"shuffle"``: the reference's shuffle-BN, so a rank's key batch statistics come from other
-  samples than its query batch. The reference all-gathers the whole key image batch on every
-  rank (each rank receives world×B images) to take its shuffled slice. Here a permutation of
-  sample *indices* is broadcast and each image is sent once, straight to the rank that encodes
-  it, with one ``all_to_all_single`` (uneven splits; works on gloo CPU and NCCL): each rank
-  receives B images, world× less. The keys are not sent back: the all-gather the queue needs
-  anyway brings every shuffled key, and the permutation restores their order locally, which
-  also saves the reference's second (unshuffle) all-gather. ``moco_collective_bytes`` counts
-  both designs. The cost: the same random permutation needs a (tiny) broadcast each step.
+- ``"shuffle"``: the reference's shuffle-BN: each key is batch-normalised with the statistics
+  of a random group of ``B`` samples of the global batch (a random permutation split into
+  ``world`` groups), so its statistics never match those of its query's batch. The reference
+  all-gathers the whole key image batch on every rank (world×B images received per rank) and
+  encodes its group. Here no image moves: each rank encodes its own images, and every BN layer
+  of the key encoder all-reduces per-group sums (2 × world × channels numbers per layer) to
+  normalise each sample with its group's mean and variance: the same function, computed in
+  another order (equal up to float rounding; tested against the reference's
+  gather-shuffle-encode-unshuffle on 2 ranks). Keys come back in rank order from the one
+  all-gather the queue needs anyway; only the permutation (int64, world×B) is broadcast. The
+  cost is latency: one small all-reduce per BN layer (20 in ResNet-18, 53 in ResNet-50) of the
+  no-grad key forward. ``moco_collective_bytes`` counts both designs.
 - ``"sync"``: ``nn.SyncBatchNorm`` in both encoders. torch's SyncBatchNorm runs only on GPU
   (and XPU): on CPU it is refused at forward with a one-line error.
 - ``"none"``: per-rank BN (one rank, tests).
+
+On one rank, shuffle-BN has a single group, the whole batch: plain BN.
 """
 
 from __future__ import annotations
@@ -50,23 +55,118 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def moco_collective_bytes(batch_shape: tuple[int, ...], world: int, dim: int,
-                          elem_bytes: int = 4) -> dict[str, dict[str, int]]:
-    """Bytes each rank receives per step for MoCo's own collectives (gradients excluded),
-    for this module's shuffle-BN and the reference's. ``batch_shape`` is the per-rank key batch
-    (B, C, H, W). All-gathers are counted as world× the per-rank tensor (own part included),
-    the all-to-all as one batch (its ~1/world own part included)."""
+def bus_bytes(op: str, payload: int, world: int) -> float:
+    """Bytes a rank sends (= receives) for a collective with ``payload`` bytes per rank, by
+    the ring algorithm (NCCL's "bus bandwidth" convention): all-reduce 2(w-1)/w × payload;
+    all-gather and all-to-all (w-1)/w × the gathered total; broadcast the payload."""
+    if world == 1:
+        return 0.0
+    if op == "all_reduce":
+        return 2 * (world - 1) / world * payload
+    if op in ("all_gather", "all_to_all"):
+        return (world - 1) * payload if op == "all_gather" else (world - 1) / world * payload
+    if op == "broadcast":
+        return float(payload)
+    raise ValueError(op)
+
+
+def bn_channels(encoder: nn.Module) -> tuple[int, int]:
+    """(channels summed over all BatchNorm2d layers, number of those layers)."""
+    bns = [m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+    return sum(m.num_features for m in bns), len(bns)
+
+
+def moco_collective_bytes(batch_shape: tuple[int, ...], world: int, dim: int, bn_channels: int,
+                          n_bn: int, elem_bytes: int = 4) -> dict[str, dict[str, float]]:
+    """Bytes each rank sends per step for MoCo's own collectives (gradients excluded), for this
+    module's shuffle-BN and the reference's, by ``bus_bytes``. ``batch_shape`` is the per-rank
+    key batch (B, C, H, W); ``bn_channels`` the key encoder's BN channels and ``n_bn`` its BN
+    layers (``bn_channels``)."""
     b = batch_shape[0]
     image = elem_bytes
     for s in batch_shape[1:]:
         image *= s
-    keys = world * b * dim * elem_bytes
-    perm = world * b * 8  # int64 permutation, broadcast
-    ours = {"images": b * image, "perm": perm, "keys": keys}
-    ref = {"images": world * b * image, "perm": perm, "keys": 2 * keys}  # unshuffle + enqueue
+    keys = bus_bytes("all_gather", b * dim * elem_bytes, world)
+    perm = bus_bytes("broadcast", world * b * 8, world)
+    ours = {"bn_stats": bus_bytes("all_reduce", (2 * bn_channels + n_bn) * world * 8, world),
+            "perm": perm, "keys": keys}
+    ref = {"images": bus_bytes("all_gather", b * image, world), "perm": perm,
+           "keys": 2 * keys}  # unshuffle + enqueue
     for d in (ours, ref):
         d["total"] = sum(d.values())
     return {"ours": ours, "reference": ref}
+
+
+class GroupStatsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training with ``groups`` set, normalises each sample with the
+    statistics of its group, a set of samples spread over all ranks (shuffle-BN without moving
+    images). Per-sample sums of x and x² are computed locally; one fp64 all-reduce of their
+    per-group sums gives every rank every group's statistics. Running
+    statistics are updated with the whole global batch's, so they stay equal on all ranks.
+    Same parameters and buffers as ``nn.BatchNorm2d``: state dicts are interchangeable."""
+
+    groups: torch.Tensor | None = None  # (B,) group of each local sample
+    num_groups: int = 1
+    traffic: list | None = None  # (op, payload bytes) of each collective, when recording
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.groups is None:
+            return super().forward(x)
+        b, c, h, w = x.shape
+        # Per-sample sums by fused reductions (20x faster on CPU than var_mean); the variance
+        # E[x²] - E[x]² is formed per group in fp64. fp32 per-sample sums lose ~1e-7 of
+        # E[x²], i.e. a relative variance error of ~1e-7·(1 + mean²/var): harmless for conv
+        # outputs, whose mean is not orders of magnitude above their spread.
+        hw = h * w
+        mean = x.sum(dim=(2, 3), dtype=torch.float32) / hw
+        mean_sq = torch.linalg.vector_norm(x, dim=(2, 3), dtype=torch.float32).square() / hw
+        g = self.num_groups
+        flat = torch.zeros(2 * g * c + g, dtype=torch.float64, device=x.device)
+        sums, counts = flat[:2 * g * c].view(2, g, c), flat[2 * g * c:]
+        sums[0].index_add_(0, self.groups, mean.double())
+        sums[1].index_add_(0, self.groups, mean_sq.double())
+        counts.index_add_(0, self.groups, torch.ones(b, dtype=flat.dtype, device=x.device))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flat)
+            if self.traffic is not None:
+                self.traffic.append(("all_reduce", flat.numel() * flat.element_size()))
+        per_group = counts.clamp_min(1)[:, None]
+        g_mean = sums[0] / per_group
+        g_var = (sums[1] / per_group - g_mean * g_mean).clamp_min(0)
+        if self.track_running_stats:
+            w_g = counts / counts.sum()  # group weights in the whole batch
+            all_mean = (w_g[:, None] * g_mean).sum(0)
+            all_var = (w_g[:, None] * (g_var + g_mean * g_mean)).sum(0) - all_mean * all_mean
+            n = counts.sum() * h * w
+            unbiased = all_var * n / (n - 1).clamp_min(1)
+            mom = self.momentum
+            self.num_batches_tracked.add_(1)
+            if mom is None:
+                mom = 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - mom).add_(all_mean.to(self.running_mean.dtype), alpha=mom)
+            self.running_var.mul_(1 - mom).add_(unbiased.to(self.running_var.dtype), alpha=mom)
+        scale = torch.rsqrt(g_var + self.eps).float()  # (G, C)
+        if self.affine:
+            scale = scale * self.weight
+        shift = -g_mean.float() * scale
+        if self.affine:
+            shift = shift + self.bias
+        y = torch.addcmul(shift[self.groups][:, :, None, None], x,
+                          scale[self.groups][:, :, None, None])
+        return y.to(x.dtype)
+
+
+def _to_group_stats_bn(module: nn.Module) -> nn.Module:
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = GroupStatsBatchNorm2d(child.num_features, child.eps, child.momentum,
+                                        child.affine, child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.to(child.weight.device if child.affine else child.running_mean.device)
+            setattr(module, name, new)
+        else:
+            _to_group_stats_bn(child)
+    return module
 
 
 class MoCo(nn.Module):
@@ -86,6 +186,11 @@ class MoCo(nn.Module):
         if bn == "sync":
             self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q)
         self.encoder_k = copy.deepcopy(self.encoder_q)
+        if bn == "shuffle":
+            _to_group_stats_bn(self.encoder_k)
+        self.group_bns = [m for m in self.encoder_k.modules()
+                          if isinstance(m, GroupStatsBatchNorm2d)]
+        self.traffic: list | None = None  # set to [] to record (op, payload bytes) per call
         for p in self.encoder_k.parameters():
             p.requires_grad = False
         self.register_buffer("queue", nn.functional.normalize(torch.randn(dim, K), dim=0))
@@ -108,37 +213,34 @@ class MoCo(nn.Module):
         self.queue_ptr[0] = (ptr + n) % self.K
 
     @torch.no_grad()
-    def _shuffled_keys(self, im_k: torch.Tensor) -> torch.Tensor:
-        """Keys of the global batch in rank order, encoded shuffled across ranks."""
+    def _keys_shuffle_bn(self, im_k: torch.Tensor) -> torch.Tensor:
+        """Keys of the global batch in rank order, each batch-normalised over a random group."""
         rank, world = _world()
+        if world == 1:  # one group, the whole batch: plain BN
+            return all_gather_cat(nn.functional.normalize(self.encoder_k(im_k), dim=1))
         b = im_k.shape[0]
-        perm = torch.randperm(world * b, device=im_k.device)  # shuffled slot -> global sample
-        if world > 1:
-            dist.broadcast(perm, src=0)
-        # Rank r encodes slots r*b..(r+1)*b. Sender s sends, in slot order, its samples
-        # that land on each rank; the receiver files them back into slot order.
-        owner = perm // b
-        dest = torch.arange(world * b, device=perm.device) // b
-        mine = owner == rank
-        send = im_k[perm[mine] % b]  # ordered by slot, hence grouped by destination rank
-        send_sizes = torch.bincount(dest[mine], minlength=world).tolist()
-        slots = slice(rank * b, (rank + 1) * b)
-        recv_sizes = torch.bincount(owner[slots], minlength=world).tolist()
-        if world > 1:
-            recv = torch.empty((b, *im_k.shape[1:]), dtype=im_k.dtype, device=im_k.device)
-            dist.all_to_all_single(recv, send.contiguous(), recv_sizes, send_sizes)
-        else:
-            recv = send
-        # recv is grouped by sender rank; a stable sort of this rank's slots by owner gives
-        # the slot each received image belongs to.
-        order = torch.sort(owner[slots], stable=True).indices
-        shuffled = torch.empty_like(recv)
-        shuffled[order] = recv
-        k = nn.functional.normalize(self.encoder_k(shuffled), dim=1)
-        k_all = all_gather_cat(k)  # slot order
-        keys = torch.empty_like(k_all)
-        keys[perm] = k_all
-        return keys
+        perm = torch.randperm(world * b, device=im_k.device)  # slot -> global sample
+        dist.broadcast(perm, src=0)
+        self._record("broadcast", perm)
+        slot = torch.empty_like(perm)
+        slot[perm] = torch.arange(world * b, device=perm.device)
+        groups = slot[rank * b:(rank + 1) * b] // b  # the reference's rank that would encode it
+        for m in self.group_bns:
+            m.groups, m.num_groups, m.traffic = groups, world, self.traffic
+        try:
+            k = nn.functional.normalize(self.encoder_k(im_k), dim=1)
+        finally:
+            for m in self.group_bns:
+                m.groups, m.traffic = None, None
+        return self._gather(k)
+
+    def _record(self, op: str, t: torch.Tensor) -> None:
+        if self.traffic is not None:
+            self.traffic.append((op, t.numel() * t.element_size()))
+
+    def _gather(self, k: torch.Tensor) -> torch.Tensor:
+        self._record("all_gather", k)
+        return all_gather_cat(k)
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor):
         if self.bn == "sync" and not im_q.is_cuda:
@@ -147,9 +249,9 @@ class MoCo(nn.Module):
         with torch.no_grad():
             self.momentum_update()
             if self.bn == "shuffle":
-                keys = self._shuffled_keys(im_k)
+                keys = self._keys_shuffle_bn(im_k)
             else:
-                keys = all_gather_cat(nn.functional.normalize(self.encoder_k(im_k), dim=1))
+                keys = self._gather(nn.functional.normalize(self.encoder_k(im_k), dim=1))
         rank, _ = _world()
         b = im_q.shape[0]
         k = keys[rank * b:(rank + 1) * b]
