@@ -190,15 +190,20 @@ class StepTimer:
 
     def timed(self, batches):
         it = iter(batches)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            self.wait += time.perf_counter() - t0
-            self.steps += 1
-            yield batch
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                self.wait += time.perf_counter() - t0
+                self.steps += 1
+                yield batch
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # a loader left early stops its threads now
 
     def window(self, images_per_step: int) -> tuple[float, float]:
         """(images/s, fraction of the time spent waiting for data) since the last call."""

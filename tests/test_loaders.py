@@ -1,7 +1,9 @@
 """The MD-MoCo two-view loader and the task loaders over real FFCV shards."""
 
 import os
+import threading
 from collections import Counter
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -9,7 +11,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from muscle_hpc.data import MEAN, STD, ShardError, TwoViewLoader, open_shard, pretrain_shards
+from muscle_hpc.data import (
+    MEAN,
+    STD,
+    ShardError,
+    TaskLoader,
+    TwoViewLoader,
+    open_shard,
+    pretrain_shards,
+)
 
 
 def _values(view):
@@ -67,8 +77,9 @@ def _rank_main(rank, world, init_file, shard_root, out_dir):
                             world_size=world)
     torch.set_num_threads(1)
     shards = pretrain_shards(shard_root, ["dark", "bright"])
-    loader = TwoViewLoader(shards, 4, seed=2, num_workers=1, distributed=True, with_keys=True)
-    from muscle_hpc.data import TaskLoader
+    # batches of 2: 23 + 11 samples split unevenly per shard would give rank 0 one more step
+    loader = TwoViewLoader(shards, 2, seed=2, num_workers=1, distributed=True, with_keys=True)
+
 
     task = TaskLoader(open_shard(shard_root, "dark", "train"), 3, "classification", train=True,
                       num_workers=1, distributed=True)
@@ -77,9 +88,9 @@ def _rank_main(rank, world, init_file, shard_root, out_dir):
         idx = [i for b in task for i in b["index"].tolist()]
         np.save(os.path.join(out_dir, f"moco_{rank}_{epoch}.npy"), np.array(keys))
         np.save(os.path.join(out_dir, f"task_{rank}_{epoch}.npy"), np.array(idx))
-        steps = torch.tensor([len(keys) // 4])
+        steps = torch.tensor([len(keys) // 2, len(loader)])
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-        assert steps.item() == len(keys) // 4, "ranks ran different numbers of steps"
+        assert steps.tolist() == [len(keys) // 2, len(loader)], "ranks' step counts differ"
     dist.destroy_process_group()
 
 
@@ -96,3 +107,17 @@ def test_two_gloo_ranks_see_disjoint_samples(tmp_path, flat_shards):
     e0 = np.load(tmp_path / "task_0_0.npy")
     e1 = np.load(tmp_path / "task_0_1.npy")
     assert e0.tolist() != e1.tolist()  # reshuffled per epoch
+
+
+def test_leaving_an_epoch_early_stops_every_loader_thread(flat_shards):
+    """A run that stops mid-epoch (signal, max_steps) must not leave reader threads inside
+    numba or FFCV code: at interpreter exit they abort the process."""
+    moco = TwoViewLoader(pretrain_shards(flat_shards, ["dark", "bright"]), 2, num_workers=1)
+    task = TaskLoader(open_shard(flat_shards, "dark", "train"), 2, "classification", train=True,
+                      num_workers=1)
+    before = set(threading.enumerate())
+    for loader in (moco, task):
+        with closing(loader.epoch_batches(0)) as batches:
+            next(batches)
+            assert len(threading.enumerate()) > len(before)  # reader threads were running
+        assert set(threading.enumerate()) <= before

@@ -16,7 +16,7 @@ import torchvision
 from conftest import make_flat_dataset
 
 from data_prep import convert
-from muscle_hpc import dist
+from muscle_hpc import dist, export
 from muscle_hpc.stages import mdmoco
 from muscle_hpc.tblog import read_image_tags, read_scalars
 
@@ -39,7 +39,7 @@ def overrides(shards, run_dir, *extra):
     # 34 images, 17 per rank at 2 ranks: 4 steps of 4 per epoch on each rank.
     return [f"data.root={shards}", "data.datasets=nih,shenzhen", "data.batch_size=8",
             "model.K=32", "optim.epochs=6", "run.log_every_steps=1",
-            "run.checkpoint_every_steps=3", "run.image_grid_every_steps=4",
+            "run.checkpoint_every_steps=3", "run.image_grid_every_steps=4", "run.max_steps=0",
             f"run.dir={run_dir}", *extra]
 
 
@@ -130,9 +130,16 @@ def test_one_rank_resume_tensorboard_and_exported_backbone(shards, tmp_path, sta
     assert read_image_tags(cut_dir / "tb") == ["train/views_query_top_key_bottom"]
 
     backbone = torchvision.models.resnet18()
-    backbone.load_state_dict(torch.load(cut_dir / "backbone_torchvision.pth", weights_only=True))
+    written = torch.load(cut_dir / "backbone_torchvision.pth", weights_only=True)
+    backbone.load_state_dict(written)  # strict
     assert torch.equal(backbone.layer4[1].conv2.weight,
                        resumed["model"]["encoder_q.layer4.1.conv2.weight"])
+    # The export command gives the same trunk from the checkpoint (fc is a fresh layer).
+    assert export.main([str(cut_dir), "--out", str(tmp_path / "b.pth")]) == 0
+    exported = torch.load(tmp_path / "b.pth", weights_only=True)
+    assert_bit_equal({k: v for k, v in exported.items() if not k.startswith("fc.")},
+                     {k: v for k, v in written.items() if not k.startswith("fc.")})
+    assert export.main([str(ref_dir / "tb"), "--out", str(tmp_path / "c.pth")]) == 2
 
     # Resuming with another experiment's settings or world size is refused.
     base = ["--config", str(DEMO), *overrides(shards, cut_dir, "optim.epochs=2")]

@@ -57,7 +57,8 @@ def _order_class(rank: int, world: int, shuffle: bool, drop_uneven: bool):
 
 
 def ffcv_loader(shard: Shard, batch_size: int, fields: tuple[str, ...], *, shuffle: bool,
-                seed: int, rank: int, world: int, num_workers: int, drop_last: bool):
+                seed: int, rank: int, world: int, num_workers: int, drop_last: bool,
+                drop_uneven: bool | None = None):
     """A raw FFCV loader of ``fields`` (numpy batches, nothing decoded beyond the bytes)."""
     from ffcv.fields.basics import FloatDecoder, IntDecoder
     from ffcv.fields.ndarray import NDArrayDecoder
@@ -70,12 +71,21 @@ def ffcv_loader(shard: Shard, batch_size: int, fields: tuple[str, ...], *, shuff
     missing = set(fields) - set(shard.fields)
     if missing:
         raise ValueError(f"{shard.dataset}/{shard.split} has no field {sorted(missing)}")
-    order = _order_class(rank, world, shuffle, drop_uneven=drop_last)
+    order = _order_class(rank, world, shuffle,
+                         drop_uneven=drop_last if drop_uneven is None else drop_uneven)
     loader = Loader(str(shard.path), batch_size=batch_size, num_workers=num_workers,
                     order=order, seed=seed, pipelines=pipelines, drop_last=drop_last,
                     batches_ahead=2)
     loader.output_names = [n for n in shard.fields if n in fields]
     return loader
+
+
+def close_epoch(it) -> None:
+    """Stop an FFCV epoch iterator's reader thread and wait for it before its memory is
+    unmapped (FFCV's own ``close`` unmaps at once, under a thread that may still be reading)."""
+    it.terminate_event.set()
+    it.join(timeout=60)
+    it.close()
 
 
 class _Stream:
@@ -87,6 +97,11 @@ class _Stream:
     def start(self, epoch: int) -> None:
         self.loader.next_epoch = epoch
         self.it, self.batch, self.pos = iter(self.loader), None, 0
+
+    def close(self) -> None:
+        if self.it is not None:
+            close_epoch(self.it)
+            self.it = None
 
     def take(self, n: int, out: dict[str, np.ndarray] | None, rows: np.ndarray) -> None:
         """Copy the next ``n`` samples into ``out[name][rows]`` (or just skip them)."""
@@ -125,6 +140,10 @@ def prefetch(batches: Iterator, depth: int) -> Iterator:
             q.put(end)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             q.put(e)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
     t = threading.Thread(target=produce, daemon=True, name="muscle-loader")
     t.start()
@@ -137,7 +156,15 @@ def prefetch(batches: Iterator, depth: int) -> Iterator:
                 raise item
             yield item
     finally:
+        # A consumer that leaves early (a break, a signal) waits for the producer to finish
+        # its batch and close its readers: a thread left inside numba or FFCV code when the
+        # interpreter exits aborts the process ("terminate called without an active exception").
         stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(timeout=0.05)
 
 
 class _Ring:
@@ -181,7 +208,8 @@ class TwoViewLoader:
         self.width, self.height = shards[0].size
         self.loaders = [ffcv_loader(s, sub_batch, ("image", "index"), shuffle=True,
                                     seed=seed + 1000 * k, rank=self.rank, world=self.world,
-                                    num_workers=num_workers, drop_last=False)
+                                    num_workers=num_workers, drop_last=False,
+                                    drop_uneven=True)  # equal counts on all ranks
                         for k, s in enumerate(shards)]
         self.counts = np.array([len(ld.first_traversal_order) for ld in self.loaders])
         self.epoch = 0
@@ -212,6 +240,14 @@ class TwoViewLoader:
             "image": np.empty((b, h, w), np.uint8), "index": np.empty(b, np.int64),
             "views": torch.empty((2 * b, 1, h, w), dtype=torch.float32)})
         numba.set_num_threads(self.num_workers)
+        try:
+            yield from self._augmented(epoch, start_step, streams, seq, ring, src_of)
+        finally:
+            for s in streams:
+                s.close()
+
+    def _augmented(self, epoch, start_step, streams, seq, ring, src_of):
+        b = self.batch_size
         for step in range(len(self)):
             which = seq[step * b:(step + 1) * b]
             raw = ring.next() if step >= start_step else None
@@ -289,10 +325,14 @@ class TaskLoader:
         self.loader.next_epoch = epoch
         names = self.loader.output_names
         numba.set_num_threads(self.num_workers)
-        for step, arrays in enumerate(self.loader):
-            if step < start_step:
-                continue
-            yield self._to_batch(epoch, dict(zip(names, arrays)))
+        it = iter(self.loader)
+        try:
+            for step, arrays in enumerate(it):
+                if step < start_step:
+                    continue
+                yield self._to_batch(epoch, dict(zip(names, arrays)))
+        finally:
+            close_epoch(it)
 
     def _to_batch(self, epoch: int, raw: dict) -> dict:
         b, h, w = len(raw["image"]), self.height, self.width

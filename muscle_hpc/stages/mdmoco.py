@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 
@@ -116,6 +117,12 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
     sharded_optimizer = engine.zero_optimization_stage() > 0
 
     steps_per_epoch = len(loader)
+    if env.world_size > 1:  # a rank with one step more would wait forever in a collective
+        counts = torch.tensor([steps_per_epoch, -steps_per_epoch])
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+        if counts[0] != -counts[1]:
+            raise SystemExit(fail(f"ranks disagree on steps per epoch ({-int(counts[1])} to "
+                                  f"{int(counts[0])}): the loader must give every rank as many"))
     total = cfg.optim.epochs * steps_per_epoch
     step = 0
     if resumed:
@@ -156,51 +163,52 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
     try:
         while step < end:
             epoch, start = divmod(step, steps_per_epoch)
-            for im_q, im_k in timer.timed(loader.epoch_batches(epoch, start)):
-                im_q = im_q.to(device, non_blocking=True)
-                im_k = im_k.to(device, non_blocking=True)
-                lr = schedule.cosine(step, total, lr_peak, warmup)
-                schedule.set_lr(engine.optimizer, lr)
-                logits, labels = engine(im_q, im_k)
-                loss = F.cross_entropy(logits.float(), labels)
-                engine.backward(loss)
-                logging_now = (step + 1) % cfg.run.log_every_steps == 0
-                norm = grad_norm(engine) if logging_now and not sharded_optimizer else None
-                engine.step()
-                step += 1
-                if logging_now:
-                    if norm is None:
-                        norm = engine.get_global_grad_norm()
-                    top1 = (logits.argmax(dim=1) == 0).float().mean()
-                    stats = torch.stack([loss.detach().float(), top1]).cpu()
-                    if env.world_size > 1:
-                        torch.distributed.all_reduce(stats)
-                        stats /= env.world_size
-                    images_per_s, wait = timer.window(cfg.data.batch_size)
-                    log.scalars(step, "train/", loss=stats[0], lr=lr, top1=stats[1],
-                                images_per_s=images_per_s, data_wait=wait, grad_norm=norm,
-                                epoch=step / steps_per_epoch)
-                    if rank == 0:
-                        print(f"epoch {epoch} step {step}/{total} loss {stats[0]:.4f} "
-                              f"top1 {stats[1]:.3f} lr {lr:.5f} img/s {images_per_s:.1f} "
-                              f"wait {wait:.0%}", flush=True)
-                every = cfg.run.image_grid_every_steps
-                if every and step % every == 0:
-                    n = min(8, im_q.shape[0])
-                    log.image_grid("train/views_query_top_key_bottom",
-                                   torch.cat([im_q[:n], im_k[:n]]), step, nrow=n)
-                signum = stop.agreed()
-                if signum or step % cfg.run.checkpoint_every_steps == 0 \
-                        or step % steps_per_epoch == 0 or step == end:
-                    save()
-                    log.flush()
-                if signum:
-                    if rank == 0:
-                        print(f"mdmoco: stopped by signal {signum} after step {step}; "
-                              f"checkpoint in {ckpt.path}", flush=True)
-                    return 128 + signum
-                if step == end:
-                    break
+            with closing(timer.timed(loader.epoch_batches(epoch, start))) as batches:
+                for im_q, im_k in batches:
+                    im_q = im_q.to(device, non_blocking=True)
+                    im_k = im_k.to(device, non_blocking=True)
+                    lr = schedule.cosine(step, total, lr_peak, warmup)
+                    schedule.set_lr(engine.optimizer, lr)
+                    logits, labels = engine(im_q, im_k)
+                    loss = F.cross_entropy(logits.float(), labels)
+                    engine.backward(loss)
+                    logging_now = (step + 1) % cfg.run.log_every_steps == 0
+                    norm = grad_norm(engine) if logging_now and not sharded_optimizer else None
+                    engine.step()
+                    step += 1
+                    if logging_now:
+                        if norm is None:
+                            norm = engine.get_global_grad_norm()
+                        top1 = (logits.argmax(dim=1) == 0).float().mean()
+                        stats = torch.stack([loss.detach().float(), top1]).cpu()
+                        if env.world_size > 1:
+                            torch.distributed.all_reduce(stats)
+                            stats /= env.world_size
+                        images_per_s, wait = timer.window(cfg.data.batch_size)
+                        log.scalars(step, "train/", loss=stats[0], lr=lr, top1=stats[1],
+                                    images_per_s=images_per_s, data_wait=wait, grad_norm=norm,
+                                    epoch=step / steps_per_epoch)
+                        if rank == 0:
+                            print(f"epoch {epoch} step {step}/{total} loss {stats[0]:.4f} "
+                                  f"top1 {stats[1]:.3f} lr {lr:.5f} img/s {images_per_s:.1f} "
+                                  f"wait {wait:.0%}", flush=True)
+                    every = cfg.run.image_grid_every_steps
+                    if every and step % every == 0:
+                        n = min(8, im_q.shape[0])
+                        log.image_grid("train/views_query_top_key_bottom",
+                                       torch.cat([im_q[:n], im_k[:n]]), step, nrow=n)
+                    signum = stop.agreed()
+                    if signum or step % cfg.run.checkpoint_every_steps == 0 \
+                            or step % steps_per_epoch == 0 or step == end:
+                        save()
+                        log.flush()
+                    if signum:
+                        if rank == 0:
+                            print(f"mdmoco: stopped by signal {signum} after step {step}; "
+                                  f"checkpoint in {ckpt.path}", flush=True)
+                        return 128 + signum
+                    if step == end:
+                        break
     finally:
         stop.restore()
         log.close()
