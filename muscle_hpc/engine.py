@@ -44,6 +44,8 @@ class StopOnSignal:
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, _frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user will not wait for the step
         self.signum = self.signum or signum
 
     def agreed(self) -> int:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from conftest import make_flat_dataset
 
 from data_prep import convert
 from muscle_hpc import dist, export
+from muscle_hpc.models.backbone import build_backbone
 from muscle_hpc.stages import mdmoco
 from muscle_hpc.tblog import read_image_tags, read_scalars
 
@@ -175,4 +177,21 @@ def test_bad_configs_fail_in_one_line_before_training(shards, tmp_path, stage_er
     assert "not divisible by the world size 3" in stage_error(*base, world=3)
     assert "do not fill one batch" in stage_error(*base, "data.batch_size=64", "model.K=64")
     assert "run.precision: fp16 is not supported" in stage_error(*base, "run.precision=fp16")
+    assert "run.zero_stage: ZeRO stage 3 is not supported" in stage_error(*base, "run.zero_stage=3")
+    if not torch.cuda.is_available():
+        assert "model.bn: sync needs GPUs" in stage_error(*base, "model.bn=sync")
     assert not (tmp_path / "run").exists()  # nothing was trained, nothing written
+
+
+def test_bf16_is_autocast_with_fp32_weights(shards, tmp_path):
+    """bf16 runs (on CPU too) with fp32 weights: the key encoder's momentum update of
+    (1 - m) = 0.1 % of a weight would vanish in bf16's 8-bit mantissa."""
+    run(1, overrides(shards, tmp_path, "optim.epochs=1", "run.precision=bf16", "model.m=0.999"))
+    model = final_state(tmp_path)["model"]
+    assert {v.dtype for k, v in model.items() if v.is_floating_point()} == {torch.float32}
+    torch.manual_seed(0)  # the stage's initialisation (run.seed 0)
+    init = mdmoco.MoCo(partial(build_backbone, "resnet18"), dim=128, K=32).state_dict()
+    key = "encoder_k.layer1.0.conv1.weight"
+    assert not torch.equal(model[key], init[key])  # the key encoder moved
+    q, k = model[key.replace("encoder_k", "encoder_q")], model[key]
+    assert (k - init[key]).abs().max() < (q - init[key]).abs().max()  # slower than the query

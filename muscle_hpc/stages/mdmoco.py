@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     except (config.ConfigError, ShardError) as e:
         return fail(str(e))
     on_cuda = torch.cuda.is_available()
+    if cfg.model.bn == "sync" and not on_cuda:
+        return fail("model.bn: sync needs GPUs (torch's SyncBatchNorm is GPU-only); "
+                    "use model.bn=shuffle")
     ds_config = config.deepspeed_config(cfg, env.world_size, on_cuda)
     ckpt = RollingCheckpoint(Path(cfg.run.dir), env.rank, env.world_size)
     try:
@@ -156,6 +159,22 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
     log = RunLogger(run_dir / "tb", rank, purge_step=step + 1 if resumed else None)
     stop = StopOnSignal()
     timer = StepTimer()
+
+    def report(step, lr, loss, logits, norm):
+        """Loss and top-1 averaged over ranks, to TensorBoard and stdout (rank 0)."""
+        top1 = (logits.argmax(dim=1) == 0).float().mean()
+        stats = torch.stack([loss.detach().float(), top1]).cpu()
+        if env.world_size > 1:
+            torch.distributed.all_reduce(stats)
+            stats /= env.world_size
+        images_per_s, wait = timer.window(cfg.data.batch_size)
+        log.scalars(step, "train/", loss=stats[0], lr=lr, top1=stats[1],
+                    images_per_s=images_per_s, data_wait=wait, grad_norm=norm,
+                    epoch=step / steps_per_epoch)
+        if rank == 0:
+            print(f"epoch {(step - 1) // steps_per_epoch} step {step}/{total} "
+                  f"loss {stats[0]:.4f} top1 {stats[1]:.3f} lr {lr:.5f} "
+                  f"img/s {images_per_s:.1f} wait {wait:.0%}", flush=True)
     lr_peak = cfg.effective_lr
     warmup = cfg.optim.warmup_epochs * steps_per_epoch
     end = min(total, cfg.run.max_steps or total)
@@ -177,21 +196,8 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
                     engine.step()
                     step += 1
                     if logging_now:
-                        if norm is None:
-                            norm = engine.get_global_grad_norm()
-                        top1 = (logits.argmax(dim=1) == 0).float().mean()
-                        stats = torch.stack([loss.detach().float(), top1]).cpu()
-                        if env.world_size > 1:
-                            torch.distributed.all_reduce(stats)
-                            stats /= env.world_size
-                        images_per_s, wait = timer.window(cfg.data.batch_size)
-                        log.scalars(step, "train/", loss=stats[0], lr=lr, top1=stats[1],
-                                    images_per_s=images_per_s, data_wait=wait, grad_norm=norm,
-                                    epoch=step / steps_per_epoch)
-                        if rank == 0:
-                            print(f"epoch {epoch} step {step}/{total} loss {stats[0]:.4f} "
-                                  f"top1 {stats[1]:.3f} lr {lr:.5f} img/s {images_per_s:.1f} "
-                                  f"wait {wait:.0%}", flush=True)
+                        report(step, lr, loss, logits,
+                               engine.get_global_grad_norm() if norm is None else norm)
                     every = cfg.run.image_grid_every_steps
                     if every and step % every == 0:
                         n = min(8, im_q.shape[0])

@@ -1,0 +1,59 @@
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from muscle_hpc.engine import RollingCheckpoint, StepTimer, StopOnSignal
+
+
+def test_stop_on_signal_raises_a_flag_and_restores_handlers():
+    previous = signal.getsignal(signal.SIGUSR1)
+    stop = StopOnSignal()
+    try:
+        assert stop.agreed() == 0
+        os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning before the time limit
+        os.kill(os.getpid(), signal.SIGTERM)  # the first signal is the one reported
+        assert stop.agreed() == signal.SIGUSR1
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGUSR1) == previous
+
+
+def test_rolling_checkpoint_keeps_one_complete_step(tmp_path):
+    ckpt = RollingCheckpoint(tmp_path, rank=0, world=1)
+    assert ckpt.load() is None
+    for step in (3, 6):
+        ckpt.save(step, {"model": {"w": torch.full((2,), float(step))}},
+                  {"rng": torch.tensor([step])})
+    shared, own = ckpt.load()
+    assert shared["step"] == 6 and shared["world_size"] == 1
+    assert torch.equal(shared["model"]["w"], torch.full((2,), 6.0))
+    assert own["step"] == 6 and int(own["rng"]) == 6
+    assert [p.name for p in (tmp_path / "checkpoint").iterdir()] == ["step000000006-rank0.pth"]
+
+    with pytest.raises(ValueError, match="written by 1 ranks; resume it with 1, not 4"):
+        RollingCheckpoint(tmp_path, rank=0, world=4).load()
+    (tmp_path / "checkpoint" / "step000000006-rank0.pth").unlink()
+    with pytest.raises(ValueError, match="checkpoint of step 6 is incomplete"):
+        ckpt.load()
+    (tmp_path / "checkpoint.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        ckpt.load()
+
+
+def test_step_timer_splits_waiting_from_the_rest():
+    def slow_batches():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    timer = StepTimer()
+    for _ in timer.timed(slow_batches()):
+        time.sleep(0.05)
+    images_per_s, wait = timer.window(images_per_step=10)
+    assert 0.2 < wait < 0.8  # about half the time went to waiting for batches
+    assert 0 < images_per_s <= 30 / 0.3  # 3 steps of 10 images took at least 0.3 s
