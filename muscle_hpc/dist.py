@@ -112,11 +112,18 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None,
     return env
 
 
-def is_main() -> bool:
-    """Rank 0, or a process that never joined a group."""
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the joined process group; (0, 1) outside one."""
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """Rank 0, or a process that never joined a group."""
+    return rank_world()[0] == 0
 
 
 def barrier() -> None:

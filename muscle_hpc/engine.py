@@ -19,14 +19,11 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
+from .config import changed_keys
+from .dist import rank_world
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class StopOnSignal:
@@ -50,7 +47,7 @@ class StopOnSignal:
 
     def agreed(self) -> int:
         """The first signal any rank received (0: none), the same value on every rank."""
-        _, world = _world()
+        _, world = rank_world()
         if world == 1:
             return self.signum
         flag = torch.tensor([self.signum], dtype=torch.int64)
@@ -107,7 +104,7 @@ def load_optimizer_state(engine, state: dict) -> None:
         # ZeRO takes a list indexed by rank; with its (default) rigid checkpoints each rank
         # reads only its own entry. The fp32 master partition comes from the checkpoint, not
         # rebuilt from the module.
-        rank, _ = _world()
+        rank, _ = rank_world()
         engine.optimizer.load_state_dict([None] * rank + [state], load_optimizer_states=True,
                                          load_from_fp32_weights=True)
     else:
@@ -156,10 +153,13 @@ class RollingCheckpoint:
         if self.world > 1:
             dist.barrier()  # nobody races ahead to the next save while rank 0 prunes
 
-    def load(self) -> tuple[dict, dict] | None:
+    def load(self, config: dict | None = None, may_change: tuple[str, ...] = ()
+             ) -> tuple[dict, dict] | None:
         """``(shared, own)`` of the last complete checkpoint, or None when the run is new.
-        Raises ``ValueError`` (one line) when the checkpoint cannot be resumed here. Needs no
-        process group, so a stage can refuse a resume before the rendezvous."""
+        Raises ``ValueError`` (one line) when the checkpoint cannot be resumed here: another
+        world size, or, given the run's ``config`` (a ``to_dict`` tree, stored as
+        ``shared["config"]``), a different value of any key not starting with one of
+        ``may_change``. Needs no process group, so a stage refuses before the rendezvous."""
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             try:
                 shared = checkpoint.load(self.path)
@@ -172,6 +172,12 @@ class RollingCheckpoint:
                 raise ValueError(f"{self.path} was written by {shared['world_size']} ranks; "
                                  f"resume it with {shared['world_size']}, not {self.world} "
                                  f"(or start a new run directory)")
+            if config is not None:
+                diff = [d for d in changed_keys(shared["config"], config)
+                        if not d.startswith(may_change)]
+                if diff:
+                    raise ValueError(f"{self.path} was written with another config "
+                                     f"({'; '.join(diff)}); restore it or use a new run.dir")
             own_path = self._own_path(shared["step"], self.rank)
             try:
                 own = checkpoint.load(own_path)

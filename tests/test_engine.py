@@ -35,6 +35,10 @@ def test_rolling_checkpoint_keeps_one_complete_step(tmp_path):
     assert own["step"] == 6 and int(own["rng"]) == 6
     assert [p.name for p in (tmp_path / "checkpoint").iterdir()] == ["step000000006-rank0.pth"]
 
+    ckpt.save(6, {"model": {}, "config": {"model": {"K": 8}, "run": {"dir": "a"}}}, {})
+    assert ckpt.load({"model": {"K": 8}, "run": {"dir": "b"}}, may_change=("run.",))
+    with pytest.raises(ValueError, match=r"another config \(model.K: 8 -> 16\)"):
+        ckpt.load({"model": {"K": 16}, "run": {"dir": "a"}}, may_change=("run.",))
     with pytest.raises(ValueError, match="written by 1 ranks; resume it with 1, not 4"):
         RollingCheckpoint(tmp_path, rank=0, world=4).load()
     (tmp_path / "checkpoint" / "step000000006-rank0.pth").unlink()

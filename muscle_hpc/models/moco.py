@@ -35,19 +35,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from muscle_hpc.dist import rank_world
+
 BN_MODES = ("shuffle", "sync", "none")
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @torch.no_grad()
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """``x`` of every rank concatenated along dim 0, in rank order (no gradient)."""
-    _, world = _world()
+    _, world = rank_world()
     if world == 1:
         return x
     out = [torch.empty_like(x) for _ in range(world)]
@@ -126,7 +123,7 @@ class GroupStatsBatchNorm2d(nn.BatchNorm2d):
         sums[0].index_add_(0, self.groups, mean.double())
         sums[1].index_add_(0, self.groups, mean_sq.double())
         counts.index_add_(0, self.groups, torch.ones(b, dtype=flat.dtype, device=x.device))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if rank_world()[1] > 1:
             dist.all_reduce(flat)
             if self.traffic is not None:
                 self.traffic.append(("all_reduce", flat.numel() * flat.element_size()))
@@ -215,7 +212,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _keys_shuffle_bn(self, im_k: torch.Tensor) -> torch.Tensor:
         """Keys of the global batch in rank order, each batch-normalised over a random group."""
-        rank, world = _world()
+        rank, world = rank_world()
         if world == 1:  # one group, the whole batch: plain BN
             return all_gather_cat(nn.functional.normalize(self.encoder_k(im_k), dim=1))
         b = im_k.shape[0]
@@ -252,7 +249,7 @@ class MoCo(nn.Module):
                 keys = self._keys_shuffle_bn(im_k)
             else:
                 keys = self._gather(nn.functional.normalize(self.encoder_k(im_k), dim=1))
-        rank, _ = _world()
+        rank, _ = rank_world()
         b = im_q.shape[0]
         k = keys[rank * b:(rank + 1) * b]
         l_pos = (q * k).sum(dim=1, keepdim=True)

@@ -56,17 +56,6 @@ def fail(message: str) -> int:
     return 2
 
 
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return keys
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -83,13 +72,7 @@ def main(argv=None) -> int:
     ds_config = config.deepspeed_config(cfg, env.world_size, on_cuda)
     ckpt = RollingCheckpoint(Path(cfg.run.dir), env.rank, env.world_size)
     try:
-        resumed = ckpt.load()
-        if resumed:
-            diff = [d for d in changed_keys(resumed[0]["config"], config.to_dict(cfg))
-                    if not d.startswith(RESUMABLE_CHANGES)]
-            if diff:
-                raise ValueError(f"{ckpt.path} was written with another config ({'; '.join(diff)})"
-                                 f"; restore it or use a new run.dir")
+        resumed = ckpt.load(config.to_dict(cfg), RESUMABLE_CHANGES)
     except ValueError as e:
         return fail(str(e))
 
