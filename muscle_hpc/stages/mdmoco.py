@@ -56,19 +56,27 @@ def fail(message: str) -> int:
     return 2
 
 
+def prepare(config_path, overrides, world_size: int, on_cuda: bool):
+    """The config and shards, checked for ``world_size`` ranks before any process group or
+    Slurm job exists (the launcher calls this too). Raises ``ConfigError`` or ``ShardError``."""
+    cfg = config.load_config(config_path, overrides)
+    config.check_moco(cfg, world_size)
+    if cfg.model.bn == "sync" and not on_cuda:
+        raise config.ConfigError("model.bn: sync needs GPUs (torch's SyncBatchNorm is GPU-only); "
+                                 "use model.bn=shuffle")
+    config.deepspeed_config(cfg, world_size, on_cuda)
+    shards = pretrain_shards(Path(cfg.data.root), cfg.data.datasets)
+    return cfg, shards
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    env = dist.dist_env()
+    on_cuda = torch.cuda.is_available()
     try:
-        cfg = config.load_config(args.config, args.overrides)
-        env = dist.dist_env()
-        config.check_moco(cfg, env.world_size)
-        shards = pretrain_shards(Path(cfg.data.root), cfg.data.datasets)
+        cfg, shards = prepare(args.config, args.overrides, env.world_size, on_cuda)
     except (config.ConfigError, ShardError) as e:
         return fail(str(e))
-    on_cuda = torch.cuda.is_available()
-    if cfg.model.bn == "sync" and not on_cuda:
-        return fail("model.bn: sync needs GPUs (torch's SyncBatchNorm is GPU-only); "
-                    "use model.bn=shuffle")
     ds_config = config.deepspeed_config(cfg, env.world_size, on_cuda)
     ckpt = RollingCheckpoint(Path(cfg.run.dir), env.rank, env.world_size)
     try:
