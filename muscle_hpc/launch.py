@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
     if on_slurm:
-        params.update(slurm_signal_delay_s=120)
+        # A rank that dies takes the others down at once (no wait for a collective timeout).
+        params.update(slurm_signal_delay_s=120, slurm_srun_args=["--kill-on-bad-exit=1"])
         if args.partition:
             params["slurm_partition"] = args.partition
         if args.account:

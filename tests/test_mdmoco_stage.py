@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import make_flat_dataset
+from conftest import moco_overrides as overrides
 
-from data_prep import convert
 from muscle_hpc import dist, export
 from muscle_hpc.models.backbone import build_backbone
 from muscle_hpc.stages import mdmoco
@@ -26,23 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "mdmoco_demo.yaml"
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """Two pre-training sets under real dataset names (the config only accepts those)."""
-    base = tmp_path_factory.mktemp("moco")
-    for name, n, value in (("nih", 23, 40), ("shenzhen", 11, 200)):
-        spec = make_flat_dataset(base / "src", name, n, value)
-        convert.convert_dataset(spec, base / "src" / name, base / "shards", size=(40, 24),
-                                log=lambda *_: 0)
-    return base / "shards"
-
-
-def overrides(shards, run_dir, *extra):
-    # 34 images, 17 per rank at 2 ranks: 4 steps of 4 per epoch on each rank.
-    return [f"data.root={shards}", "data.datasets=nih,shenzhen", "data.batch_size=8",
-            "model.K=32", "optim.epochs=6", "run.log_every_steps=1",
-            "run.checkpoint_every_steps=3", "run.image_grid_every_steps=4", "run.max_steps=0",
-            f"run.dir={run_dir}", *extra]
+@pytest.fixture
+def shards(moco_shards):
+    return moco_shards
 
 
 def start(world, args, port=None):

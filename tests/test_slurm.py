@@ -1,0 +1,170 @@
+"""The launchers on a real Slurm: the local 4-node cluster of tools/local_slurm.sh (CPU, gloo).
+
+tools/test.sh starts the cluster and sets MUSCLE_SLURM=1; without a cluster these tests skip,
+unless MUSCLE_SLURM=1 says one was expected.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import moco_overrides
+
+from muscle_hpc.tblog import read_scalars
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "mdmoco_demo.yaml"
+
+
+def _cluster_up() -> bool:
+    if not shutil.which("scontrol"):
+        return False
+    return subprocess.run(["scontrol", "ping"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if not _cluster_up():
+        if os.environ.get("MUSCLE_SLURM") == "1":
+            pytest.fail("MUSCLE_SLURM=1 but no Slurm answers (bash tools/local_slurm.sh start)")
+        pytest.skip("no Slurm cluster (bash tools/local_slurm.sh start)")
+
+
+def sbatch(log: Path, *args: str) -> str:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1",
+                          "--cpus-per-task=1", f"--output={log}", "slurm/mdmoco.sh",
+                          str(DEMO), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def state(job: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"],
+                         capture_output=True, text=True).stdout.split()
+    return out[0] if out else "PENDING"
+
+
+def wait_done(job: str, timeout: float = 240) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s = state(job)
+        if s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return s
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    raise AssertionError(f"job {job} did not end in {timeout} s (state {state(job)})")
+
+
+def wait_for_step(log: Path, step: int, timeout: float = 180) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        text = log.read_text() if log.exists() else ""
+        steps = [int(line.split()[3].split("/")[0]) for line in text.splitlines()
+                 if line.startswith("epoch ")]
+        if steps and max(steps) >= step:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no step {step} in {log} after {timeout} s:\n{text[-2000:]}")
+
+
+def jobs() -> set[str]:
+    """Every job id Slurm knows of (running or ended)."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-a", "-o", "JobID", "-S", "now-1days"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def final_model(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pth", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(moco_shards, tmp_path_factory):
+    """An uninterrupted sbatch run on 2 nodes: the other tests compare with it."""
+    base = tmp_path_factory.mktemp("slurm_ref")
+    job = sbatch(base / "log", *moco_overrides(moco_shards, base / "run"))
+    assert wait_done(job) == "COMPLETED", (base / "log").read_text()[-3000:]
+    return base
+
+
+def test_sbatch_runs_the_stage_on_two_nodes(reference):
+    log = (reference / "log").read_text()
+    assert "on node[1-2], 2 tasks" in log and "2 rank(s)" in log
+    ckpt = final_model(reference / "run")
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 24
+    loss = read_scalars(reference / "run" / "tb")["train/loss"]
+    assert [s for s, _ in loss] == list(range(1, 25))
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(moco_shards, reference,
+                                                                     tmp_path):
+    job = sbatch(tmp_path / "log", *moco_overrides(moco_shards, tmp_path / "run"))
+    wait_for_step(tmp_path / "log", 5)
+    # What Slurm does before the time limit with --signal=B:USR1@120: signal the batch shell.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    assert wait_done(job, timeout=300) == "COMPLETED"
+    log = (tmp_path / "log").read_text()
+    assert "requeueing job" in log and "(restart 1)" in log, log[-3000:]
+    stopped = int(log.split("stopped by signal 10 after step ")[1].split(";")[0])
+    assert 5 <= stopped < 24 and f"resuming at step {stopped}" in log
+    got, ref = final_model(tmp_path / "run"), final_model(reference / "run")
+    assert got["step"] == ref["step"] == 24
+    for k in ref["model"]:
+        assert torch.equal(got["model"][k], ref["model"][k]), k
+
+
+def test_a_killed_rank_fails_the_job_within_a_minute(moco_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(tmp_path / "log", *moco_overrides(moco_shards, run_dir, "optim.epochs=100"))
+    wait_for_step(tmp_path / "log", 3)
+    victims = []
+    for pid in subprocess.run(["pgrep", "-f", f"run.dir={run_dir}"], capture_output=True,
+                              text=True).stdout.split():
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"SLURM_PROCID=1" in environ and b"muscle_hpc.stages.mdmoco" in cmdline \
+                and b"srun" not in cmdline:
+            victims.append(int(pid))
+    assert victims, "rank 1 not found"
+    t0 = time.monotonic()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_done(job, timeout=60) == "FAILED"
+    assert time.monotonic() - t0 < 60
+
+
+def test_launch_submits_through_submitit_on_four_nodes(moco_shards, tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "muscle_hpc.launch", "--stage", "mdmoco",
+                        "--config", str(DEMO), "--nodes", "4", "--time", "10", "--wait",
+                        *moco_overrides(moco_shards, tmp_path / "run", "data.batch_size=8",
+                                        "optim.epochs=2")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "on Slurm: 4 node(s) x 1 task(s)" in p.stdout and "finished (4 tasks)" in p.stdout
+    ckpt = final_model(tmp_path / "run")
+    assert ckpt["world_size"] == 4 and ckpt["step"] == 2 * ckpt["steps_per_epoch"]
+    assert "train/loss" in read_scalars(tmp_path / "run" / "tb")
+
+
+def test_launch_refuses_a_bad_config_before_submitting(moco_shards, tmp_path):
+    before = jobs()
+    p = subprocess.run([sys.executable, "-m", "muscle_hpc.launch", "--stage", "mdmoco",
+                        "--config", str(DEMO), "--nodes", "3",
+                        *moco_overrides(moco_shards, tmp_path / "run")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip() == ("launch: error: data.batch_size: global batch 8 is not "
+                                "divisible by the world size 3")
+    assert jobs() <= before  # nothing was submitted
+    assert not (tmp_path / "run").exists()
