@@ -22,14 +22,14 @@ from . import checkpoint
 from .config import changed_keys
 from .dist import rank_world
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
 
 class StopOnSignal:
-    """SIGTERM (Slurm preemption, ``scancel``, torchrun's shutdown), SIGUSR1 (Slurm's warning
-    before the time limit, ``--signal=B:USR1@120``) and SIGINT only raise a flag here; the loop
-    checks it between steps, so a stop never lands mid-step or mid-write.
+    """SIGTERM (Slurm preemption, ``scancel``, torchrun's shutdown), SIGUSR2 or SIGUSR1
+    (Slurm's warning before the time limit, ``--signal=USR2@120``) and SIGINT only raise a flag
+    here; the loop checks it between steps, so a stop never lands mid-step or mid-write.
 
     ``agreed()`` is the flag of any rank (one tiny all-reduce per step): ranks receive a signal
     at slightly different times, and a checkpoint needs them all to stop after the same step.

@@ -9,8 +9,8 @@ have, before anything is submitted. Each task gets rank, world size and rendezvo
 submitit's job environment and runs the stage's ``main`` (NCCL on GPU, gloo on CPU), which
 neither knows nor cares how it was started.
 
-Preemption and time limits: Slurm sends SIGUSR1 (``--signal=USR1@120``) or SIGTERM; the stage
-checkpoints after the current step on every rank; on SIGUSR1 submitit's handler then requeues
+Preemption and time limits: Slurm sends SIGUSR2 (submitit's ``--signal=USR2@120``) or SIGTERM;
+the stage checkpoints after the current step on every rank; on SIGUSR2 submitit's handler requeues
 the job (``checkpoint()`` below), on SIGTERM Slurm requeues it itself (preemption,
 ``scontrol requeue``). The requeued job resumes from the rolling checkpoint. At most
 ``--max-requeues`` requeues, then the job ends as uncompleted.
@@ -45,10 +45,12 @@ class StageJob:
         if code == 0:
             return 0
         if code > 128:  # stopped by a signal, checkpoint written
-            if code - 128 == signal.SIGUSR1:
-                # The stage held SIGUSR1 until its checkpoint was safe; hand it to submitit's
-                # own handler now, which requeues the job (rank 0) and exits.
-                signal.raise_signal(signal.SIGUSR1)
+            stopped_by = code - 128
+            if stopped_by != signal.SIGTERM and callable(signal.getsignal(stopped_by)):
+                # The stage held submitit's preemption signal until its checkpoint was safe;
+                # hand it to submitit's own handler now, which requeues the job and exits.
+                # (On SIGTERM Slurm requeues the job itself.)
+                signal.raise_signal(stopped_by)
             sys.exit(code)
         raise RuntimeError(f"{self.stage} exited with status {code} (see this task's log)")
 

@@ -5,7 +5,7 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=48:00:00
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@120
+#SBATCH --signal=B:USR2@120
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 #
@@ -18,7 +18,7 @@
 # Add --gpus-per-node (or --gres=gpu:G) for your cluster; the defaults above ask for none so the
 # script also runs on CPU clusters (gloo). Arguments and OVERRIDES reach the stage as separate
 # words, never through a shell: nothing here is evaluated. Before the time limit Slurm sends
-# USR1 to this script, which passes it to the tasks; they checkpoint after their current step
+# USR2 to this script, which passes it to the tasks; they checkpoint after their current step
 # and the job is requeued (at most MAX_REQUEUES times) and resumes from that checkpoint.
 # Preemption (SIGTERM, scontrol requeue) checkpoints the same way and Slurm requeues the job.
 set -uo pipefail
@@ -42,15 +42,18 @@ requeue() {
   scontrol requeue "$SLURM_JOB_ID"
 }
 
-on_usr1() {
-  echo "mdmoco.sh: USR1 (time limit near): asking the tasks to checkpoint"
-  kill -USR1 "$SRUN_PID" 2>/dev/null
+on_usr2() {
+  echo "mdmoco.sh: USR2 (time limit near): asking the tasks to checkpoint"
+  kill -USR2 "$SRUN_PID" 2>/dev/null
   wait "$SRUN_PID"
   requeue
   exit 0
 }
-trap on_usr1 USR1
+trap on_usr2 USR2
 
+# Slurm defines the ranks; torchrun variables inherited from the submitting shell would
+# override it (every task rank 0 of 1, all on one port).
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
 srun --kill-on-bad-exit=1 "$PYTHON" -m muscle_hpc.stages.mdmoco --config "$CONFIG_FILE" \
   "${EXTRA[@]}" "$@" &
 SRUN_PID=$!

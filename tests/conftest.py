@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep import convert  # noqa: E402
 from data_prep.datasets.base import DatasetSpec, Record, Scan  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """Stages run in-process export RANK, MASTER_PORT, ... (as DeepSpeed expects); keep them
+    from leaking into later tests and the jobs those submit."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def make_flat_dataset(root: Path, name: str, n: int, value: int, role="pretrain") -> DatasetSpec:

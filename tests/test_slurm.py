@@ -37,7 +37,10 @@ def cluster():
 
 
 def sbatch(log: Path, *args: str) -> str:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    # Submitted from a shell that still holds torchrun's variables (a user's dev session):
+    # the script must let Slurm, not these, define the ranks.
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1",
+               LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
     out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1",
                           "--cpus-per-task=1", f"--output={log}", "slurm/mdmoco.sh",
                           str(DEMO), *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -107,17 +110,32 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(moco_shards,
                                                                      tmp_path):
     job = sbatch(tmp_path / "log", *moco_overrides(moco_shards, tmp_path / "run"))
     wait_for_step(tmp_path / "log", 5)
-    # What Slurm does before the time limit with --signal=B:USR1@120: signal the batch shell.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    # What Slurm does before the time limit with --signal=B:USR2@120: signal the batch shell.
+    subprocess.run(["scancel", "--signal=USR2", "--batch", job], check=True)
     assert wait_done(job, timeout=300) == "COMPLETED"
     log = (tmp_path / "log").read_text()
     assert "requeueing job" in log and "(restart 1)" in log, log[-3000:]
-    stopped = int(log.split("stopped by signal 10 after step ")[1].split(";")[0])
+    stopped = int(log.split("stopped by signal 12 after step ")[1].split(";")[0])
     assert 5 <= stopped < 24 and f"resuming at step {stopped}" in log
-    got, ref = final_model(tmp_path / "run"), final_model(reference / "run")
+    assert_same_weights(tmp_path / "run", reference)
+
+
+def assert_same_weights(run_dir: Path, reference: Path) -> None:
+    got, ref = final_model(run_dir), final_model(reference / "run")
     assert got["step"] == ref["step"] == 24
     for k in ref["model"]:
         assert torch.equal(got["model"][k], ref["model"][k]), k
+
+
+def test_preemption_by_scontrol_requeue_resumes_exactly(moco_shards, reference, tmp_path):
+    job = sbatch(tmp_path / "log", *moco_overrides(moco_shards, tmp_path / "run"))
+    wait_for_step(tmp_path / "log", 5)
+    subprocess.run(["scontrol", "requeue", job], check=True)  # SIGTERM, then requeued
+    assert wait_done(job, timeout=300) == "COMPLETED"
+    log = (tmp_path / "log").read_text()
+    stopped = int(log.split("stopped by signal 15 after step ")[1].split(";")[0])
+    assert 5 <= stopped < 24 and f"resuming at step {stopped}" in log, log[-3000:]
+    assert_same_weights(tmp_path / "run", reference)
 
 
 def test_a_killed_rank_fails_the_job_within_a_minute(moco_shards, tmp_path):
@@ -168,3 +186,24 @@ def test_launch_refuses_a_bad_config_before_submitting(moco_shards, tmp_path):
                                 "divisible by the world size 3")
     assert jobs() <= before  # nothing was submitted
     assert not (tmp_path / "run").exists()
+
+
+def test_launch_requeues_after_the_time_limit_signal_and_resumes_exactly(moco_shards, reference,
+                                                                         tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    run_dir = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "muscle_hpc.launch", "--stage", "mdmoco",
+                          "--config", str(DEMO), "--nodes", "2", "--time", "10", "--wait",
+                          *moco_overrides(moco_shards, run_dir)],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    first = p.stdout.readline()
+    job = first.split(" job ")[1].split()[0]
+    wait_for_step(run_dir / "submitit" / job / f"{job}_0_log.out", 5)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what --signal=USR2@120 does
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and "finished (2 tasks)" in out, first + out
+    log = (run_dir / "submitit" / job / f"{job}_0_log.out").read_text()
+    stopped = int(log.split("stopped by signal 12 after step ")[1].split(";")[0])
+    assert 5 <= stopped < 24 and f"resuming at step {stopped}" in log, log[-3000:]
+    assert_same_weights(run_dir, reference)

@@ -7,7 +7,7 @@ environment) and alone. Everything is checked before training starts; a bad conf
 shard is one line on stderr and exit status 2. ``run.dir`` gets the resolved ``config.yaml``,
 the rolling checkpoint, TensorBoard events under ``tb/`` and, when training ends,
 ``backbone_torchvision.pth``. Started again on a run directory with a checkpoint, it resumes
-exactly where that stopped. SIGTERM, SIGUSR1 or Ctrl-C: checkpoint after the current step, exit
+exactly where that stopped. SIGTERM, SIGUSR1/2 or Ctrl-C: checkpoint after the current step, exit
 with 128 + the signal number.
 """
 
