@@ -107,6 +107,113 @@ class MocoConfig:
         return self.optim.lr_base * self.data.batch_size / 256
 
 
+# --- the continual-learning stage ----------------------------------------------------------
+
+TASK_NAMES = ("pneumonia", "mura", "lung", "tbx")
+_CL_ZERO3_WHY = ("ZeRO stage 3 is not supported: it shards the backbone's weights, which L2-SP "
+                 "reads whole on every rank; use 0-2")
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    batch_size: int = opt(16, lo=1)  # global, over all ranks
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    pneumonia: TaskBatch = field(default_factory=lambda: TaskBatch(32))
+    mura: TaskBatch = field(default_factory=lambda: TaskBatch(32))
+    lung: TaskBatch = field(default_factory=lambda: TaskBatch(16))
+    tbx: TaskBatch = field(default_factory=lambda: TaskBatch(8))
+
+
+@dataclass(frozen=True)
+class ClDataConfig:
+    root: str = "shards"
+    tasks: list[str] = opt(list(TASK_NAMES), choices=TASK_NAMES)  # MUSCLE⁻⁻ visits this order
+    num_workers: int = opt(2, lo=1)
+    flip_prob: float = opt(0.5, lo=0.0, hi=1.0)
+    mean: float = 122.786
+    std: float = opt(18.390, gt=0.0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ClModelConfig:
+    arch: str = opt("resnet50", choices=("resnet18", "resnet50"))
+    # The MD-MoCo backbone (its backbone_torchvision.pth); empty: Kaiming init (no pre-training).
+    init: str = "runs/mdmoco_r50/backbone_torchvision.pth"
+
+
+@dataclass(frozen=True)
+class ClMethodConfig:
+    # muscle--: fixed task order, one plain cosine decay over the stage, no L2-SP (the ablation).
+    method: str = opt("muscle", choices=("muscle", "muscle--"))
+    rounds: int = opt(10, lo=1)
+    l2sp_alpha: float = opt(0.5, lo=0.0, hi=1.0)
+    l2sp_weight: float = opt(1e-4, lo=0.0)
+
+
+@dataclass(frozen=True)
+class ClOptimConfig:
+    lr_max: float = opt(0.01, gt=0.0)
+    lr_min: float = opt(1e-4, lo=0.0)
+    # Eq. 1's period T, in steps of the visit: 2 = each visit falls from lr_max to lr_min
+    # (half a period) and the next restarts at lr_max; 1 = down and back up within a visit.
+    period_visits: float = opt(2.0, gt=0.0)
+    momentum: float = opt(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = opt(1e-4, lo=0.0)  # heads; the backbone too under muscle--
+
+
+@dataclass(frozen=True)
+class ClRunConfig:
+    dir: str = "runs/continual_r50"
+    checkpoint_every_steps: int = opt(500, lo=1)
+    log_every_steps: int = opt(20, lo=1)
+    # Steps per visit (0: one epoch of the task's training set, the paper's): demos and tests.
+    visit_steps: int = opt(0, lo=0)
+    max_steps: int = opt(0, lo=0)  # end early after this many steps (0: the whole stage)
+    validate: bool = True  # every task after every visit
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16"), refuse={"fp16": _FP16_WHY})
+    zero_stage: int = opt(0, lo=0, hi=2, refuse={3: _CL_ZERO3_WHY})
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    data: ClDataConfig = field(default_factory=ClDataConfig)
+    model: ClModelConfig = field(default_factory=ClModelConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    cl: ClMethodConfig = field(default_factory=ClMethodConfig)
+    optim: ClOptimConfig = field(default_factory=ClOptimConfig)
+    run: ClRunConfig = field(default_factory=ClRunConfig)
+
+    @property
+    def muscle(self) -> bool:
+        """The full method (reshuffled cyclic schedule and L2-SP), not the MUSCLE⁻⁻ ablation."""
+        return self.cl.method == "muscle"
+
+    def batch_size(self, task: str) -> int:
+        return getattr(self.tasks, task).batch_size
+
+
+def check_continual(cfg: ContinualConfig, world_size: int) -> None:
+    """What a loaded continual config must also satisfy on ``world_size`` ranks."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    for task in cfg.data.tasks:
+        batch = cfg.batch_size(task)
+        if batch % world_size:
+            raise ConfigError(f"tasks.{task}.batch_size: global batch {batch} is not divisible "
+                              f"by the world size {world_size}")
+        if batch // world_size < 2:
+            raise ConfigError(f"tasks.{task}.batch_size: {batch} over {world_size} ranks is "
+                              f"{batch // world_size} image per rank; BatchNorm needs at least 2")
+    if cfg.optim.lr_min > cfg.optim.lr_max:
+        raise ConfigError(f"optim.lr_min: {cfg.optim.lr_min} is above optim.lr_max "
+                          f"{cfg.optim.lr_max}")
+
+
 # --- loading -------------------------------------------------------------------------------
 
 def load(path: str | Path | None, overrides: list[str] = (), schema: type = MocoConfig):
@@ -352,7 +459,7 @@ def check_moco(cfg: MocoConfig, world_size: int) -> None:
         raise ConfigError("data.datasets: must not be empty")
 
 
-def deepspeed_config(cfg, world_size: int, on_cuda: bool) -> dict:
+def deepspeed_config(cfg, world_size: int, on_cuda: bool, batch_size: int | None = None) -> dict:
     """The DeepSpeed JSON for ``cfg``. The optimizer and LR schedule are not in it: the stage
     builds SGD itself and sets the LR per step (``schedule.py``), so a resume needs only the
     step. No gradient accumulation or clipping, as in MoCo v2.
@@ -361,15 +468,22 @@ def deepspeed_config(cfg, world_size: int, on_cuda: bool) -> dict:
     and linear weights, fp32 weights), not its ``bf16`` mode, which stores the module in bf16:
     MoCo's key encoder is not in the optimizer, so it would have no fp32 master copy, and its
     momentum update (a step of 0.001 of the weight for m = 0.999) is below bf16's resolution
-    (2^-8): the key encoder would freeze. The price is fp32 weight memory, small for ResNets."""
-    per_rank = _check_batch(cfg, world_size)
+    (2^-8): the key encoder would freeze. The price is fp32 weight memory, small for ResNets.
+
+    ``batch_size`` (global) replaces ``cfg.data.batch_size`` for stages whose batch varies by
+    task; DeepSpeed only books it (no gradient accumulation), the loader sets the real one."""
+    if batch_size is None:
+        per_rank = _check_batch(cfg, world_size)
+        batch_size = cfg.data.batch_size
+    else:
+        per_rank = batch_size // world_size
     if cfg.run.zero_stage == 3:
         raise ConfigError(f"run.zero_stage: {_ZERO3_WHY}")
     if cfg.run.zero_stage not in (0, 1, 2):
         raise ConfigError(f"run.zero_stage: must be in [0, 2], got {cfg.run.zero_stage}")
     bf16 = resolve_precision(cfg.run.precision, on_cuda) == "bf16"
     return {
-        "train_batch_size": cfg.data.batch_size,
+        "train_batch_size": batch_size,
         "train_micro_batch_size_per_gpu": per_rank,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": cfg.run.zero_stage},

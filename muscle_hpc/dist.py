@@ -126,6 +126,31 @@ def is_main() -> bool:
     return rank_world()[0] == 0
 
 
+def spread(values: list[int]) -> list[tuple[int, int]]:
+    """(min, max) over ranks of each integer in ``values`` (the value twice outside a group):
+    two ints per value in one all-reduce, for checks that every rank agrees (e.g. on the steps
+    of an epoch: a rank with one step more would wait forever in a collective)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [(v, v) for v in values]
+    t = torch.tensor([x for v in values for x in (v, -v)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [(-int(t[2 * i + 1]), int(t[2 * i])) for i in range(len(values))]
+
+
+def gather_objects(items: list) -> list:
+    """The concatenation of every rank's ``items`` (picklable), on every rank, in rank order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -111,6 +111,16 @@ def load_optimizer_state(engine, state: dict) -> None:
         engine.optimizer.load_state_dict(state)
 
 
+def reset_optimizer_state(engine) -> None:
+    """Forget SGD's momentum (a fresh start, as at step 0). Under ZeRO the state lives in the
+    wrapped torch optimizer, keyed by this rank's flat partitions; it is rebuilt at the next
+    step either way."""
+    inner = engine.optimizer
+    if engine.zero_optimization():
+        inner = inner.optimizer
+    inner.state.clear()
+
+
 def _deepspeed_safe_globals() -> list:
     """Classes a ZeRO optimizer state dict pickles, allowed for ``weights_only`` loading."""
     try:

@@ -111,12 +111,10 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
     sharded_optimizer = engine.zero_optimization_stage() > 0
 
     steps_per_epoch = len(loader)
-    if env.world_size > 1:  # a rank with one step more would wait forever in a collective
-        counts = torch.tensor([steps_per_epoch, -steps_per_epoch])
-        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
-        if counts[0] != -counts[1]:
-            raise SystemExit(fail(f"ranks disagree on steps per epoch ({-int(counts[1])} to "
-                                  f"{int(counts[0])}): the loader must give every rank as many"))
+    (lo, hi), = dist.spread([steps_per_epoch])
+    if lo != hi:
+        raise SystemExit(fail(f"ranks disagree on steps per epoch ({lo} to {hi}): the loader "
+                              f"must give every rank as many"))
     total = cfg.optim.epochs * steps_per_epoch
     step = 0
     if resumed:

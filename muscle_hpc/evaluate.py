@@ -1,0 +1,37 @@
+"""A task's metrics on one split, with every rank evaluating its share of the split.
+
+Ranks read disjoint parts of the split (together all of it, nothing dropped), turn their
+predictions into the task's small per-sample records, and gather those; every rank then
+computes the same metrics. No collective runs inside the model, so ranks may hold different
+numbers of samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from muscle_hpc import dist
+from muscle_hpc.data.loaders import TaskLoader
+
+
+def split_loader(task, shard, batch_size: int, data_cfg, distributed: bool) -> TaskLoader:
+    """An evaluation loader: fixed order, no flip, the last partial batch kept."""
+    return TaskLoader(shard, batch_size, task.kind, train=False, mean=data_cfg.mean,
+                      std=data_cfg.std, num_workers=data_cfg.num_workers,
+                      distributed=distributed)
+
+
+@torch.no_grad()
+def evaluate(model, task, loader: TaskLoader, device, bf16: bool = False) -> dict[str, float]:
+    """``task``'s metrics of ``model`` (a ``MultiTaskNet``) over ``loader``'s split."""
+    was_training = model.training
+    model.eval()
+    records = []
+    try:
+        for batch in loader.epoch_batches(0):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                outputs = model.predict(task.name, batch["image"].to(device, non_blocking=True))
+            records += task.records(outputs, batch)
+    finally:
+        model.train(was_training)
+    return task.metrics(dist.gather_objects(records))

@@ -1,0 +1,341 @@
+"""Multi-task continual learning (MUSCLE stage 2): the MD-MoCo backbone trained on four tasks
+in turn, each with its own head, over ``cl.rounds`` rounds.
+
+    python -m muscle_hpc.stages.continual --config configs/continual_r50.yaml [key=value ...]
+
+Each round visits every task once, in a fresh order (the same on every rank), for one epoch of
+its training set. A visit starts with SGD's momentum cleared and the backbone's weights kept
+as L2-SP's anchor (eq. 2); its LR follows eq. 1 within the visit. ``cl.method=muscle--`` is the
+ablation: fixed order, one cosine decay over the whole stage, no L2-SP. All ranks train the same
+task at once; the heads of the other tasks are frozen for the visit (no gradient, no traffic,
+no update). After every visit every task is validated; ``validation.json`` and TensorBoard hold
+the task x visit matrix. Started again on a run directory with a checkpoint, it resumes in the
+same round, visit and step, with the same anchor. Exit status as for ``mdmoco``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import closing
+from pathlib import Path
+
+import torch
+
+from muscle_hpc import checkpoint, config, dist, schedule
+from muscle_hpc.data.loaders import TaskLoader
+from muscle_hpc.data.shards import ShardError, open_shard
+from muscle_hpc.engine import (
+    RollingCheckpoint,
+    StepTimer,
+    StopOnSignal,
+    deepspeed_engine,
+    grad_norm,
+    load_optimizer_state,
+    optimizer_state,
+    reset_optimizer_state,
+)
+from muscle_hpc.evaluate import evaluate, split_loader
+from muscle_hpc.models.backbone import build_backbone, export_torchvision, load_imagenet_into
+from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
+from muscle_hpc.regularizers import L2SP
+from muscle_hpc.tasks import TASKS
+from muscle_hpc.tblog import RunLogger
+
+RESUMABLE_CHANGES = ("run.", "data.num_workers")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m muscle_hpc.stages.continual",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML file (configs/continual_*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. cl.rounds=5")
+    return p.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    print(f"continual: error: {message}", file=sys.stderr)
+    return 2
+
+
+def init_weights(cfg) -> dict | None:
+    """The backbone state dict named by ``model.init`` (None: Kaiming init), checked against
+    ``model.arch``. Raises ``ConfigError``."""
+    path = cfg.model.init
+    if not path:
+        return None
+    try:
+        state = checkpoint.load(Path(path))
+    except Exception as e:  # noqa: BLE001 - any unreadable file, in one line
+        raise config.ConfigError(f"model.init: {path} cannot be read ({type(e).__name__})") \
+            from None
+    if state is None:
+        raise config.ConfigError(f"model.init: {path} not found (run MD-MoCo first, or set "
+                                 f"model.init='' to start from Kaiming init)")
+    try:
+        load_imagenet_into(build_backbone(cfg.model.arch), state)
+    except (RuntimeError, KeyError) as e:
+        raise config.ConfigError(f"model.init: {path} is not a {cfg.model.arch} backbone "
+                                 f"({str(e).splitlines()[0][:120]})") from None
+    return state
+
+
+def prepare(config_path, overrides, world_size: int, on_cuda: bool):
+    """Config, shards (``{task: {split: Shard}}``) and initial backbone weights, checked for
+    ``world_size`` ranks before any process group or Slurm job exists."""
+    cfg = config.load(config_path, overrides, config.ContinualConfig)
+    config.check_continual(cfg, world_size)
+    config.deepspeed_config(cfg, world_size, on_cuda, batch_size=max_batch(cfg))
+    shards = {}
+    for name in cfg.data.tasks:
+        task = TASKS[name]
+        shards[name] = {s: open_shard(Path(cfg.data.root), task.dataset, s)
+                        for s in ("train", "valid")}
+        for shard in shards[name].values():
+            task.check(shard)
+    return cfg, shards, init_weights(cfg)
+
+
+def max_batch(cfg) -> int:
+    return max(cfg.batch_size(t) for t in cfg.data.tasks)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = dist.dist_env()
+    on_cuda = torch.cuda.is_available()
+    try:
+        cfg, shards, init = prepare(args.config, args.overrides, env.world_size, on_cuda)
+    except (config.ConfigError, ShardError) as e:
+        return fail(str(e))
+    ds_config = config.deepspeed_config(cfg, env.world_size, on_cuda, batch_size=max_batch(cfg))
+    ckpt = RollingCheckpoint(Path(cfg.run.dir), env.rank, env.world_size)
+    try:
+        resumed = ckpt.load(config.to_dict(cfg), RESUMABLE_CHANGES)
+    except ValueError as e:
+        return fail(str(e))
+    dist.init_distributed(env)
+    try:
+        d = cfg.data
+        loaders = {t: TaskLoader(shards[t]["train"], cfg.batch_size(t) // env.world_size,
+                                 TASKS[t].kind, train=True, seed=d.seed, flip_prob=d.flip_prob,
+                                 mean=d.mean, std=d.std, num_workers=d.num_workers,
+                                 distributed=True) for t in d.tasks}
+        val = {t: split_loader(TASKS[t], shards[t]["valid"], cfg.batch_size(t) // env.world_size,
+                               d, distributed=True) for t in d.tasks} if cfg.run.validate else {}
+        return train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda)
+    finally:
+        dist.shutdown()
+
+
+def plan(cfg, loaders) -> list[dict]:
+    """Every visit of the stage in order: round, task, first global step, number of steps."""
+    visits, start = [], 0
+    for rnd in range(cfg.cl.rounds):
+        for task in schedule.visit_order(cfg.data.tasks, rnd, cfg.run.seed, cfg.muscle):
+            n = len(loaders[task])
+            n = min(n, cfg.run.visit_steps) if cfg.run.visit_steps else n
+            visits.append({"round": rnd, "task": task, "start": start, "steps": n})
+            start += n
+    return visits
+
+
+def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> int:
+    run_dir, rank, tasks = ckpt.run_dir, env.rank, cfg.data.tasks
+    device = torch.device("cuda", env.local_rank) if on_cuda else torch.device("cpu")
+    bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
+    torch.manual_seed(cfg.run.seed)
+    trunk = build_backbone(cfg.model.arch)
+    if init is not None:
+        load_imagenet_into(trunk, init)
+    channels = trunk_channels(cfg.model.arch)
+    net = MultiTaskNet(trunk, {t: TASKS[t].head(channels) for t in tasks}).to(device)
+    wd = cfg.optim.weight_decay
+    # Under MUSCLE, eq. 2's (1 - α)‖w‖² is the backbone's weight decay.
+    groups = [{"params": list(net.backbone.parameters()), "weight_decay": 0.0 if cfg.muscle
+               else wd, "role": "backbone"}]
+    groups += [{"params": list(net.heads[t].parameters()), "weight_decay": wd, "role": t}
+               for t in tasks]
+    engine = deepspeed_engine(net, groups, ds_config, momentum=cfg.optim.momentum,
+                              weight_decay=wd)
+    sharded_optimizer = engine.zero_optimization_stage() > 0
+    l2sp = L2SP(cfg.cl.l2sp_alpha, cfg.cl.l2sp_weight) if cfg.muscle else None
+
+    spread = dist.spread([len(loaders[t]) for t in tasks])
+    if any(lo != hi for lo, hi in spread):
+        raise SystemExit(fail(f"ranks disagree on steps per epoch ({spread}): the loader must "
+                              f"give every rank as many"))
+    visits = plan(cfg, loaders)
+    total = sum(v["steps"] for v in visits)
+    steps_of = {t: min(len(loaders[t]), cfg.run.visit_steps or len(loaders[t])) for t in tasks}
+    step, matrix, anchor = 0, [], None
+    if resumed:
+        shared, own = resumed
+        if shared["steps_of"] != steps_of:
+            raise SystemExit(fail(f"{ckpt.path}: steps per visit {shared['steps_of']}, the data "
+                                  f"now gives {steps_of}; the shards changed"))
+        net.load_state_dict(shared["model"])
+        load_optimizer_state(engine, own["optimizer"] if sharded_optimizer else shared["optimizer"])
+        checkpoint.set_rng_state(own["rng"])
+        step, matrix, anchor = shared["step"], shared["matrix"], shared.get("anchor")
+    elif rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.dump_yaml(cfg, run_dir / "config.yaml")
+    if rank == 0:
+        print(f"continual: {cfg.cl.method}, {env.world_size} rank(s), {len(visits)} visits "
+              f"({cfg.cl.rounds} rounds x {len(tasks)} tasks), {total} steps, "
+              f"{'resuming at step ' + str(step) if resumed else 'new run'} in {run_dir}",
+              flush=True)
+        for t in tasks:
+            unused = getattr(TASKS[t], "unused_categories", lambda _: [])(loaders[t].shard)
+            if unused:
+                print(f"continual: {t}: boxes of {', '.join(unused)} are not learned or "
+                      f"scored (not one of {', '.join(TASKS[t].classes.values())})", flush=True)
+
+    saved_at = [step if resumed else -1]
+
+    def save():
+        saved_at[0] = step
+        shared = {"model": net.state_dict(), "config": config.to_dict(cfg), "step": step,
+                  "steps_of": steps_of, "matrix": matrix}
+        if l2sp is not None and l2sp.anchor:
+            shared["anchor"] = l2sp.anchor
+        own = {"rng": checkpoint.rng_state()}
+        if sharded_optimizer:
+            own["optimizer"] = optimizer_state(engine)
+        else:
+            shared["optimizer"] = optimizer_state(engine)
+        ckpt.save(step, shared, own)
+
+    def set_lr(visit, task):
+        if cfg.muscle:  # eq. 1 within the visit
+            lr = schedule.cyclic_cosine(step - visit["start"], cfg.optim.period_visits *
+                                        visit["steps"], cfg.optim.lr_max, cfg.optim.lr_min)
+        else:
+            lr = schedule.cosine(step, total, cfg.optim.lr_max, final_lr=cfg.optim.lr_min)
+        for g in engine.optimizer.param_groups:
+            active = g["role"] in ("backbone", task)
+            g["lr"] = lr if active else 0.0
+            g["weight_decay"] = g["initial_weight_decay"] if active else 0.0
+        return lr
+
+    for g in engine.optimizer.param_groups:
+        g["initial_weight_decay"] = g["weight_decay"]
+
+    log = RunLogger(run_dir / "tb", rank, purge_step=step + 1 if resumed else None)
+    stop = StopOnSignal()
+    timer = StepTimer()
+
+    def report(task, lr, loss, penalty, norm, batch_size):
+        stats = torch.stack([loss.detach().float(), penalty.detach().float()]).cpu()
+        if env.world_size > 1:
+            torch.distributed.all_reduce(stats)
+            stats /= env.world_size
+        images_per_s, wait = timer.window(batch_size)
+        log.scalars(step, "train/", lr=lr, l2sp=stats[1] if l2sp else None,
+                    images_per_s=images_per_s, data_wait=wait, grad_norm=norm)
+        log.scalars(step, f"train/{task}/", loss=stats[0])
+        if rank == 0:
+            print(f"step {step}/{total} {task} loss {stats[0]:.4f} l2sp {stats[1]:.4f} "
+                  f"lr {lr:.5f} img/s {images_per_s:.1f} wait {wait:.0%}", flush=True)
+
+    def validate(index, visit):
+        row = {"visit": index, "round": visit["round"], "trained": visit["task"], "step": step}
+        for t in val:
+            row[t] = evaluate(net, TASKS[t], val[t], device, bf16)
+            log.scalars(step, f"val/{t}/", **row[t])
+            log.scalars(index + 1, "forgetting/", **{t: row[t][TASKS[t].headline]})
+        matrix.append(row)
+        if rank == 0:
+            log.text("val/matrix", matrix_markdown(matrix, val), index + 1)
+            write_json(run_dir / "validation.json", matrix)
+            print(f"continual: after visit {index + 1} ({visit['task']}): " + ", ".join(
+                f"{t} {TASKS[t].headline} {row[t][TASKS[t].headline]:.3f}" for t in val),
+                flush=True)
+
+    end = min(total, cfg.run.max_steps or total)
+    sharded = engine.zero_optimization_stage() > 0
+    try:
+        for index, visit in enumerate(visits):
+            task, first = TASKS[visit["task"]], visit["start"]
+            last = first + visit["steps"]
+            if first < end and step < last:
+                net.train()
+                for name, head in net.heads.items():
+                    head.requires_grad_(name == task.name)
+                if step == first:  # a new visit; a resumed one keeps its momentum and anchor
+                    reset_optimizer_state(engine)
+                    if l2sp is not None:
+                        l2sp.set_anchor(net.backbone)
+                elif l2sp is not None:
+                    l2sp.load_anchor(anchor, device)
+                timer.window(1)  # a fresh window: validation time is not data wait
+                batches = timer.timed(loaders[task.name].epoch_batches(visit["round"],
+                                                                       step - first))
+                with closing(batches):
+                    for batch in batches:
+                        lr = set_lr(visit, task.name)
+                        images = batch["image"].to(device, non_blocking=True)
+                        loss = engine(task.name, images, task.targets(batch, device))
+                        penalty = l2sp.penalty(net.backbone) if l2sp else torch.zeros(())
+                        engine.backward(loss + penalty)
+                        logging_now = (step + 1) % cfg.run.log_every_steps == 0
+                        norm = grad_norm(engine) if logging_now and not sharded else None
+                        engine.step()
+                        step += 1
+                        if logging_now:
+                            report(task.name, lr, loss, penalty,
+                                   engine.get_global_grad_norm() if norm is None else norm,
+                                   cfg.batch_size(task.name))
+                        signum = stop.agreed()
+                        if signum or step % cfg.run.checkpoint_every_steps == 0:
+                            save()
+                            log.flush()
+                        if signum:
+                            if rank == 0:
+                                print(f"continual: stopped by signal {signum} after step "
+                                      f"{step}; checkpoint in {ckpt.path}", flush=True)
+                            return 128 + signum
+                        if step in (last, end):
+                            break
+            if val and step == last and len(matrix) == index:
+                validate(index, visit)
+                save()
+                log.flush()
+            if step >= end:
+                break
+        if saved_at[0] != step:
+            save()
+    finally:
+        stop.restore()
+        log.close()
+    if rank == 0:
+        checkpoint.save(run_dir / "backbone_torchvision.pth", export_torchvision(net.backbone))
+        print(f"continual: {'done' if step == total else 'reached run.max_steps'}, {step} of "
+              f"{total} steps; torchvision backbone in {run_dir / 'backbone_torchvision.pth'}",
+              flush=True)
+    return 0
+
+
+def matrix_markdown(matrix, val) -> str:
+    """The task x visit matrix as a Markdown table: one row per visit, the headline metric of
+    every task after it (so a task's column shows what later visits did to it)."""
+    names = list(val)
+    lines = ["| visit | round | trained | " + " | ".join(
+        f"{t} {TASKS[t].headline}" for t in names) + " |",
+        "|" + "---|" * (3 + len(names))]
+    for row in matrix:
+        lines.append(f"| {row['visit'] + 1} | {row['round'] + 1} | {row['trained']} | " +
+                     " | ".join(f"{row[t][TASKS[t].headline]:.4f}" for t in names) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

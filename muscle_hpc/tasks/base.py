@@ -1,0 +1,126 @@
+"""What a task is to the stages: its shard, its head, its targets and its validation metrics.
+
+A task plug-in (one file per task in this package) is an instance of one of the three kinds
+below. ``records`` turns one evaluated batch into small per-sample records (ranks evaluate
+shards of a split and gather these, never images), ``metrics`` turns all records into numbers,
+and ``headline`` names the number a one-line summary or the forgetting matrix shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from muscle_hpc import metrics
+from muscle_hpc.data.shards import Shard, ShardError
+from muscle_hpc.models.heads import ClassifierHead, DetectionHead, SegmentationHead
+
+
+@dataclass(frozen=True)
+class ClassificationTask:
+    name: str
+    dataset: str
+    classes: tuple[str, ...]
+    kind: str = "classification"
+    headline: str = "auc"
+
+    def head(self, channels):
+        return ClassifierHead(channels, len(self.classes))
+
+    def check(self, shard: Shard) -> None:
+        names = shard.fields.get("label", {}).get("names")
+        if names is not None and len(names) != len(self.classes):
+            raise ShardError(f"{shard.dataset}/{shard.split}: {len(names)} classes {names}, "
+                             f"the {self.name} task expects {len(self.classes)}")
+
+    def targets(self, batch, device):
+        return batch["label"].to(device)
+
+    def records(self, outputs, batch):
+        return list(zip(batch["label"].tolist(), outputs[:, 1].tolist()))
+
+    def metrics(self, records) -> dict[str, float]:
+        labels, probs = zip(*records) if records else ((), ())
+        return metrics.classification(labels, probs)
+
+
+@dataclass(frozen=True)
+class SegmentationTask:
+    name: str
+    dataset: str
+    classes: tuple[str, ...] = ("background", "foreground")
+    kind: str = "segmentation"
+    headline: str = "dice"
+
+    def head(self, channels):
+        return SegmentationHead(channels, len(self.classes))
+
+    def check(self, shard: Shard) -> None:
+        if "mask" not in shard.fields:
+            raise ShardError(f"{shard.dataset}/{shard.split}: no masks for the {self.name} task")
+
+    def targets(self, batch, device):
+        return batch["mask"].to(device)
+
+    def records(self, outputs, batch):
+        pred = outputs.argmax(dim=1).numpy()
+        return [metrics.confusion(t, p, len(self.classes))
+                for t, p in zip(batch["mask"].numpy(), pred)]
+
+    def metrics(self, records) -> dict[str, float]:
+        return metrics.segmentation(records)
+
+
+@dataclass(frozen=True)
+class DetectionTask:
+    """``categories``: the shard's box category id -> (detector class, name); shard categories
+    not listed are not learned (their boxes are dropped from the targets, as stated at start)."""
+
+    name: str
+    dataset: str
+    categories: dict[int, tuple[int, str]] = field(default_factory=dict)
+    kind: str = "detection"
+    headline: str = "map"
+
+    @property
+    def classes(self) -> dict[int, str]:
+        return {c: n for c, n in self.categories.values()}
+
+    def head(self, channels):
+        return DetectionHead(channels, len(self.categories) + 1)  # + background
+
+    def check(self, shard: Shard) -> None:
+        names = shard.fields.get("box_labels", {}).get("names")
+        if names is None:
+            raise ShardError(f"{shard.dataset}/{shard.split}: no boxes for the {self.name} task")
+
+    def unused_categories(self, shard: Shard) -> list[str]:
+        names = shard.fields["box_labels"]["names"]
+        return [n for i, n in enumerate(names, 1) if i not in self.categories]
+
+    def _mapped(self, boxes, labels):
+        keep = torch.tensor([int(c) in self.categories for c in labels], dtype=torch.bool)
+        mapped = torch.tensor([self.categories[int(c)][0] for c in labels[keep]],
+                              dtype=torch.int64)
+        return boxes[keep].reshape(-1, 4), mapped
+
+    def targets(self, batch, device):
+        out = []
+        for boxes, labels in zip(batch["boxes"], batch["box_labels"]):
+            b, c = self._mapped(boxes, labels)
+            out.append({"boxes": b.to(device), "labels": c.to(device)})
+        return out
+
+    def records(self, outputs, batch):
+        recs = []
+        for det, boxes, labels in zip(outputs, batch["boxes"], batch["box_labels"]):
+            b, c = self._mapped(boxes, labels)
+            recs.append(((b.numpy(), c.numpy()),
+                         (det["boxes"].numpy(), det["scores"].numpy(), det["labels"].numpy())))
+        return recs
+
+    def metrics(self, records) -> dict[str, float]:
+        gt = [r[0] for r in records]
+        det = [r[1] for r in records]
+        return metrics.detection(gt, det, self.classes)
