@@ -143,6 +143,7 @@ class ClModelConfig:
     arch: str = opt("resnet50", choices=("resnet18", "resnet50"))
     # The MD-MoCo backbone (its backbone_torchvision.pth); empty: Kaiming init (no pre-training).
     init: str = "runs/mdmoco_r50/backbone_torchvision.pth"
+    rois_per_image: int = opt(512, lo=1)  # Faster R-CNN's box-head sample (torchvision's)
 
 
 @dataclass(frozen=True)

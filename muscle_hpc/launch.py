@@ -1,6 +1,6 @@
 """Submit a stage to Slurm through submitit; without Slurm, run it here the same way.
 
-    python -m muscle_hpc.launch --stage mdmoco --config FILE --nodes N [--gpus-per-node G]
+    python -m muscle_hpc.launch --stage mdmoco|cl --config FILE --nodes N [--gpus-per-node G]
         [--partition P] [--time MIN] [--account A] [--cpus-per-task C] [--max-requeues R]
         [--wait] [key=value ...]
 
@@ -25,7 +25,7 @@ import signal
 import sys
 from pathlib import Path
 
-STAGES = {"mdmoco": "muscle_hpc.stages.mdmoco"}  # the continual and fine-tune stages follow
+STAGES = {"mdmoco": "muscle_hpc.stages.mdmoco", "cl": "muscle_hpc.stages.continual"}
 
 
 class StageJob:
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     tasks_per_node = max(args.gpus_per_node, 1)
     world = args.nodes * tasks_per_node
     try:
-        cfg, _ = stage.prepare(args.config, args.overrides, world, on_cuda=args.gpus_per_node > 0)
+        cfg = stage.prepare(args.config, args.overrides, world, on_cuda=args.gpus_per_node > 0)[0]
     except (config.ConfigError, ShardError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2

@@ -21,43 +21,6 @@
 # USR2 to this script, which passes it to the tasks; they checkpoint after their current step
 # and the job is requeued (at most MAX_REQUEUES times) and resumes from that checkpoint.
 # Preemption (SIGTERM, scontrol requeue) checkpoints the same way and Slurm requeues the job.
-set -uo pipefail
-
-CONFIG_FILE=${1:-${CONFIG:-configs/mdmoco_r50.yaml}}
-[ $# -gt 0 ] && shift
-read -r -a EXTRA <<<"${OVERRIDES:-}"
-MAX_REQUEUES=${MAX_REQUEUES:-10}
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-RESTARTS=${SLURM_RESTART_COUNT:-0}
-
-echo "mdmoco.sh: job ${SLURM_JOB_ID:-?} (restart ${RESTARTS}) on ${SLURM_JOB_NODELIST:-?}," \
-  "${SLURM_NTASKS:-?} tasks, config ${CONFIG_FILE}"
-
-requeue() {
-  if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
-    echo "mdmoco.sh: not requeued: ${RESTARTS} restarts reached MAX_REQUEUES=${MAX_REQUEUES}"
-    return
-  fi
-  echo "mdmoco.sh: checkpoint written, requeueing job ${SLURM_JOB_ID}"
-  scontrol requeue "$SLURM_JOB_ID"
-}
-
-on_usr2() {
-  echo "mdmoco.sh: USR2 (time limit near): asking the tasks to checkpoint"
-  kill -USR2 "$SRUN_PID" 2>/dev/null
-  wait "$SRUN_PID"
-  requeue
-  exit 0
-}
-trap on_usr2 USR2
-
-# Slurm defines the ranks; torchrun variables inherited from the submitting shell would
-# override it (every task rank 0 of 1, all on one port).
-unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
-srun --kill-on-bad-exit=1 "$PYTHON" -m muscle_hpc.stages.mdmoco --config "$CONFIG_FILE" \
-  "${EXTRA[@]}" "$@" &
-SRUN_PID=$!
-wait "$SRUN_PID"
-STATUS=$?
-# `wait` returns early (status > 128) when the trap ran; the trap exits by itself.
-exit "$STATUS"
+STAGE=mdmoco DEFAULT_CONFIG=configs/mdmoco_r50.yaml
+# sbatch runs a copy of this file; the shared body is read from the submit directory.
+source "${SLURM_SUBMIT_DIR:-.}/slurm/stage_body.sh"

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from data_prep import convert  # noqa: E402
 from data_prep.datasets.base import DatasetSpec, Record, Scan  # noqa: E402
@@ -58,9 +60,55 @@ def moco_shards(tmp_path_factory):
     return base / "shards"
 
 
+@pytest.fixture(scope="session")
+def task_shards(tmp_path_factory):
+    """The four task sets of the tiny demo data, converted at 128x80 (pneumonia 32, mura 28,
+    chestmasks 24, tbx11k 19 training images)."""
+    from data_prep import synth
+    from data_prep.datasets import get_spec
+
+    base = tmp_path_factory.mktemp("tasks")
+    synth.generate(base / "downloads", "tiny")
+    for name in ("pneumonia", "mura", "chestmasks", "tbx11k"):
+        spec = get_spec(name)
+        folder = convert.find_dataset_folder(spec, base / "downloads")
+        convert.convert_dataset(spec, folder, base / "shards", size=(128, 80),
+                                log=lambda *_: 0)
+    return base / "shards"
+
+
 def moco_overrides(shards, run_dir, *extra):
     # 34 images, 17 per rank at 2 ranks: 4 steps of 4 per epoch on each rank.
     return [f"data.root={shards}", "data.datasets=nih,shenzhen", "data.batch_size=8",
             "model.K=32", "optim.epochs=6", "run.log_every_steps=1",
             "run.checkpoint_every_steps=3", "run.image_grid_every_steps=4", "run.max_steps=0",
             f"run.dir={run_dir}", *extra]
+
+
+def start_ranks(stage: str, world: int, args, port=None) -> list[subprocess.Popen]:
+    """``python -m muscle_hpc.stages.<stage> ARGS`` as ``world`` ranks, started the way torchrun
+    starts them (RANK, WORLD_SIZE, MASTER_* in the environment), one thread each."""
+    from muscle_hpc.dist import free_port
+
+    port = port or free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", f"muscle_hpc.stages.{stage}", *args],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def finish_ranks(procs, timeout=300):
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+def run_ranks(stage: str, world: int, args) -> str:
+    """Rank 0's output of a run that must succeed on every rank."""
+    codes, outs = finish_ranks(start_ranks(stage, world, args))
+    assert codes == [0] * world, [o[-3000:] for o in outs]
+    return outs[0]

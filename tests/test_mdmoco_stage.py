@@ -4,19 +4,18 @@ Ranks are started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_* in th
 one thread each, on shards of flat gray images at 40x24 so a step takes milliseconds.
 """
 
-import os
 import signal
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from conftest import finish_ranks as finish
 from conftest import moco_overrides as overrides
+from conftest import run_ranks, start_ranks
 
-from muscle_hpc import dist, export
+from muscle_hpc import export
 from muscle_hpc.models.backbone import build_backbone
 from muscle_hpc.stages import mdmoco
 from muscle_hpc.tblog import read_image_tags, read_scalars
@@ -31,30 +30,11 @@ def shards(moco_shards):
 
 
 def start(world, args, port=None):
-    port = port or dist.free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "muscle_hpc.stages.mdmoco", "--config", str(DEMO), *args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
-
-
-def finish(procs, timeout=240):
-    outs = []
-    for p in procs:
-        out, _ = p.communicate(timeout=timeout)
-        outs.append(out)
-    return [p.returncode for p in procs], outs
+    return start_ranks("mdmoco", world, ["--config", str(DEMO), *args], port)
 
 
 def run(world, args):
-    codes, outs = finish(start(world, args))
-    assert codes == [0] * world, [o[-3000:] for o in outs]
-    return outs[0]
+    return run_ranks("mdmoco", world, ["--config", str(DEMO), *args])
 
 
 def final_state(run_dir):

@@ -4,6 +4,7 @@ tools/test.sh starts the cluster and sets MUSCLE_SLURM=1; without a cluster thes
 unless MUSCLE_SLURM=1 says one was expected.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -36,14 +37,14 @@ def cluster():
         pytest.skip("no Slurm cluster (bash tools/local_slurm.sh start)")
 
 
-def sbatch(log: Path, *args: str) -> str:
+def sbatch(log: Path, *args: str, script: str = "slurm/mdmoco.sh", config: Path = DEMO) -> str:
     # Submitted from a shell that still holds torchrun's variables (a user's dev session):
     # the script must let Slurm, not these, define the ranks.
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1",
                LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
     out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1",
-                          "--cpus-per-task=1", f"--output={log}", "slurm/mdmoco.sh",
-                          str(DEMO), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          "--cpus-per-task=1", f"--output={log}", script,
+                          str(config), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True)
     return out.stdout.strip().split(";")[0]
 
@@ -207,3 +208,18 @@ def test_launch_requeues_after_the_time_limit_signal_and_resumes_exactly(moco_sh
     stopped = int(log.split("stopped by signal 12 after step ")[1].split(";")[0])
     assert 5 <= stopped < 24 and f"resuming at step {stopped}" in log, log[-3000:]
     assert_same_weights(run_dir, reference)
+
+
+def test_sbatch_cl_runs_the_continual_stage_on_two_nodes(task_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(tmp_path / "log", f"data.root={task_shards}", "model.init=''",
+                 "run.visit_steps=2", "cl.rounds=1", f"run.dir={run_dir}",
+                 script="slurm/cl.sh", config=ROOT / "configs" / "continual_demo.yaml")
+    assert wait_done(job) == "COMPLETED", (tmp_path / "log").read_text()[-3000:]
+    log = (tmp_path / "log").read_text()
+    assert "continual: muscle, 2 rank(s), 4 visits" in log
+    matrix = json.loads((run_dir / "validation.json").read_text())
+    assert len(matrix) == 4
+    scalars = read_scalars(run_dir / "tb")
+    assert [s for s, _ in scalars["train/lr"]] == list(range(1, 9))
+    assert final_model(run_dir)["step"] == 8

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zlib
 from contextlib import closing
 from pathlib import Path
 
@@ -150,11 +151,14 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
     if init is not None:
         load_imagenet_into(trunk, init)
     channels = trunk_channels(cfg.model.arch)
-    net = MultiTaskNet(trunk, {t: TASKS[t].head(channels) for t in tasks}).to(device)
+    heads = {t: TASKS[t].head(channels, cfg.model.rois_per_image) if TASKS[t].kind == "detection"
+             else TASKS[t].head(channels) for t in tasks}
+    net = MultiTaskNet(trunk, heads).to(device)
     wd = cfg.optim.weight_decay
     # Under MUSCLE, eq. 2's (1 - α)‖w‖² is the backbone's weight decay.
-    groups = [{"params": list(net.backbone.parameters()), "weight_decay": 0.0 if cfg.muscle
-               else wd, "role": "backbone"}]
+    decay = {"backbone": 0.0 if cfg.muscle else wd, **{t: wd for t in tasks}}
+    groups = [{"params": list(net.backbone.parameters()), "weight_decay": decay["backbone"],
+               "role": "backbone"}]
     groups += [{"params": list(net.heads[t].parameters()), "weight_decay": wd, "role": t}
                for t in tasks]
     engine = deepspeed_engine(net, groups, ds_config, momentum=cfg.optim.momentum,
@@ -167,6 +171,12 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
         raise SystemExit(fail(f"ranks disagree on steps per epoch ({spread}): the loader must "
                               f"give every rank as many"))
     visits = plan(cfg, loaders)
+    # Every rank derives the plan alone (no broadcast); nodes with another numpy could draw
+    # other orders and then deadlock in mismatched collectives, so compare once.
+    (lo, hi), = dist.spread([zlib.crc32(json.dumps(visits).encode())])
+    if lo != hi:
+        raise SystemExit(fail("ranks computed different visit orders (different numpy "
+                              "versions on the nodes?)"))
     total = sum(v["steps"] for v in visits)
     steps_of = {t: min(len(loaders[t]), cfg.run.visit_steps or len(loaders[t])) for t in tasks}
     step, matrix, anchor = 0, [], None
@@ -217,11 +227,9 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
         for g in engine.optimizer.param_groups:
             active = g["role"] in ("backbone", task)
             g["lr"] = lr if active else 0.0
-            g["weight_decay"] = g["initial_weight_decay"] if active else 0.0
+            # from the config, not the group: a resumed group holds its last step's value
+            g["weight_decay"] = decay[g["role"]] if active else 0.0
         return lr
-
-    for g in engine.optimizer.param_groups:
-        g["initial_weight_decay"] = g["weight_decay"]
 
     log = RunLogger(run_dir / "tb", rank, purge_step=step + 1 if resumed else None)
     stop = StopOnSignal()

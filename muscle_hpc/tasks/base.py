@@ -87,8 +87,8 @@ class DetectionTask:
     def classes(self) -> dict[int, str]:
         return {c: n for c, n in self.categories.values()}
 
-    def head(self, channels):
-        return DetectionHead(channels, len(self.categories) + 1)  # + background
+    def head(self, channels, rois_per_image: int = 512):
+        return DetectionHead(channels, len(self.categories) + 1, rois_per_image)  # + background
 
     def check(self, shard: Shard) -> None:
         names = shard.fields.get("box_labels", {}).get("names")

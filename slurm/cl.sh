@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=muscle-cl
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=48:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR2@120
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+#
+# Continual learning (MUSCLE stage 2) on Slurm, the sbatch way (python -m muscle_hpc.launch
+# --stage cl is the submitit way). Submit from the repository root; one task per GPU:
+#
+#   sbatch [--nodes N --ntasks-per-node G --gpus-per-node G ...] slurm/cl.sh [CONFIG] [key=value ...]
+#   CONFIG=configs/continual_r18.yaml OVERRIDES="data.root=/data/shards" sbatch slurm/cl.sh
+#
+# Add --gpus-per-node (or --gres=gpu:G) for your cluster; the defaults above ask for none so the
+# script also runs on CPU clusters (gloo). Arguments and OVERRIDES reach the stage as separate
+# words, never through a shell: nothing here is evaluated. Before the time limit Slurm sends
+# USR2 to this script, which passes it to the tasks; they checkpoint after their current step
+# and the job is requeued (at most MAX_REQUEUES times) and resumes from that checkpoint.
+# Preemption (SIGTERM, scontrol requeue) checkpoints the same way and Slurm requeues the job.
+STAGE=continual DEFAULT_CONFIG=configs/continual_r50.yaml
+# sbatch runs a copy of this file; the shared body is read from the submit directory.
+source "${SLURM_SUBMIT_DIR:-.}/slurm/stage_body.sh"
