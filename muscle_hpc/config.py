@@ -144,6 +144,7 @@ class ClModelConfig:
     # The MD-MoCo backbone (its backbone_torchvision.pth); empty: Kaiming init (no pre-training).
     init: str = "runs/mdmoco_r50/backbone_torchvision.pth"
     rois_per_image: int = opt(512, lo=1)  # Faster R-CNN's box-head sample (torchvision's)
+    test_proposals: int = opt(1000, lo=1)  # proposals scored per image in evaluation (same)
 
 
 @dataclass(frozen=True)

@@ -233,3 +233,14 @@ def test_missing_task_shard_and_wrong_backbone_are_refused(task_shards, tmp_path
     err = capsys.readouterr().err
     assert err.startswith(f"continual: error: model.init: {tmp_path / 'r50.pth'} is not a "
                           f"resnet18 backbone") and err.count("\n") == 1
+
+
+def test_launch_refuses_a_bad_continual_config_before_submitting(task_shards, tmp_path, capsys):
+    from muscle_hpc import launch
+
+    code = launch.main(["--stage", "cl", "--config", str(DEMO), "--nodes", "3",
+                        f"data.root={task_shards}", "model.init=''", f"run.dir={tmp_path}/run"])
+    assert code == 2
+    assert capsys.readouterr().err == ("launch: error: tasks.pneumonia.batch_size: global batch "
+                                       "8 is not divisible by the world size 3\n")
+    assert not (tmp_path / "run").exists()

@@ -90,10 +90,12 @@ class DetectionHead(nn.Module):
     shared trunk's features (what ``GeneralizedRCNN.forward`` would do, with the trunk moved
     out). ``num_classes`` counts the background."""
 
-    def __init__(self, channels: dict[str, int], num_classes: int, rois_per_image: int = 512):
+    def __init__(self, channels: dict[str, int], num_classes: int, rois_per_image: int = 512,
+                 test_proposals: int = 1000):
         super().__init__()
         self.rcnn = FasterRCNN(_FPN(channels), num_classes=num_classes,
-                               box_batch_size_per_image=rois_per_image)
+                               box_batch_size_per_image=rois_per_image,
+                               rpn_post_nms_top_n_test=test_proposals)
 
     def _run(self, features, images, targets=None):
         # Skips rcnn.transform: the images are normalised already and must keep the size the

@@ -87,8 +87,9 @@ class DetectionTask:
     def classes(self) -> dict[int, str]:
         return {c: n for c, n in self.categories.values()}
 
-    def head(self, channels, rois_per_image: int = 512):
-        return DetectionHead(channels, len(self.categories) + 1, rois_per_image)  # + background
+    def head(self, channels, rois_per_image: int = 512, test_proposals: int = 1000):
+        return DetectionHead(channels, len(self.categories) + 1,  # + background
+                             rois_per_image, test_proposals)
 
     def check(self, shard: Shard) -> None:
         names = shard.fields.get("box_labels", {}).get("names")
