@@ -163,6 +163,22 @@ class RollingCheckpoint:
         if self.world > 1:
             dist.barrier()  # nobody races ahead to the next save while rank 0 prunes
 
+    def save_training(self, step: int, engine, shared: dict) -> None:
+        """``save`` of a training state: ``shared`` plus this rank's RNG state and the
+        optimizer state, in ``shared`` without ZeRO, in each rank's own file under ZeRO
+        (its partition)."""
+        shared, own = dict(shared), {"rng": checkpoint.rng_state()}
+        (own if engine.zero_optimization() else shared)["optimizer"] = optimizer_state(engine)
+        self.save(step, shared, own)
+
+    @staticmethod
+    def restore_training(engine, resumed: tuple[dict, dict]) -> dict:
+        """Undo ``save_training`` into ``engine`` and the RNGs; returns the shared part."""
+        shared, own = resumed
+        load_optimizer_state(engine, (own if engine.zero_optimization() else shared)["optimizer"])
+        checkpoint.set_rng_state(own["rng"])
+        return shared
+
     def load(self, config: dict | None = None, may_change: tuple[str, ...] = ()
              ) -> tuple[dict, dict] | None:
         """``(shared, own)`` of the last complete checkpoint, or None when the run is new.

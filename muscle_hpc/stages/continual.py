@@ -15,7 +15,6 @@ same round, visit and step, with the same anchor. Exit status as for ``mdmoco``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import zlib
@@ -33,14 +32,13 @@ from muscle_hpc.engine import (
     StopOnSignal,
     deepspeed_engine,
     grad_norm,
-    load_optimizer_state,
-    optimizer_state,
     reset_optimizer_state,
 )
 from muscle_hpc.evaluate import evaluate, split_loader
 from muscle_hpc.models.backbone import build_backbone, export_torchvision, load_imagenet_into
 from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
 from muscle_hpc.regularizers import L2SP
+from muscle_hpc.stages import common
 from muscle_hpc.tasks import TASKS
 from muscle_hpc.tblog import RunLogger
 
@@ -48,16 +46,11 @@ RESUMABLE_CHANGES = ("run.", "data.num_workers")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m muscle_hpc.stages.continual",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML file (configs/continual_*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. cl.rounds=5")
-    return p.parse_args(argv)
+    return common.parse_args("continual", __doc__, argv, "cl.rounds=5")
 
 
 def fail(message: str) -> int:
-    print(f"continual: error: {message}", file=sys.stderr)
-    return 2
+    return common.fail("continual", message)
 
 
 def init_weights(cfg) -> dict | None:
@@ -164,7 +157,6 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
                for t in tasks]
     engine = deepspeed_engine(net, groups, ds_config, momentum=cfg.optim.momentum,
                               weight_decay=wd)
-    sharded_optimizer = engine.zero_optimization_stage() > 0
     l2sp = L2SP(cfg.cl.l2sp_alpha, cfg.cl.l2sp_weight) if cfg.muscle else None
 
     spread = dist.spread([len(loaders[t]) for t in tasks])
@@ -182,13 +174,11 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
     steps_of = {t: min(len(loaders[t]), cfg.run.visit_steps or len(loaders[t])) for t in tasks}
     step, matrix, anchor = 0, [], None
     if resumed:
-        shared, own = resumed
-        if shared["steps_of"] != steps_of:
-            raise SystemExit(fail(f"{ckpt.path}: steps per visit {shared['steps_of']}, the data "
-                                  f"now gives {steps_of}; the shards changed"))
+        if resumed[0]["steps_of"] != steps_of:
+            raise SystemExit(fail(f"{ckpt.path}: steps per visit {resumed[0]['steps_of']}, the "
+                                  f"data now gives {steps_of}; the shards changed"))
+        shared = ckpt.restore_training(engine, resumed)
         net.load_state_dict(shared["model"])
-        load_optimizer_state(engine, own["optimizer"] if sharded_optimizer else shared["optimizer"])
-        checkpoint.set_rng_state(own["rng"])
         step, matrix, anchor = shared["step"], shared["matrix"], shared.get("anchor")
     elif rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,16 +198,11 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
 
     def save():
         saved_at[0] = step
-        shared = {"model": net.state_dict(), "config": config.to_dict(cfg), "step": step,
+        shared = {"model": net.state_dict(), "config": config.to_dict(cfg),
                   "steps_of": steps_of, "matrix": matrix}
         if l2sp is not None and l2sp.anchor:
             shared["anchor"] = l2sp.anchor
-        own = {"rng": checkpoint.rng_state()}
-        if sharded_optimizer:
-            own["optimizer"] = optimizer_state(engine)
-        else:
-            shared["optimizer"] = optimizer_state(engine)
-        ckpt.save(step, shared, own)
+        ckpt.save_training(step, engine, shared)
 
     def set_lr(visit, task):
         if cfg.muscle:  # eq. 1 within the visit

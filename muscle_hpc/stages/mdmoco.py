@@ -13,7 +13,6 @@ with 128 + the signal number.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from contextlib import closing
 from functools import partial
@@ -31,11 +30,10 @@ from muscle_hpc.engine import (
     StopOnSignal,
     deepspeed_engine,
     grad_norm,
-    load_optimizer_state,
-    optimizer_state,
 )
 from muscle_hpc.models.backbone import build_backbone, export_torchvision
 from muscle_hpc.models.moco import MoCo
+from muscle_hpc.stages import common
 from muscle_hpc.tblog import RunLogger
 
 # Config sections that may change between a run and its resume; anything else would make the
@@ -44,16 +42,11 @@ RESUMABLE_CHANGES = ("run.", "data.num_workers")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m muscle_hpc.stages.mdmoco",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML file (configs/mdmoco_*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.K=4096")
-    return p.parse_args(argv)
+    return common.parse_args("mdmoco", __doc__, argv, "model.K=4096")
 
 
 def fail(message: str) -> int:
-    print(f"mdmoco: error: {message}", file=sys.stderr)
-    return 2
+    return common.fail("mdmoco", message)
 
 
 def prepare(config_path, overrides, world_size: int, on_cuda: bool):
@@ -118,10 +111,8 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
     total = cfg.optim.epochs * steps_per_epoch
     step = 0
     if resumed:
-        shared, own = resumed
+        shared = ckpt.restore_training(engine, resumed)
         moco.load_state_dict(shared["model"])
-        load_optimizer_state(engine, own["optimizer"] if sharded_optimizer else shared["optimizer"])
-        checkpoint.set_rng_state(own["rng"])
         step = shared["step"]
         if shared["steps_per_epoch"] != steps_per_epoch:
             raise SystemExit(fail(f"{ckpt.path}: {shared['steps_per_epoch']} steps per epoch, "
@@ -136,14 +127,8 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
               flush=True)
 
     def save():
-        shared = {"model": moco.state_dict(), "config": config.to_dict(cfg),
-                  "steps_per_epoch": steps_per_epoch}
-        own = {"rng": checkpoint.rng_state()}
-        if sharded_optimizer:
-            own["optimizer"] = optimizer_state(engine)
-        else:
-            shared["optimizer"] = optimizer_state(engine)
-        ckpt.save(step, shared, own)
+        ckpt.save_training(step, engine, {"model": moco.state_dict(), "config": config.to_dict(cfg),
+                                          "steps_per_epoch": steps_per_epoch})
 
     log = RunLogger(run_dir / "tb", rank, purge_step=step + 1 if resumed else None)
     stop = StopOnSignal()
