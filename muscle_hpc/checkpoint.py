@@ -35,6 +35,16 @@ def save(path: Path, state: dict) -> None:
         os.close(dir_fd)
 
 
+def save_json(path: Path, obj) -> None:
+    """``obj`` as JSON at ``path``, atomically (a reader never sees half a file)."""
+    import json
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def load(path: Path, map_location="cpu") -> dict | None:
     """The checkpoint at ``path``, or None when there is none yet."""
     path = Path(path)

@@ -216,6 +216,117 @@ def check_continual(cfg: ContinualConfig, world_size: int) -> None:
                           f"{cfg.optim.lr_max}")
 
 
+# --- the fine-tuning stage -----------------------------------------------------------------
+
+INITS = ("scratch", "imagenet", "mdmoco", "muscle--", "muscle")
+BACKBONES = {"r18": "resnet18", "r50": "resnet50"}
+_FT_ZERO3_WHY = ("ZeRO stage 3 is not supported: evaluation runs the model outside DeepSpeed's "
+                 "forward, on whole weights; use 0-2")
+
+
+@dataclass(frozen=True)
+class FtTask:
+    batch_size: int = opt(16, lo=1)  # global, over all ranks
+    epochs: int = opt(20, lo=1)
+    lr: float = opt(0.01, gt=0.0)
+    lr_step_epochs: int = opt(10, lo=1)  # the LR is multiplied by optim.lr_gamma this often
+
+
+@dataclass(frozen=True)
+class FtTasksConfig:
+    pneumonia: FtTask = field(default_factory=lambda: FtTask(32))
+    mura: FtTask = field(default_factory=lambda: FtTask(32))
+    lung: FtTask = field(default_factory=lambda: FtTask(16))
+    tbx: FtTask = field(default_factory=lambda: FtTask(8))
+
+
+@dataclass(frozen=True)
+class FtDataConfig:
+    root: str = "shards"
+    num_workers: int = opt(2, lo=1)
+    flip_prob: float = opt(0.5, lo=0.0, hi=1.0)
+    mean: float = 122.786
+    std: float = opt(18.390, gt=0.0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FtModelConfig:
+    rois_per_image: int = opt(512, lo=1)
+    test_proposals: int = opt(1000, lo=1)
+
+
+@dataclass(frozen=True)
+class PretrainedConfig:
+    """Where each init's backbone is. ``{root}`` is ``run.root``, ``{backbone}`` r18 or r50."""
+    mdmoco: str = "{root}/mdmoco_{backbone}/backbone_torchvision.pth"
+    muscle: str = "{root}/continual_{backbone}/backbone_torchvision.pth"
+    muscle_minus: str = "{root}/continual_{backbone}_muscle--/backbone_torchvision.pth"
+    # A torchvision ImageNet state dict; empty: torchvision's file in the torch hub cache.
+    imagenet: str = ""
+
+
+@dataclass(frozen=True)
+class FtOptimConfig:
+    momentum: float = opt(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = opt(1e-4, lo=0.0)
+    lr_gamma: float = opt(0.1, gt=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class FtEvalConfig:
+    bootstrap: int = opt(100, lo=0)  # resamples for the 95% CIs of the test metrics (0: none)
+    seed: int = 0
+    samples: int = opt(8, lo=0, hi=64)  # test images kept for the segmentation overlays
+
+
+@dataclass(frozen=True)
+class FtRunConfig:
+    root: str = "runs"  # the pipeline's run directory: inputs and finetune/<task>_<bb>_<init>
+    checkpoint_every_steps: int = opt(500, lo=1)
+    log_every_steps: int = opt(20, lo=1)
+    max_steps_per_epoch: int = opt(0, lo=0)  # 0: whole epochs (the paper's); demos and tests
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16"), refuse={"fp16": _FP16_WHY})
+    zero_stage: int = opt(0, lo=0, hi=2, refuse={3: _FT_ZERO3_WHY})
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    data: FtDataConfig = field(default_factory=FtDataConfig)
+    model: FtModelConfig = field(default_factory=FtModelConfig)
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
+    tasks: FtTasksConfig = field(default_factory=FtTasksConfig)
+    optim: FtOptimConfig = field(default_factory=FtOptimConfig)
+    eval: FtEvalConfig = field(default_factory=FtEvalConfig)
+    run: FtRunConfig = field(default_factory=FtRunConfig)
+
+    def task(self, name: str) -> FtTask:
+        return getattr(self.tasks, name)
+
+
+def check_finetune(cfg: FinetuneConfig, task: str, world_size: int) -> None:
+    """What a loaded fine-tune config must also satisfy for ``task`` on ``world_size`` ranks."""
+    batch = cfg.task(task).batch_size
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if batch % world_size:
+        raise ConfigError(f"tasks.{task}.batch_size: global batch {batch} is not divisible by "
+                          f"the world size {world_size}")
+    if batch // world_size < 2:
+        raise ConfigError(f"tasks.{task}.batch_size: {batch} over {world_size} ranks is "
+                          f"{batch // world_size} image per rank; BatchNorm needs at least 2")
+
+
+def expand_path(key: str, template: str, **values: str) -> str:
+    """``template`` with ``{name}`` filled from ``values``; any other placeholder is refused."""
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{key}: {template!r} has a placeholder other than "
+                          f"{', '.join('{' + k + '}' for k in values)} ({e})") from None
+
+
 # --- loading -------------------------------------------------------------------------------
 
 def load(path: str | Path | None, overrides: list[str] = (), schema: type = MocoConfig):
@@ -291,6 +402,12 @@ def _keys(schema: type, prefix: str = "") -> list[str]:
     return out
 
 
+def _leaf_type(schema: type, key: str):
+    for name in key.split("."):
+        schema = typing.get_type_hints(schema)[name]
+    return schema
+
+
 def _unknown(key: str, schema: type) -> ConfigError:
     keys = {k.lower(): k for k in _keys(schema)}  # model.k is a typo of model.K, not model.m
     close = difflib.get_close_matches(key.lower(), keys, n=1, cutoff=0.6)
@@ -307,12 +424,16 @@ def _apply_override(data: dict, item: str, schema: type) -> None:
     key = key.strip()
     if not eq or not key:
         raise ConfigError(f"{item!r}: an override must be key=value, e.g. model.K=4096")
+    if key not in _keys(schema):
+        raise _unknown(key, schema)
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: value {text!r} is not valid YAML{_where(e)}") from None
-    if key not in _keys(schema):
-        raise _unknown(key, schema)
+        if _leaf_type(schema, key) is not str:
+            raise ConfigError(f"{key}: value {text!r} is not valid YAML{_where(e)}") from None
+        value = text  # a path template such as {root}/x.pth is not YAML, and need not be
+    if isinstance(value, dict) and _leaf_type(schema, key) is str:
+        value = text
     *sections, leaf = key.split(".")
     node = data
     for depth, s in enumerate(sections):

@@ -140,6 +140,18 @@ def spread(values: list[int]) -> list[tuple[int, int]]:
     return [(-int(t[2 * i + 1]), int(t[2 * i])) for i in range(len(values))]
 
 
+def mean(value) -> float:
+    """The mean over ranks of a scalar tensor or number (itself outside a group)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.as_tensor(value, dtype=torch.float64).detach().cpu().reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return float(t)
+
+
 def gather_objects(items: list) -> list:
     """The concatenation of every rank's ``items`` (picklable), on every rank, in rank order."""
     import torch.distributed as dist

@@ -22,8 +22,10 @@ def split_loader(task, shard, batch_size: int, data_cfg, distributed: bool) -> T
 
 
 @torch.no_grad()
-def evaluate(model, task, loader: TaskLoader, device, bf16: bool = False) -> dict[str, float]:
-    """``task``'s metrics of ``model`` (a ``MultiTaskNet``) over ``loader``'s split."""
+def evaluate_records(model, task, loader: TaskLoader, device, bf16: bool = False,
+                     on_batch=None) -> list:
+    """``task``'s per-sample records of ``model`` (a ``MultiTaskNet``) over ``loader``'s split,
+    gathered from every rank. ``on_batch(batch, outputs)`` sees each of this rank's batches."""
     was_training = model.training
     model.eval()
     records = []
@@ -32,6 +34,13 @@ def evaluate(model, task, loader: TaskLoader, device, bf16: bool = False) -> dic
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 outputs = model.predict(task.name, batch["image"].to(device, non_blocking=True))
             records += task.records(outputs, batch)
+            if on_batch is not None:
+                on_batch(batch, outputs)
     finally:
         model.train(was_training)
-    return task.metrics(dist.gather_objects(records))
+    return dist.gather_objects(records)
+
+
+def evaluate(model, task, loader: TaskLoader, device, bf16: bool = False) -> dict[str, float]:
+    """``task``'s metrics of ``model`` over ``loader``'s split (the same on every rank)."""
+    return task.metrics(evaluate_records(model, task, loader, device, bf16))

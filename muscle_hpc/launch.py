@@ -1,19 +1,38 @@
-"""Submit a stage to Slurm through submitit; without Slurm, run it here the same way.
+"""Submit the stages to Slurm through submitit; without Slurm, run them here the same way.
 
-    python -m muscle_hpc.launch --stage mdmoco|cl --config FILE --nodes N [--gpus-per-node G]
-        [--partition P] [--time MIN] [--account A] [--cpus-per-task C] [--max-requeues R]
-        [--wait] [key=value ...]
+    python -m muscle_hpc.launch --stage mdmoco|cl --config FILE [options] [key=value ...]
+    python -m muscle_hpc.launch --stage finetune --config FILE [--tasks T,..] [--inits I,..]
+        [--backbones B,..] [options] [key=value ...]
+    python -m muscle_hpc.launch --stage all [--backbone r18|r50] [--root DIR] [--data-root DIR]
+        [--mdmoco-config F] [--cl-config F] [--finetune-config F] [--finetune-nodes N]
+        [--mdmoco-override K=V] [--cl-override K=V] [--finetune-override K=V] [options]
+        [key=value ...]
+    options: [--nodes N] [--gpus-per-node G] [--cpus-per-task C] [--partition P] [--account A]
+        [--time MIN] [--max-requeues R] [--folder DIR] [--wait]
 
-The config, the overrides and the shards are checked here, for the world size the job will
-have, before anything is submitted. Each task gets rank, world size and rendezvous from
-submitit's job environment and runs the stage's ``main`` (NCCL on GPU, gloo on CPU), which
-neither knows nor cares how it was started.
+``--stage finetune`` submits one Slurm job array, one element per (task, init, backbone) of the
+grid that the filters keep (default: all 40). ``--stage all`` submits the whole pipeline for one
+backbone under ``--root``: MD-MoCo (``ROOT/mdmoco_BB``), then MUSCLE and MUSCLE⁻⁻
+(``ROOT/continual_BB``, ``ROOT/continual_BB_muscle--``, both from MD-MoCo's backbone) with
+``--dependency=afterok`` on it, then the fine-tune array (``run.root=ROOT``, on
+``--finetune-nodes``) after both; these are the directories the fine-tune config's
+``pretrained`` templates name. Plain key=value overrides go to every stage of ``all``, the
+``--X-override`` ones to one stage. Default configs: configs/mdmoco_BB.yaml,
+configs/continual_BB.yaml, configs/finetune.yaml.
+
+Every job's config, overrides, shards and initial weights are checked here, for the world size
+the job will have, before anything is submitted (for ``all``, the backbones the earlier stages
+will write are taken on trust; ImageNet weights must exist, or leave imagenet out of
+``--inits``). Each task gets rank, world size and rendezvous from submitit's job environment
+and runs the stage's ``main`` (NCCL on GPU, gloo on CPU), which neither knows nor cares how it
+was started. Without Slurm, the jobs run on this machine through submitit's local executor:
+several jobs (an array, ``all``) one after another, each waited for.
 
 Preemption and time limits: Slurm sends SIGUSR2 (submitit's ``--signal=USR2@120``) or SIGTERM;
 the stage checkpoints after the current step on every rank; on SIGUSR2 submitit's handler requeues
 the job (``checkpoint()`` below), on SIGTERM Slurm requeues it itself (preemption,
 ``scontrol requeue``). The requeued job resumes from the rolling checkpoint. At most
-``--max-requeues`` requeues, then the job ends as uncompleted.
+``--max-requeues`` requeues, then the job ends as uncompleted. An array element is requeued alone.
 """
 
 from __future__ import annotations
@@ -24,8 +43,11 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
-STAGES = {"mdmoco": "muscle_hpc.stages.mdmoco", "cl": "muscle_hpc.stages.continual"}
+STAGES = {"mdmoco": "muscle_hpc.stages.mdmoco", "cl": "muscle_hpc.stages.continual",
+          "finetune": "muscle_hpc.stages.finetune"}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 class StageJob:
@@ -49,7 +71,7 @@ class StageJob:
             if stopped_by != signal.SIGTERM and callable(signal.getsignal(stopped_by)):
                 # The stage held submitit's preemption signal until its checkpoint was safe;
                 # hand it to submitit's own handler now, which requeues the job and exits.
-                # (On SIGTERM Slurm requeues the job itself.)
+                # (On SIGTERM Slurm requeues it itself.)
                 signal.raise_signal(stopped_by)
             sys.exit(code)
         raise RuntimeError(f"{self.stage} exited with status {code} (see this task's log)")
@@ -63,12 +85,35 @@ class StageJob:
             StageJob(self.stage, self.argv, self.max_requeues, self.requeues + 1))
 
 
+class Step(NamedTuple):
+    """One Slurm job, or one job array (an element per argv), of the submission."""
+    stage: str
+    label: str  # the job name's suffix and what the messages call it
+    argvs: list[list[str]]
+    nodes: int
+    after: tuple[int, ...] = ()  # indices of the steps that must end OK first
+    array: bool = False
+
+
+def comma_list(choices):
+    def parse(text: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{','.join(bad) or repr(text)}: not one of "
+                                             f"{', '.join(choices)}")
+        return items
+    return parse
+
+
 def parse_args(argv):
+    from muscle_hpc.config import BACKBONES, INITS, TASK_NAMES
+
     p = argparse.ArgumentParser(prog="python -m muscle_hpc.launch",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", required=True, choices=tuple(STAGES))
-    p.add_argument("--config", required=True)
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--stage", required=True, choices=(*STAGES, "all"))
+    p.add_argument("--config", help="the stage's YAML (not with --stage all)")
+    p.add_argument("--nodes", type=int, default=1, help="per job; per element of an array")
     p.add_argument("--gpus-per-node", type=int, default=0,
                    help="one task per GPU; 0: one CPU task per node (gloo)")
     p.add_argument("--cpus-per-task", type=int, default=None)
@@ -76,16 +121,170 @@ def parse_args(argv):
     p.add_argument("--account")
     p.add_argument("--time", type=int, default=24 * 60, help="minutes")
     p.add_argument("--max-requeues", type=int, default=10)
-    p.add_argument("--folder", help="submitit's logs (default: RUN_DIR/submitit)")
-    p.add_argument("--wait", action="store_true", help="wait for the job and report its result")
+    p.add_argument("--folder", help="submitit's logs (default: RUN_DIR/submitit, "
+                                    "run.root/submitit for finetune, ROOT/submitit for all)")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs and report the result")
+    g = p.add_argument_group("finetune: which grid elements (comma lists; default all)")
+    g.add_argument("--tasks", type=comma_list(TASK_NAMES), default=list(TASK_NAMES))
+    g.add_argument("--inits", type=comma_list(INITS), default=list(INITS))
+    g.add_argument("--backbones", type=comma_list(tuple(BACKBONES)), default=None,
+                   help="not with --stage all (see --backbone)")
+    g = p.add_argument_group("all: the pipeline for one backbone")
+    g.add_argument("--backbone", choices=tuple(BACKBONES), default="r50")
+    g.add_argument("--root", default="runs", help="where every stage writes (default: runs)")
+    g.add_argument("--data-root", help="data.root of every stage (default: each config's)")
+    g.add_argument("--finetune-nodes", type=int, default=1, help="per fine-tune element")
+    for stage, name in (("mdmoco", "MD-MoCo"), ("cl", "continual"), ("finetune", "fine-tune")):
+        g.add_argument(f"--{stage}-config", help=f"the {name} YAML")
+        g.add_argument(f"--{stage}-override", action="append", default=[], metavar="K=V",
+                       help=f"an override for the {name} stage only (repeatable)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    for name in ("nodes", "time"):
+    for name in ("nodes", "time", "finetune_nodes"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.gpus_per_node < 0 or args.max_requeues < 0:
         p.error("--gpus-per-node and --max-requeues must be >= 0")
+    if args.stage == "all":
+        if args.config or args.backbones:
+            p.error("--stage all: give --mdmoco-config/--cl-config/--finetune-config and "
+                    "--backbone, not --config or --backbones")
+    else:
+        if not args.config:
+            p.error(f"--stage {args.stage} needs --config")
+        only_all = [f for f in ("mdmoco_config", "cl_config", "finetune_config", "data_root",
+                                "mdmoco_override", "cl_override", "finetune_override")
+                    if getattr(args, f)]
+        if only_all:
+            p.error(f"--{only_all[0].replace('_', '-')} is for --stage all")
+    args.backbones = args.backbones or list(BACKBONES)
     return args
+
+
+def finetune_argvs(args, config_path, overrides, world, on_cuda, backbones,
+                   produced_later=False) -> list[list[str]]:
+    """The argv of every selected grid element, each one's inputs checked as its job would.
+    Raises ``ConfigError``/``ShardError`` naming the element."""
+    from muscle_hpc import config
+    from muscle_hpc.data.shards import ShardError
+    from muscle_hpc.stages import finetune
+
+    argvs = []
+    for sel in map(finetune.Selection._make, finetune.GRID):
+        if sel.task not in args.tasks or sel.init not in args.inits or \
+                sel.backbone not in backbones:
+            continue
+        try:
+            finetune.prepare(config_path, overrides, world, on_cuda, sel, produced_later)
+        except (config.ConfigError, ShardError) as e:
+            raise type(e)(f"finetune {sel.name}: {e}") from None
+        argvs.append(["--config", str(config_path), "--task", sel.task, "--init", sel.init,
+                      "--backbone", sel.backbone, *overrides])
+    return argvs
+
+
+def plan_stage(args, world: int, on_cuda: bool) -> tuple[list[Step], Path]:
+    """One stage: its job (or array) and the default log folder. Raises on a refused input."""
+    if args.stage == "finetune":
+        from muscle_hpc import config
+
+        argvs = finetune_argvs(args, args.config, args.overrides, world, on_cuda, args.backbones)
+        root = config.load(args.config, args.overrides, config.FinetuneConfig).run.root
+        return [Step("finetune", "finetune", argvs, args.nodes, array=True)], Path(root)
+    stage = importlib.import_module(STAGES[args.stage])
+    cfg = stage.prepare(args.config, args.overrides, world, on_cuda)[0]
+    argv = ["--config", str(args.config), *args.overrides]
+    return [Step(args.stage, args.stage, [argv], args.nodes)], Path(cfg.run.dir)
+
+
+def plan_all(args, tasks_per_node: int, on_cuda: bool) -> tuple[list[Step], Path]:
+    """The pipeline for ``args.backbone`` under ``args.root``, every stage checked first."""
+    from muscle_hpc import config
+    from muscle_hpc.stages import continual, mdmoco
+
+    bb, root = args.backbone, Path(args.root)
+    arch = config.BACKBONES[bb]
+    world = args.nodes * tasks_per_node
+    common = [f"data.root={args.data_root}"] if args.data_root else []
+    common += args.overrides
+    # The run directories last: they are the layout the fine-tune templates expect.
+    moco_dir = root / f"mdmoco_{bb}"
+    moco_config = args.mdmoco_config or CONFIGS / f"mdmoco_{bb}.yaml"
+    moco_ov = [*common, *args.mdmoco_override, f"run.dir={moco_dir}"]
+    cl_config = args.cl_config or CONFIGS / f"continual_{bb}.yaml"
+    init = f"model.init={moco_dir / 'backbone_torchvision.pth'}"
+    cl_ovs = {method: [*common, *args.cl_override, f"cl.method={method}", init,
+                       f"run.dir={root / ('continual_' + bb + suffix)}"]
+              for method, suffix in (("muscle", ""), ("muscle--", "_muscle--"))}
+    ft_config = args.finetune_config or CONFIGS / "finetune.yaml"
+    ft_ov = [*common, *args.finetune_override, f"run.root={root}"]
+
+    cfg = mdmoco.prepare(moco_config, moco_ov, world, on_cuda)[0]
+    checked = [(moco_config, cfg.model.arch)]
+    for ov in cl_ovs.values():
+        # MD-MoCo's backbone does not exist yet: check all but model.init.
+        cfg = continual.prepare(cl_config, [*ov, "model.init=''"], world, on_cuda)[0]
+        checked.append((cl_config, cfg.model.arch))
+    for path, got in checked:
+        if got != arch:
+            raise config.ConfigError(f"{path}: model.arch is {got}, not {arch} (--backbone {bb})")
+    ft_argvs = finetune_argvs(args, ft_config, ft_ov, args.finetune_nodes * tasks_per_node,
+                              on_cuda, [bb], produced_later=True)
+    steps = [Step("mdmoco", "mdmoco", [["--config", str(moco_config), *moco_ov]], args.nodes),
+             Step("cl", "cl", [["--config", str(cl_config), *cl_ovs["muscle"]]], args.nodes,
+                  after=(0,)),
+             Step("cl", "cl-muscle--", [["--config", str(cl_config), *cl_ovs["muscle--"]]],
+                  args.nodes, after=(0,)),
+             Step("finetune", "finetune", ft_argvs, args.finetune_nodes, after=(1, 2),
+                  array=True)]
+    return steps, root
+
+
+def array_id(jobs) -> str:
+    return jobs[0].job_id.split("_")[0]
+
+
+def submit(executor, step: Step, params: dict, max_requeues: int, dependency: str | None):
+    """Submit ``step`` (an array through ``executor.batch()``); its jobs."""
+    if "slurm_signal_delay_s" in params:  # on Slurm
+        params = dict(params, slurm_additional_parameters=(
+            {"dependency": dependency} if dependency else {}))
+    executor.update_parameters(name=f"muscle-{step.label}", nodes=step.nodes, **params)
+    if len(step.argvs) == 1:
+        return [executor.submit(StageJob(step.stage, step.argvs[0], max_requeues))]
+    with executor.batch():
+        jobs = [executor.submit(StageJob(step.stage, argv, max_requeues)) for argv in step.argvs]
+    return jobs
+
+
+def describe(step: Step, jobs, tasks_per_node: int, folder: Path, where: str, after) -> str:
+    shape = f"{step.nodes} node(s) x {tasks_per_node} task(s)"
+    deps = f", after job(s) {', '.join(after)}" if after else ""
+    if step.array:
+        return (f"launch: {step.label} array {array_id(jobs)} ({len(jobs)} element(s)) on "
+                f"{where}: {shape} each{deps}; logs in {folder / array_id(jobs)}_*")
+    return (f"launch: {step.label} job {jobs[0].job_id} on {where}: {shape}{deps}; "
+            f"logs in {folder / str(jobs[0].job_id)}")
+
+
+def wait_for(step: Step, jobs) -> bool:
+    """Wait for ``jobs`` (one step); say how it went. True if every task returned 0."""
+    ok = True
+    for job in jobs:
+        try:
+            results = job.results()
+        except Exception as e:  # noqa: BLE001 - a failed job, said in one line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            print(f"launch: job {job.job_id} failed: {reason}", file=sys.stderr, flush=True)
+            ok = False
+            continue
+        ok = ok and all(r == 0 for r in results)
+        if not step.array:
+            print(f"launch: job {job.job_id} finished ({len(results)} tasks)", flush=True)
+    if step.array and ok:
+        print(f"launch: {step.label} array {array_id(jobs)} finished ({len(jobs)} elements)",
+              flush=True)
+    return ok
 
 
 def main(argv=None) -> int:
@@ -93,23 +292,26 @@ def main(argv=None) -> int:
     from muscle_hpc import config
     from muscle_hpc.data.shards import ShardError
 
-    stage = importlib.import_module(STAGES[args.stage])
+    on_slurm = shutil.which("sbatch") is not None
     tasks_per_node = max(args.gpus_per_node, 1)
-    world = args.nodes * tasks_per_node
+    on_cuda = args.gpus_per_node > 0
     try:
-        cfg = stage.prepare(args.config, args.overrides, world, on_cuda=args.gpus_per_node > 0)[0]
+        if not on_slurm and max(args.nodes, args.finetune_nodes) > 1:
+            raise config.ConfigError("--nodes > 1 needs Slurm (no sbatch found here)")
+        if args.stage == "all":
+            steps, root = plan_all(args, tasks_per_node, on_cuda)
+        else:
+            steps, root = plan_stage(args, args.nodes * tasks_per_node, on_cuda)
     except (config.ConfigError, ShardError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
 
     import submitit
 
-    on_slurm = shutil.which("sbatch") is not None
-    folder = Path(args.folder or Path(cfg.run.dir) / "submitit")
+    folder = Path(args.folder or root / "submitit")
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if on_slurm else "local",
                                      slurm_max_num_timeout=args.max_requeues)
-    params = dict(name=f"muscle-{args.stage}", nodes=args.nodes, tasks_per_node=tasks_per_node,
-                  timeout_min=args.time)
+    params = dict(tasks_per_node=tasks_per_node, timeout_min=args.time)
     if args.cpus_per_task:
         params["cpus_per_task"] = args.cpus_per_task
     if args.gpus_per_node:
@@ -121,27 +323,50 @@ def main(argv=None) -> int:
             params["slurm_partition"] = args.partition
         if args.account:
             params["slurm_account"] = args.account
-    elif args.nodes > 1:
-        print("launch: error: --nodes > 1 needs Slurm (no sbatch found here)", file=sys.stderr)
-        return 2
-    executor.update_parameters(**params)
-    argv_stage = ["--config", str(args.config), *args.overrides]
-    job = executor.submit(StageJob(args.stage, argv_stage, args.max_requeues))
-    where = "Slurm" if on_slurm else "this machine (no Slurm found), with submitit's local executor"
-    print(f"launch: {args.stage} job {job.job_id} on {where}: {args.nodes} node(s) x "
-          f"{tasks_per_node} task(s); logs in {folder / str(job.job_id)}", flush=True)
+    else:
+        where = "this machine (no Slurm found), with submitit's local executor"
+        jobs = sum(len(s.argvs) for s in steps)
+        if jobs > 1:
+            print(f"launch: no Slurm found: running the {jobs} jobs one after another on this "
+                  f"machine, with submitit's local executor", flush=True)
+            return run_here(executor, steps, params, args, tasks_per_node, folder)
+        step = steps[0]
+        jobs = submit(executor, step, params, args.max_requeues, None)
+        print(describe(step, jobs, tasks_per_node, folder, where, ()), flush=True)
+        return 0 if not args.wait or wait_for(step, jobs) else 1
+
+    submitted = []
+    for step in steps:
+        after = [array_id(submitted[i]) for i in step.after]
+        dependency = "afterok:" + ":".join(after) if after else None
+        submitted.append(submit(executor, step, params, args.max_requeues, dependency))
+        print(describe(step, submitted[-1], tasks_per_node, folder, "Slurm", after), flush=True)
     if not args.wait:
         return 0
-    try:
-        results = job.results()
-    except Exception as e:  # noqa: BLE001 - a failed job, said in one line
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        print(f"launch: job {job.job_id} failed: {reason}", file=sys.stderr)
-        return 1
-    print(f"launch: job {job.job_id} finished ({len(results)} tasks)")
-    return 0 if all(r == 0 for r in results) else 1
+    for k, (step, jobs) in enumerate(zip(steps, submitted)):
+        if not wait_for(step, jobs):
+            later = [job for js in submitted[k + 1:] for job in js]
+            for job in later:  # afterok can never be met: do not leave them pending
+                job.cancel(check=False)
+            if later:
+                print(f"launch: cancelled the {len(later)} later job(s)", file=sys.stderr)
+            return 1
+    return 0
+
+
+def run_here(executor, steps, params, args, tasks_per_node, folder) -> int:
+    """Every job of ``steps`` in turn on this machine (2 cores run one at a time well)."""
+    where = "this machine"
+    for step in steps:
+        for argv in step.argvs:
+            job = submit(executor, step._replace(argvs=[argv], array=False), params,
+                         args.max_requeues, None)
+            print(describe(step._replace(array=False), [job[0]], tasks_per_node, folder, where,
+                           ()), flush=True)
+            if not wait_for(step._replace(array=False), job):
+                return 1
+    return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -1,6 +1,8 @@
 """The paper's metrics, computed with the reference libraries (scikit-learn, pycocotools).
 
-- ``classification``: accuracy, sensitivity, specificity (class 1 is positive) and ROC AUC.
+- ``classification``: accuracy, sensitivity, specificity (class 1 is positive) and ROC AUC,
+  optionally with percentile-bootstrap confidence intervals (``bootstrap_ci``).
+- ``roc_curve``: the ROC curve's points, JSON-ready.
 - ``segmentation``: Dice of the foreground (mean over images; an image where both masks are
   empty scores 1) and mIoU (per-class IoU from the confusion matrix summed over all images,
   then averaged over classes, as torchvision's segmentation reference does).
@@ -15,25 +17,109 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 
-def classification(labels, probs) -> dict[str, float]:
-    """``labels`` (N,) in {0, 1}; ``probs`` (N,) probability of class 1 (or (N, 2))."""
-    from sklearn.metrics import confusion_matrix, roc_auc_score
-
-    y = np.asarray(labels).astype(int)
+def _binary(labels, probs) -> tuple[np.ndarray, np.ndarray]:
+    """``labels`` as int in {0, 1} and ``probs`` as the (N,) probability of class 1."""
+    y = np.asarray(labels).astype(np.int64).ravel()
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim == 2:
         p = p[:, 1]
-    pred = (p >= 0.5).astype(int)
-    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
-    both = len(np.unique(y)) == 2
-    return {"acc": float((tp + tn) / len(y)) if len(y) else math.nan,
-            "sen": float(tp / (tp + fn)) if tp + fn else math.nan,
-            "spe": float(tn / (tn + fp)) if tn + fp else math.nan,
-            "auc": float(roc_auc_score(y, p)) if both else math.nan}
+    p = p.ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"{y.size} labels but {p.size} probabilities")
+    if y.size and (y.min() < 0 or y.max() > 1):
+        raise ValueError(f"labels must be 0 or 1, got {sorted(set(np.unique(y).tolist()))}")
+    return y, p
+
+
+def _scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """The four metrics of validated arrays; NaN where one is undefined (no sample, no class)."""
+    from sklearn.metrics import roc_auc_score
+
+    # bincount rather than sklearn's confusion_matrix: same counts, no per-call validation
+    # (it runs once per bootstrap resample), and it takes an empty split.
+    tn, fp, fn, tp = np.bincount(2 * y + (p >= 0.5), minlength=4).tolist()
+    n = tn + fp + fn + tp
+    return {"acc": (tp + tn) / n if n else math.nan,
+            "sen": tp / (tp + fn) if tp + fn else math.nan,
+            "spe": tn / (tn + fp) if tn + fp else math.nan,
+            "auc": float(roc_auc_score(y, p)) if tp + fn and tn + fp else math.nan}
+
+
+def bootstrap_ci(fn: Callable[[np.ndarray, np.ndarray], dict[str, float]], labels, probs,
+                 resamples: int, seed: int = 0, level: float = 0.95
+                 ) -> dict[str, tuple[list[float], int]]:
+    """Percentile-bootstrap CIs of every metric ``fn(labels, probs)`` returns.
+
+    Resample ``r`` is the ``r``-th ``rng.integers(0, n, n)`` of ``np.random.default_rng(seed)``
+    (drawn one at a time, so memory stays O(n) for any ``resamples``); all metrics are computed
+    on the same index sets. A resample where a metric is NaN (undefined, e.g. AUC without both
+    classes) is left out of that metric's percentiles, as is usual, which biases the CI towards
+    the resamples that have both classes when they are rare. Returns ``name -> ([lo, hi],
+    resamples left out)``; ``[nan, nan]`` when none is defined. The percentile method is simple
+    and widely used, but undercovers on small sets (BCa would correct that, at a cost).
+    """
+    if resamples < 0:
+        raise ValueError(f"resamples must be >= 0, got {resamples}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    y, p = np.asarray(labels), np.asarray(probs)
+    n = len(y)
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {name: [] for name in fn(y, p)}
+    for _ in range(resamples if n else 0):
+        idx = rng.integers(0, n, n)
+        for name, v in fn(y[idx], p[idx]).items():
+            values[name].append(v)
+    tail = (1 - level) / 2
+    out = {}
+    for name, vs in values.items():
+        vs = np.asarray(vs, np.float64)
+        kept = vs[~np.isnan(vs)]
+        ci = np.quantile(kept, [tail, 1 - tail]).tolist() if kept.size else [math.nan] * 2
+        out[name] = ([float(v) for v in ci], resamples - int(kept.size))
+    return out
+
+
+def classification(labels, probs, resamples: int = 0, seed: int = 0, level: float = 0.95
+                   ) -> dict:
+    """``labels`` (N,) in {0, 1}; ``probs`` (N,) probability of class 1 (or (N, 2)); a sample is
+    predicted positive when its probability is >= 0.5.
+
+    Returns ``acc``, ``sen``, ``spe``, ``auc`` (floats, NaN where undefined). With
+    ``resamples > 0`` also ``<metric>_ci`` (``[lo, hi]`` at ``level``, see ``bootstrap_ci``),
+    ``ci_resamples`` and ``auc_ci_skipped``: the resamples without both classes, left out of
+    every CI where the metric is undefined (sen needs a positive, spe a negative, so these are
+    the only resamples sen and spe can lose too). Without resamples the dict holds exactly the
+    four floats, which callers log as scalars.
+    """
+    y, p = _binary(labels, probs)
+    out: dict = _scores(y, p)
+    if resamples:  # bootstrap_ci rejects a negative count
+        cis = bootstrap_ci(_scores, y, p, resamples, seed, level)
+        out.update({f"{name}_ci": ci for name, (ci, _) in cis.items()})
+        out["ci_resamples"] = int(resamples)
+        out["auc_ci_skipped"] = cis["auc"][1]
+    return out
+
+
+def roc_curve(labels, probs) -> dict[str, list[float]]:
+    """The ROC curve (``sklearn.metrics.roc_curve``, default ``drop_intermediate``) as lists of
+    floats. scikit-learn >= 1.3 starts ``thresholds`` with ``inf``; it is replaced by
+    ``max(probs) + 1`` (what scikit-learn < 1.3 returned) rather than dropped, so the curve keeps
+    its (0, 0) point and the JSON stays strict. Empty lists without both classes (no curve)."""
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    y, p = _binary(labels, probs)
+    if len(np.unique(y)) < 2:
+        return {"fpr": [], "tpr": [], "thresholds": []}
+    fpr, tpr, thresholds = sk_roc_curve(y, p)
+    thresholds = np.where(np.isposinf(thresholds), p.max() + 1, thresholds)
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thresholds.tolist()}
 
 
 def confusion(true_mask, pred_mask, num_classes: int) -> np.ndarray:
@@ -80,7 +166,8 @@ def detection(ground_truth, detections, classes: dict[int, str], iou: float = 0.
             results.append({"image_id": i, "category_id": int(label), "score": float(score),
                             "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
     out = {f"ap_{name}": math.nan for name in classes.values()}
-    has_gt = {int(a["category_id"]) for a in annotations}
+    # A label outside ``classes`` is not scored; counting it here would average an empty list.
+    has_gt = {int(a["category_id"]) for a in annotations} & set(classes)
     if not has_gt:
         return {"map": math.nan, **out}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress

@@ -54,25 +54,12 @@ def fail(message: str) -> int:
 
 
 def init_weights(cfg) -> dict | None:
-    """The backbone state dict named by ``model.init`` (None: Kaiming init), checked against
-    ``model.arch``. Raises ``ConfigError``."""
-    path = cfg.model.init
-    if not path:
+    """The backbone state dict named by ``model.init`` (None: Kaiming init)."""
+    if not cfg.model.init:
         return None
-    try:
-        state = checkpoint.load(Path(path))
-    except Exception as e:  # noqa: BLE001 - any unreadable file, in one line
-        raise config.ConfigError(f"model.init: {path} cannot be read ({type(e).__name__})") \
-            from None
-    if state is None:
-        raise config.ConfigError(f"model.init: {path} not found (run MD-MoCo first, or set "
-                                 f"model.init='' to start from Kaiming init)")
-    try:
-        load_imagenet_into(build_backbone(cfg.model.arch), state)
-    except (RuntimeError, KeyError) as e:
-        raise config.ConfigError(f"model.init: {path} is not a {cfg.model.arch} backbone "
-                                 f"({str(e).splitlines()[0][:120]})") from None
-    return state
+    return common.backbone_weights(cfg.model.init, cfg.model.arch, "model.init",
+                                   "run MD-MoCo first, or set model.init='' to start from "
+                                   "Kaiming init")
 
 
 def prepare(config_path, overrides, world_size: int, on_cuda: bool):
@@ -243,7 +230,7 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
         matrix.append(row)
         if rank == 0:
             log.text("val/matrix", matrix_markdown(matrix, val), index + 1)
-            write_json(run_dir / "validation.json", matrix)
+            checkpoint.save_json(run_dir / "validation.json", matrix)
             print(f"continual: after visit {index + 1} ({visit['task']}): " + ", ".join(
                 f"{t} {TASKS[t].headline} {row[t][TASKS[t].headline]:.3f}" for t in val),
                 flush=True)
@@ -323,12 +310,6 @@ def matrix_markdown(matrix, val) -> str:
         lines.append(f"| {row['visit'] + 1} | {row['round'] + 1} | {row['trained']} | " +
                      " | ".join(f"{row[t][TASKS[t].headline]:.4f}" for t in names) + " |")
     return "\n".join(lines)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

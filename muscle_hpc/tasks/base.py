@@ -44,6 +44,12 @@ class ClassificationTask:
         labels, probs = zip(*records) if records else ((), ())
         return metrics.classification(labels, probs)
 
+    def test_metrics(self, records, resamples: int, seed: int) -> tuple[dict, dict]:
+        """The final metrics with bootstrap CIs, and the ROC curve."""
+        labels, probs = zip(*records) if records else ((), ())
+        return (metrics.classification(labels, probs, resamples=resamples, seed=seed),
+                {"roc": metrics.roc_curve(labels, probs)})
+
 
 @dataclass(frozen=True)
 class SegmentationTask:
@@ -70,6 +76,9 @@ class SegmentationTask:
 
     def metrics(self, records) -> dict[str, float]:
         return metrics.segmentation(records)
+
+    def test_metrics(self, records, resamples: int, seed: int) -> tuple[dict, dict]:
+        return self.metrics(records), {}
 
 
 @dataclass(frozen=True)
@@ -125,3 +134,6 @@ class DetectionTask:
         gt = [r[0] for r in records]
         det = [r[1] for r in records]
         return metrics.detection(gt, det, self.classes)
+
+    def test_metrics(self, records, resamples: int, seed: int) -> tuple[dict, dict]:
+        return self.metrics(records), {}

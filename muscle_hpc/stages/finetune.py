@@ -1,0 +1,351 @@
+"""Fine-tuning (MUSCLE stage 3): one task, one initial backbone, one architecture.
+
+    python -m muscle_hpc.stages.finetune --task pneumonia|mura|lung|tbx
+        --init scratch|imagenet|mdmoco|muscle--|muscle --backbone r18|r50
+        [--config F] [key=value ...]
+    python -m muscle_hpc.stages.finetune --grid-index N [...]   (one element of the 40-job grid)
+    python -m muscle_hpc.stages.finetune --list                 (the grid, index by index)
+
+The backbone (Kaiming init, torchvision's ImageNet weights, or the earlier stages' exports found
+under ``run.root``) gets the task's head and is trained with SGD, weight decay and a step LR
+decay. After every epoch the valid split is scored; the best epoch by the task's headline metric
+(AUC, Dice, mAP) is kept in ``best.pth``, and at the end it is scored once on the test split,
+with bootstrap 95% CIs for classification. Everything lands in
+``run.root/finetune/<task>_<backbone>_<init>/``: ``results.json``, ``best.pth``, the rolling
+``checkpoint.pth``, TensorBoard events, and for segmentation ``samples.npz`` (a few test images
+with true and predicted masks, for the report's overlays). ``--check`` resolves the inputs and
+says what would run, without training. Resume and exit status as for the other stages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from muscle_hpc import checkpoint, config, dist, schedule
+from muscle_hpc.data.loaders import TaskLoader
+from muscle_hpc.data.shards import ShardError, open_shard
+from muscle_hpc.engine import (
+    RollingCheckpoint,
+    StepTimer,
+    StopOnSignal,
+    deepspeed_engine,
+    grad_norm,
+)
+from muscle_hpc.evaluate import evaluate, evaluate_records, split_loader
+from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
+from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
+from muscle_hpc.stages import common
+from muscle_hpc.tasks import TASKS
+from muscle_hpc.tblog import RunLogger
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune.yaml"
+RESUMABLE_CHANGES = ("run.", "data.num_workers", "eval.")
+GRID = [(t, i, b) for b in config.BACKBONES for t in config.TASK_NAMES for i in config.INITS]
+PRETRAINED_KEY = {"mdmoco": "mdmoco", "muscle": "muscle", "muscle--": "muscle_minus"}
+MADE_BY = {"mdmoco": "the MD-MoCo stage", "muscle": "the continual stage",
+           "muscle--": "the continual stage with cl.method=muscle--"}
+
+
+class Selection(NamedTuple):
+    task: str
+    init: str
+    backbone: str
+
+    @property
+    def arch(self) -> str:
+        return config.BACKBONES[self.backbone]
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}_{self.backbone}_{self.init}"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--task", choices=config.TASK_NAMES)
+    p.add_argument("--init", choices=config.INITS)
+    p.add_argument("--backbone", choices=tuple(config.BACKBONES))
+    p.add_argument("--grid-index", type=int, metavar="N",
+                   help=f"element N of the grid (0-{len(GRID) - 1}; see --list) instead of "
+                        f"--task/--init/--backbone: what a Slurm array index selects")
+    p.add_argument("--list", action="store_true", help="print the grid and exit")
+    p.add_argument("--check", action="store_true",
+                   help="resolve the config, shards and initial weights, say what would run")
+
+
+def parse_args(argv):
+    args = common.parse_args("finetune", __doc__, argv, "tasks.lung.epochs=10",
+                             config_default=str(DEFAULT_CONFIG), add_arguments=add_arguments)
+    return args
+
+
+def selection(args) -> Selection:
+    """The (task, init, backbone) the arguments name. Raises ``ConfigError``."""
+    flags = (args.task, args.init, args.backbone)
+    if args.grid_index is not None:
+        if any(flags):
+            raise config.ConfigError("--grid-index selects task, init and backbone; do not also "
+                                     "give --task/--init/--backbone")
+        if not 0 <= args.grid_index < len(GRID):
+            raise config.ConfigError(f"--grid-index: {args.grid_index} is not in "
+                                     f"0-{len(GRID) - 1} (see --list)")
+        return Selection(*GRID[args.grid_index])
+    if not all(flags):
+        raise config.ConfigError("give --task, --init and --backbone, or --grid-index")
+    return Selection(*flags)
+
+
+def fail(message: str) -> int:
+    return common.fail("finetune", message)
+
+
+def output_dir(cfg, sel: Selection) -> Path:
+    return Path(cfg.run.root) / "finetune" / sel.name
+
+
+def init_path(cfg, sel: Selection) -> str | None:
+    """The file ``sel.init`` starts from (None: Kaiming init). Raises ``ConfigError``."""
+    if sel.init == "scratch":
+        return None
+    if sel.init == "imagenet":
+        configured = config.expand_path("pretrained.imagenet", cfg.pretrained.imagenet,
+                                        root=cfg.run.root, backbone=sel.backbone)
+        return common.imagenet_weights_path(sel.arch, configured)
+    key = PRETRAINED_KEY[sel.init]
+    return config.expand_path(f"pretrained.{key}", getattr(cfg.pretrained, key),
+                              root=cfg.run.root, backbone=sel.backbone)
+
+
+def prepare(config_path, overrides, world_size: int, on_cuda: bool, sel: Selection,
+            produced_later: bool = False):
+    """Config, shards (``{split: Shard}``), the init's path and weights, checked for
+    ``world_size`` ranks before any process group or Slurm job exists. ``produced_later``: the
+    earlier stages' backbones are outputs of jobs not yet run; check only what exists now."""
+    cfg = config.load(config_path, overrides, config.FinetuneConfig)
+    config.check_finetune(cfg, sel.task, world_size)
+    config.deepspeed_config(cfg, world_size, on_cuda, batch_size=cfg.task(sel.task).batch_size)
+    task = TASKS[sel.task]
+    shards = {s: open_shard(Path(cfg.data.root), task.dataset, s)
+              for s in ("train", "valid", "test")}
+    for shard in shards.values():
+        task.check(shard)
+    path = init_path(cfg, sel)
+    weights = None
+    if path and not (produced_later and sel.init in MADE_BY):
+        key = f"pretrained.{PRETRAINED_KEY.get(sel.init, 'imagenet')}"
+        hint = f"run {MADE_BY[sel.init]} first" if sel.init in MADE_BY else "see its docs"
+        weights = common.backbone_weights(path, sel.arch, key, hint)
+    return cfg, shards, path, weights
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for i, (t, init, b) in enumerate(GRID):
+            print(f"{i:2d} {t:9s} {init:8s} {b}")
+        return 0
+    env = dist.dist_env()
+    on_cuda = torch.cuda.is_available()
+    try:
+        sel = selection(args)
+        cfg, shards, path, init = prepare(args.config, args.overrides, env.world_size, on_cuda,
+                                          sel)
+    except (config.ConfigError, ShardError) as e:
+        return fail(str(e))
+    out = output_dir(cfg, sel)
+    if args.check:
+        where = f"index {GRID.index(tuple(sel))}: " if args.grid_index is not None else ""
+        print(f"finetune: {where}task {sel.task}, init {sel.init} ({path or 'Kaiming'}), "
+              f"backbone {sel.backbone}, {env.world_size} rank(s), output {out}", flush=True)
+        return 0
+    ds_config = config.deepspeed_config(cfg, env.world_size, on_cuda,
+                                        batch_size=cfg.task(sel.task).batch_size)
+    ckpt = RollingCheckpoint(out, env.rank, env.world_size)
+    try:
+        resumed = ckpt.load(config.to_dict(cfg), RESUMABLE_CHANGES)
+    except ValueError as e:
+        return fail(str(e))
+    dist.init_distributed(env)
+    try:
+        task, d = TASKS[sel.task], cfg.data
+        per_rank = cfg.task(sel.task).batch_size // env.world_size
+        loaders = {"train": TaskLoader(shards["train"], per_rank, task.kind, train=True,
+                                       seed=d.seed, flip_prob=d.flip_prob, mean=d.mean,
+                                       std=d.std, num_workers=d.num_workers, distributed=True)}
+        for split in ("valid", "test"):
+            loaders[split] = split_loader(task, shards[split], per_rank, d, distributed=True)
+        return train(cfg, env, sel, loaders, (path, init), ds_config, ckpt, resumed, on_cuda)
+    finally:
+        dist.shutdown()
+
+
+def better(score: float, best: dict | None) -> bool:
+    """Model selection: higher is better, and any number beats NaN (an undefined AUC)."""
+    if best is None:
+        return True
+    return not math.isnan(score) and (math.isnan(best["score"]) or score > best["score"])
+
+
+def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> int:
+    out, rank, task, tcfg = ckpt.run_dir, env.rank, TASKS[sel.task], cfg.task(sel.task)
+    device = torch.device("cuda", env.local_rank) if on_cuda else torch.device("cpu")
+    bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
+    torch.manual_seed(cfg.run.seed)
+    trunk = build_backbone(sel.arch)
+    init_file, init_state = init
+    if init_state is not None:
+        load_imagenet_into(trunk, init_state)
+    channels = trunk_channels(sel.arch)
+    head = (task.head(channels, cfg.model.rois_per_image, cfg.model.test_proposals)
+            if task.kind == "detection" else task.head(channels))
+    net = MultiTaskNet(trunk, {task.name: head}).to(device)
+    engine = deepspeed_engine(net, [{"params": list(net.parameters())}], ds_config,
+                              momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+    (lo, hi), = dist.spread([len(loaders["train"])])
+    if lo != hi:
+        raise SystemExit(fail(f"ranks disagree on steps per epoch ({lo} vs {hi})"))
+    per_epoch = min(lo, cfg.run.max_steps_per_epoch or lo)
+    total = tcfg.epochs * per_epoch
+    step, history, best = 0, [], None
+    if resumed:
+        if resumed[0]["per_epoch"] != per_epoch:
+            raise SystemExit(fail(f"{ckpt.path}: {resumed[0]['per_epoch']} steps per epoch, the "
+                                  f"data now gives {per_epoch}; the shards changed"))
+        shared = ckpt.restore_training(engine, resumed)
+        net.load_state_dict(shared["model"])
+        step, history, best = shared["step"], shared["history"], shared["best"]
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        config.dump_yaml(cfg, out / "config.yaml")
+    if rank == 0:
+        print(f"finetune: {sel.task} from {sel.init} ({init_file or 'Kaiming init'}), "
+              f"{sel.arch}, {env.world_size} rank(s), {tcfg.epochs} epochs x {per_epoch} steps, "
+              f"{'resuming at step ' + str(step) if resumed else 'new run'} in {out}", flush=True)
+        unused = getattr(task, "unused_categories", lambda _: [])(loaders["train"].shard)
+        if unused:
+            print(f"finetune: {task.name}: boxes of {', '.join(unused)} are not learned or "
+                  f"scored (not one of {', '.join(task.classes.values())})", flush=True)
+
+    def save():
+        ckpt.save_training(step, engine, {"model": net.state_dict(), "config": config.to_dict(cfg),
+                                          "per_epoch": per_epoch, "history": history,
+                                          "best": best})
+
+    log = RunLogger(out / "tb", rank, purge_step=step + 1 if resumed else None)
+    stop, timer = StopOnSignal(), StepTimer()
+    sharded = engine.zero_optimization_stage() > 0
+    try:
+        for epoch in range(tcfg.epochs):
+            first, last = epoch * per_epoch, (epoch + 1) * per_epoch
+            lr = tcfg.lr * cfg.optim.lr_gamma ** (epoch // tcfg.lr_step_epochs)
+            if step < last:
+                schedule.set_lr(engine.optimizer, lr)
+                net.train()
+                timer.window(1)
+                batches = timer.timed(loaders["train"].epoch_batches(epoch, step - first))
+                try:
+                    for batch in batches:
+                        images = batch["image"].to(device, non_blocking=True)
+                        loss = engine(task.name, images, task.targets(batch, device))
+                        engine.backward(loss)
+                        logging_now = (step + 1) % cfg.run.log_every_steps == 0
+                        norm = grad_norm(engine) if logging_now and not sharded else None
+                        engine.step()
+                        step += 1
+                        if logging_now:
+                            loss = dist.mean(loss.detach().float())
+                            images_per_s, wait = timer.window(tcfg.batch_size)
+                            log.scalars(step, "train/", loss=loss, lr=lr,
+                                        images_per_s=images_per_s, data_wait=wait,
+                                        grad_norm=engine.get_global_grad_norm()
+                                        if norm is None else norm)
+                            if rank == 0:
+                                print(f"step {step}/{total} epoch {epoch} loss {loss:.4f} "
+                                      f"lr {lr:.5f} img/s {images_per_s:.1f}", flush=True)
+                        signum = stop.agreed()
+                        if signum or step % cfg.run.checkpoint_every_steps == 0:
+                            save()
+                            log.flush()
+                        if signum:
+                            if rank == 0:
+                                print(f"finetune: stopped by signal {signum} after step {step}; "
+                                      f"checkpoint in {ckpt.path}", flush=True)
+                            return 128 + signum
+                        if step == last:
+                            break
+                finally:
+                    batches.close()
+            if len(history) == epoch:  # not yet validated (also after a kill right here)
+                scores = evaluate(net, task, loaders["valid"], device, bf16)
+                history.append({"epoch": epoch, "step": step, **scores})
+                log.scalars(step, "valid/", **scores)
+                if better(scores[task.headline], best):
+                    best = {"epoch": epoch, "score": scores[task.headline], "valid": scores}
+                    if rank == 0:
+                        checkpoint.save(out / "best.pth", net.state_dict())
+                if rank == 0:
+                    print(f"finetune: epoch {epoch} valid " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in scores.items()) +
+                        (" (best)" if best["epoch"] == epoch else ""), flush=True)
+                save()
+                log.flush()
+        dist.barrier()
+        net.load_state_dict(checkpoint.load(out / "best.pth"))
+        keeper = (SampleKeeper(cfg.eval.samples, cfg.data.mean, cfg.data.std)
+                  if task.kind == "segmentation" and cfg.eval.samples and rank == 0 else None)
+        records = evaluate_records(net, task, loaders["test"], device, bf16, keeper)
+        scores, extra = task.test_metrics(records, cfg.eval.bootstrap, cfg.eval.seed)
+        if rank == 0:
+            results = {"task": sel.task, "kind": task.kind, "init": sel.init,
+                       "backbone": sel.backbone, "arch": sel.arch, "best_epoch": best["epoch"],
+                       "epochs": tcfg.epochs, "selected_by": task.headline,
+                       "valid": best["valid"], "test": {**scores, "n": len(records)}, **extra,
+                       "init_weights": init_file, "history": history}
+            checkpoint.save_json(out / "results.json", results)
+            log.scalars(step, "test/", **{k: v for k, v in scores.items()
+                                          if isinstance(v, float)})
+            log.text("test/results", "```\n" + json.dumps(results["test"], indent=1) + "\n```",
+                     step)
+            if keeper is not None and keeper.kept["images"]:
+                keeper.save(out / "samples.npz")
+            print(f"finetune: {sel.name} test " + ", ".join(
+                f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)) +
+                f" (best epoch {best['epoch']}); {out / 'results.json'}", flush=True)
+    finally:
+        stop.restore()
+        log.close()
+    return 0
+
+
+class SampleKeeper:
+    """The first ``n`` images this rank evaluates, with true and predicted masks, as uint8 (for
+    the report's overlays; kept during the test pass rather than by a second one)."""
+
+    def __init__(self, n: int, mean: float, std: float):
+        self.n, self.mean, self.std = n, mean, std
+        self.kept = {"images": [], "masks": [], "preds": []}
+
+    def __call__(self, batch, probs) -> None:
+        room = self.n - len(self.kept["images"])
+        if room <= 0:
+            return
+        gray = batch["image"][:room, 0].float().numpy() * self.std + self.mean
+        self.kept["images"] += list(np.clip(np.rint(gray), 0, 255).astype(np.uint8))
+        self.kept["masks"] += list(batch["mask"][:room].numpy().astype(np.uint8))
+        self.kept["preds"] += list(probs[:room].argmax(dim=1).numpy().astype(np.uint8))
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez_compressed(tmp, **{k: np.stack(v) for k, v in self.kept.items() if v})
+        tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The fine-tune stage: the grid, finding each init's weights, training with model selection on
+the valid split, test metrics in results.json, resume after a signal, and the report built from
+real results."""
+
+import csv
+import itertools
+import json
+import math
+import signal
+
+import pytest
+import torch
+import torchvision
+from conftest import ROOT, finish_ranks, run_ranks, start_ranks
+
+from muscle_hpc import checkpoint, config
+from muscle_hpc.models.backbone import build_backbone, export_torchvision
+from muscle_hpc.stages import finetune
+from muscle_hpc.tblog import read_scalars
+
+
+def ft_args(shards, root, task, init="scratch", *extra):
+    return ["--config", str(ROOT / "configs/finetune_demo.yaml"), "--task", task, "--init", init,
+            "--backbone", "r18", f"data.root={shards}", f"run.root={root}",
+            "run.max_steps_per_epoch=2", "run.log_every_steps=1", "data.num_workers=1",
+            f"tasks.{task}.epochs=3", f"tasks.{task}.batch_size=4", "eval.bootstrap=20",
+            "eval.samples=3", *extra]
+
+
+def save_backbone(path, arch="resnet18"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(export_torchvision(build_backbone(arch)), path)
+    return path
+
+
+def test_grid_covers_every_task_init_backbone_once(capsys):
+    assert len(finetune.GRID) == 40 == len(set(finetune.GRID))
+    assert set(finetune.GRID) == set(itertools.product(config.TASK_NAMES, config.INITS,
+                                                       config.BACKBONES))
+    assert finetune.main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [tuple(line.split()[1:]) for line in lines] == finetune.GRID
+    assert [int(line.split()[0]) for line in lines] == list(range(40))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--grid-index", "40"], "--grid-index: 40 is not in 0-39"),
+    (["--grid-index", "3", "--task", "lung"], "do not also give"),
+    (["--task", "lung", "--init", "scratch"], "give --task, --init and --backbone"),
+])
+def test_a_bad_selection_is_one_line(argv, says, capsys):
+    assert finetune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1
+
+
+def test_grid_index_selects_its_element_and_finds_the_earlier_stages_backbone(
+        task_shards, tmp_path, capsys):
+    index = finetune.GRID.index(("mura", "muscle--", "r18"))
+    args = ["--grid-index", str(index), "--check", f"data.root={task_shards}",
+            f"run.root={tmp_path}"]
+    assert finetune.main(args) == 2
+    assert "run the continual stage with cl.method=muscle-- first" in capsys.readouterr().err
+    weights = save_backbone(tmp_path / "continual_r18_muscle--" / "backbone_torchvision.pth")
+    assert finetune.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"index {index}: task mura, init muscle-- ({weights})" in out
+    assert f"output {tmp_path / 'finetune' / 'mura_r18_muscle--'}" in out
+
+
+def test_a_backbone_of_the_other_arch_is_refused(task_shards, tmp_path, capsys):
+    save_backbone(tmp_path / "mdmoco_r18" / "backbone_torchvision.pth", "resnet50")
+    args = ["--task", "lung", "--init", "mdmoco", "--backbone", "r18", "--check",
+            f"data.root={task_shards}", f"run.root={tmp_path}"]
+    assert finetune.main(args) == 2
+    assert "is not a resnet18 backbone" in capsys.readouterr().err
+
+
+def test_imagenet_weights_come_from_the_torch_hub_cache_or_say_where_to_put_them(
+        task_shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    args = ["--task", "pneumonia", "--init", "imagenet", "--backbone", "r18", "--check",
+            f"data.root={task_shards}", f"run.root={tmp_path}"]
+    assert finetune.main(args) == 2
+    err = capsys.readouterr().err
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    assert "put resnet18-f37072fd.pth (from https://download.pytorch.org/models/" in err
+    assert str(cache) in err and err.count("\n") == 1
+    cache.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cache / "resnet18-f37072fd.pth")
+    assert finetune.main(args) == 0
+    assert f"init imagenet ({cache / 'resnet18-f37072fd.pth'})" in capsys.readouterr().out
+    own = save_backbone(tmp_path / "elsewhere.pth")
+    assert finetune.main([*args, f"pretrained.imagenet={own}"]) == 0
+    assert f"init imagenet ({own})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["tasks.lung.epochs=0"], "tasks.lung.epochs: must be >= 1"),
+    (["run.zero_stage=3"], "ZeRO stage 3 is not supported"),
+    (["tasks.lung.batch_size=1"], "BatchNorm needs at least 2"),
+    (["pretrained.mdmoco={root}/{arch}.pth"], "has a placeholder other than"),
+])
+def test_bad_config_fails_in_one_line(task_shards, tmp_path, capsys, extra, says):
+    args = ["--task", "lung", "--init", "mdmoco", "--backbone", "r18", "--check",
+            f"data.root={task_shards}", f"run.root={tmp_path}", *extra]
+    assert finetune.main(args) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def finetuned(task_shards, tmp_path_factory):
+    """Three fine-tunes of the tiny data (pneumonia from MD-MoCo weights, lung and tbx from
+    scratch), 3 epochs of 2 steps each, one rank, in one run root."""
+    root = tmp_path_factory.mktemp("ft")
+    save_backbone(root / "mdmoco_r18" / "backbone_torchvision.pth")
+    for task, init in (("pneumonia", "mdmoco"), ("lung", "scratch"), ("tbx", "scratch")):
+        run_ranks("finetune", 1, ft_args(task_shards, root, task, init))
+    return root
+
+
+def results(root, name):
+    return json.loads((root / "finetune" / name / "results.json").read_text())
+
+
+def test_classification_results_hold_test_metrics_cis_and_roc(finetuned, task_shards):
+    r = results(finetuned, "pneumonia_r18_mdmoco")
+    assert (r["task"], r["init"], r["backbone"], r["arch"]) == ("pneumonia", "mdmoco", "r18",
+                                                               "resnet18")
+    assert r["init_weights"] == str(finetuned / "mdmoco_r18" / "backbone_torchvision.pth")
+    test = r["test"]
+    manifest = json.loads((task_shards / "pneumonia" / "manifest.json").read_text())
+    assert test["n"] == manifest["splits"]["test"]["count"]
+    for m in ("acc", "sen", "spe", "auc"):
+        assert 0 <= test[m] <= 1 or math.isnan(test[m])
+        lo, hi = test[f"{m}_ci"]
+        assert (lo <= test[m] <= hi) or math.isnan(lo)
+    assert test["ci_resamples"] == 20
+    assert len(r["roc"]["fpr"]) == len(r["roc"]["tpr"])
+    if len(manifest["splits"]["test"]["label_counts"]) == 2:
+        assert r["roc"]["fpr"][0] == 0.0 and r["roc"]["tpr"][-1] == 1.0
+    else:  # the tiny data's 4 test images are all pneumonia: no ROC, no AUC, no crash
+        assert r["roc"]["fpr"] == [] and math.isnan(test["auc"])
+
+
+def test_the_best_valid_epoch_is_the_one_tested(finetuned):
+    for name in ("pneumonia_r18_mdmoco", "lung_r18_scratch", "tbx_r18_scratch"):
+        r = results(finetuned, name)
+        scores = [h[r["selected_by"]] for h in r["history"]]
+        assert [h["epoch"] for h in r["history"]] == [0, 1, 2]
+        best = None
+        for epoch, s in enumerate(scores):  # first maximum; a number beats NaN
+            if best is None or (not math.isnan(s) and (math.isnan(scores[best]) or
+                                                       s > scores[best])):
+                best = epoch
+        assert r["best_epoch"] == best
+        assert r["valid"][r["selected_by"]] == scores[best] or math.isnan(scores[best])
+        run = finetuned / "finetune" / name
+        final = checkpoint.load(run / "checkpoint.pth")
+        assert final["step"] == 6 and len(final["history"]) == 3
+        assert set(checkpoint.load(run / "best.pth")) == set(final["model"])
+
+
+def test_segmentation_and_detection_results_and_overlay_samples(finetuned):
+    lung = results(finetuned, "lung_r18_scratch")
+    assert set(lung["test"]) == {"dice", "miou", "n"}
+    import numpy as np
+
+    samples = np.load(finetuned / "finetune" / "lung_r18_scratch" / "samples.npz")
+    assert samples["images"].shape == samples["masks"].shape == samples["preds"].shape
+    kept = min(3, lung["test"]["n"])  # eval.samples=3
+    assert samples["images"].shape == (kept, 80, 128) and samples["masks"].max() == 1
+    tbx = results(finetuned, "tbx_r18_scratch")
+    assert set(tbx["test"]) == {"map", "ap_active", "ap_latent", "n"}
+
+
+def test_train_valid_and_test_scalars_reach_tensorboard(finetuned):
+    scalars = read_scalars(finetuned / "finetune" / "pneumonia_r18_mdmoco" / "tb")
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 7))
+    assert [s for s, _ in scalars["valid/auc"]] == [2, 4, 6]
+    test_acc = results(finetuned, "pneumonia_r18_mdmoco")["test"]["acc"]
+    assert scalars["test/acc"][0][1] == pytest.approx(test_acc)
+
+
+def test_the_report_puts_each_result_in_its_cell(finetuned):
+    from muscle_hpc import report
+
+    assert report.main([str(finetuned)]) == 0
+    rows = {(r["backbone"], r["init"]): r
+            for r in csv.DictReader(open(finetuned / "report" / "table3.csv"))}
+    lung, tbx = results(finetuned, "lung_r18_scratch"), results(finetuned, "tbx_r18_scratch")
+    assert float(rows["r18", "scratch"]["lung_dice"]) == lung["test"]["dice"]
+    assert float(rows["r18", "scratch"]["tbx_map"]) == tbx["test"]["map"] or \
+        math.isnan(tbx["test"]["map"])
+    t2 = {(r["backbone"], r["init"]): r
+          for r in csv.DictReader(open(finetuned / "report" / "table2.csv"))}
+    pneu = results(finetuned, "pneumonia_r18_mdmoco")["test"]
+    assert float(t2["r18", "mdmoco"]["pneumonia_acc"]) == pneu["acc"]
+    assert (finetuned / "report" / "overlay_lung_r18_scratch.png").is_file()
+
+
+def test_stopped_by_signal_then_resumed_equals_an_uninterrupted_run(task_shards, tmp_path):
+    extra = ("tasks.mura.epochs=3", "run.max_steps_per_epoch=3", "run.checkpoint_every_steps=100")
+    whole = tmp_path / "whole"
+    codes, outs = finish_ranks(start_ranks("finetune", 1, ft_args(task_shards, whole, "mura",
+                                                                  "scratch", *extra)))
+    assert codes == [0], outs[0][-2000:]
+
+    cut = tmp_path / "cut"
+    args = ft_args(task_shards, cut, "mura", "scratch", *extra)
+    (proc,) = start_ranks("finetune", 1, args)
+    for line in proc.stdout:  # stop mid-epoch 1 (step 5 of 9)
+        if line.startswith("step 4/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    codes, outs = finish_ranks([proc])
+    assert codes == [128 + signal.SIGTERM], outs[0][-2000:]
+    assert "stopped by signal 15 after step 5" in outs[0]
+    codes, outs = finish_ranks(start_ranks("finetune", 1, args))
+    assert codes == [0], outs[0][-2000:]
+    assert "resuming at step 5" in outs[0]
+
+    a = checkpoint.load(whole / "finetune" / "mura_r18_scratch" / "checkpoint.pth")
+    b = checkpoint.load(cut / "finetune" / "mura_r18_scratch" / "checkpoint.pth")
+    assert a["history"] == b["history"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ra, rb = results(whole, "mura_r18_scratch"), results(cut, "mura_r18_scratch")
+    assert ra["test"] == rb["test"] and ra["best_epoch"] == rb["best_epoch"]

@@ -1,0 +1,340 @@
+"""The fine-tune grid as one Slurm job array (slurm/finetune_array.sh, launch --stage finetune)
+and the three stages chained by dependencies (slurm/pipeline.sh, launch --stage all), on the
+local 4-node cluster of tools/local_slurm.sh. The grid's own tests run without Slurm; the
+others skip without a cluster, unless MUSCLE_SLURM=1 says one was expected.
+"""
+
+import itertools
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from muscle_hpc import config
+from muscle_hpc.stages import finetune
+from muscle_hpc.stages.finetune import GRID
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+IMAGENET_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-0676ba61.pth"}
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+# Small enough for a few seconds of training on one CPU core.
+TINY = ["tasks.pneumonia.batch_size=4", "tasks.pneumonia.epochs=2", "run.max_steps_per_epoch=2",
+        "data.num_workers=1", "eval.bootstrap=10", "run.log_every_steps=1"]
+
+
+def test_the_grid_is_every_task_init_backbone_once_in_index_order():
+    assert len(GRID) == len(set(GRID)) == 40
+    assert set(GRID) == set(itertools.product(config.TASK_NAMES, config.INITS, config.BACKBONES))
+    backbones = list(config.BACKBONES)
+    for i, (task, init, bb) in enumerate(GRID):
+        assert i == (backbones.index(bb) * 20 + config.TASK_NAMES.index(task) * 5
+                     + config.INITS.index(init))
+
+
+def test_list_prints_the_40_elements_in_index_order(capsys):
+    assert finetune.main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in lines] == [[str(i), *GRID[i]] for i in range(40)]
+
+
+# --- on Slurm -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if not shutil.which("scontrol") or subprocess.run(["scontrol", "ping"],
+                                                      capture_output=True).returncode:
+        if os.environ.get("MUSCLE_SLURM") == "1":
+            pytest.fail("MUSCLE_SLURM=1 but no Slurm answers (bash tools/local_slurm.sh start)")
+        pytest.skip("no Slurm cluster (bash tools/local_slurm.sh start)")
+
+
+@pytest.fixture
+def cancel_after(slurm):
+    """Job ids a test submits; all cancelled when it ends, passed or not."""
+    ids: list[str] = []
+    yield ids
+    if ids:
+        subprocess.run(["scancel", *ids])
+
+
+def template_path(key: str, root: Path, bb: str) -> Path:
+    """Where the fine-tune config expects ``key``'s backbone (what the earlier stages write)."""
+    cfg = config.load(CONFIGS / "finetune.yaml", [], config.FinetuneConfig)
+    return Path(config.expand_path(key, getattr(cfg.pretrained, key), root=root, backbone=bb))
+
+
+@pytest.fixture(scope="module")
+def fake_inputs(slurm, tmp_path_factory):
+    """A run root holding every backbone the earlier stages would write (r18 and r50), and a
+    TORCH_HOME with torchvision's ImageNet files: random weights of the right shapes."""
+    from muscle_hpc.models.backbone import build_backbone, export_torchvision
+
+    base = tmp_path_factory.mktemp("ft_inputs")
+    root, torch_home = base / "run", base / "torch"
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    for bb, arch in config.BACKBONES.items():
+        exported = base / f"{bb}.pth"
+        torch.save(export_torchvision(build_backbone(arch)), exported)
+        for key in ("mdmoco", "muscle", "muscle_minus"):
+            path = template_path(key, root, bb)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.link(exported, path)
+        torch.save(getattr(torchvision.models, arch)().state_dict(),
+                   torch_home / "hub" / "checkpoints" / IMAGENET_FILES[arch])
+    return root, torch_home
+
+
+def job_env(torch_home: Path | None = None) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if torch_home:
+        env["TORCH_HOME"] = str(torch_home)
+    return env
+
+
+def sbatch_array(logs: Path, array: str, *args: str, env: dict, cancel: list) -> str:
+    logs.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["sbatch", "--parsable", f"--array={array}", "--cpus-per-task=1",
+                          f"--output={logs}/%a.log", "slurm/finetune_array.sh", *args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    job = out.stdout.strip().split(";")[0]
+    cancel.append(job)
+    return job
+
+
+def element_states(job: str) -> dict[int, str]:
+    """{array index: state} of the elements that have started (sacct lists the pending rest as
+    one ``JOB_[a-b]`` line)."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "JobID,State"],
+                         capture_output=True, text=True).stdout
+    states = {}
+    for line in out.splitlines():
+        jobid, _, state = line.partition("|")
+        index = jobid.partition("_")[2]
+        if index.isdigit():
+            states[int(index)] = state.split()[0] if state else "PENDING"
+    return states
+
+
+def wait_array(job: str, n: int, timeout: float) -> dict[int, str]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        states = element_states(job)
+        if len(states) == n and all(s in ENDED for s in states.values()):
+            return states
+        time.sleep(2)
+    raise AssertionError(f"array {job} not done in {timeout} s: {element_states(job)}")
+
+
+def expected_init(init: str, bb: str, root: Path, torch_home: Path) -> str:
+    arch = config.BACKBONES[bb]
+    if init == "scratch":
+        return "Kaiming"
+    if init == "imagenet":
+        return str(torch_home / "hub" / "checkpoints" / IMAGENET_FILES[arch])
+    return str(template_path(finetune.PRETRAINED_KEY[init], root, bb))
+
+
+def test_the_array_script_runs_each_index_on_its_own_grid_element(fake_inputs, task_shards,
+                                                                    tmp_path, cancel_after):
+    root, torch_home = fake_inputs
+    job = sbatch_array(tmp_path / "logs", "0-39", "configs/finetune.yaml", "--check",
+                       f"data.root={task_shards}", f"run.root={root}", env=job_env(torch_home),
+                       cancel=cancel_after)
+    states = wait_array(job, 40, timeout=600)
+    assert set(states.values()) == {"COMPLETED"}, states
+    seen = set()
+    for index, (task, init, bb) in enumerate(GRID):
+        log = (tmp_path / "logs" / f"{index}.log").read_text()
+        assert f"(array {job}_{index}) (restart 0)" in log, log
+        said = [line for line in log.splitlines() if line.startswith("finetune: index ")]
+        assert said == [f"finetune: index {index}: task {task}, init {init} "
+                        f"({expected_init(init, bb, root, torch_home)}), backbone {bb}, "
+                        f"1 rank(s), output {root / 'finetune' / f'{task}_{bb}_{init}'}"], log
+        seen.add((task, init, bb))
+    assert len(seen) == 40
+
+
+def test_an_array_element_trains_and_requeues_alone_after_the_time_limit_signal(
+        fake_inputs, task_shards, tmp_path, cancel_after):
+    root = tmp_path / "run"
+    index = GRID.index(("pneumonia", "scratch", "r18"))
+    # 3 whole epochs of 8 steps: time to signal it in the middle.
+    job = sbatch_array(tmp_path / "logs", str(index), "configs/finetune_demo.yaml",
+                       f"data.root={task_shards}", f"run.root={root}", *TINY,
+                       "tasks.pneumonia.epochs=3", "run.max_steps_per_epoch=0",
+                       env=job_env(), cancel=cancel_after)
+    log = tmp_path / "logs" / f"{index}.log"
+    end = time.monotonic() + 180
+    while "step 2/" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < end, log.read_text() if log.exists() else "no log"
+        time.sleep(0.3)
+    # What Slurm does before the time limit with --signal=B:USR2@120: signal the batch shell.
+    subprocess.run(["scancel", "--signal=USR2", "--batch", f"{job}_{index}"], check=True)
+    assert wait_array(job, 1, timeout=240) == {index: "COMPLETED"}, log.read_text()[-3000:]
+    text = log.read_text()
+    stopped = int(text.split("stopped by signal 12 after step ")[1].split(";")[0])
+    assert "requeueing job" in text and f"(array {job}_{index}) (restart 1)" in text, text
+    assert f"resuming at step {stopped}" in text, text
+    results = json.loads((root / "finetune" / "pneumonia_r18_scratch" / "results.json")
+                         .read_text())
+    assert (results["task"], results["init"], results["backbone"]) == ("pneumonia", "scratch",
+                                                                       "r18")
+    assert results["epochs"] == 3 and len(results["history"]) == 3
+
+
+def launch(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "muscle_hpc.launch", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def all_jobs() -> set[str]:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-a", "-o", "JobID", "-S", "now-1days"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def submitted_ids(stdout: str) -> list[str]:
+    ids = re.findall(r" (?:job|array) (\d+)", stdout)
+    assert ids, stdout
+    return ids
+
+
+def test_launch_finetune_submits_an_array_of_the_selected_elements(fake_inputs, task_shards,
+                                                                   tmp_path, cancel_after):
+    root = tmp_path / "run"
+    mdmoco = template_path("mdmoco", root, "r18")
+    mdmoco.parent.mkdir(parents=True)
+    os.link(template_path("mdmoco", fake_inputs[0], "r18"), mdmoco)
+    args = ["--stage", "finetune", "--config", str(CONFIGS / "finetune_demo.yaml"), "--nodes",
+            "1", "--time", "10", "--tasks", "pneumonia", "--backbones", "r18",
+            f"data.root={task_shards}", f"run.root={root}", *TINY]
+
+    before = all_jobs()
+    p = launch(*args, "--inits", "scratch,muscle", env=job_env())
+    assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
+    assert p.stderr.splitlines() == [
+        f"launch: error: finetune pneumonia_r18_muscle: pretrained.muscle: "
+        f"{template_path('muscle', root, 'r18')} not found (run the continual stage first)"]
+    assert all_jobs() <= before and not (root / "submitit").exists()  # nothing submitted
+
+    p = launch(*args, "--inits", "scratch,mdmoco", "--wait", env=job_env(), timeout=300)
+    cancel_after.extend(submitted_ids(p.stdout))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "(2 element(s)) on Slurm: 1 node(s) x 1 task(s) each" in p.stdout
+    assert "finished (2 elements)" in p.stdout
+    for init, weights in (("scratch", None), ("mdmoco", str(mdmoco))):
+        results = json.loads((root / "finetune" / f"pneumonia_r18_{init}" / "results.json")
+                             .read_text())
+        assert (results["task"], results["init"], results["backbone"]) == ("pneumonia", init,
+                                                                           "r18")
+        assert results["init_weights"] == weights
+
+
+def show_job(job: str) -> dict[str, str]:
+    """``scontrol show job``'s fields of the job (for an array, its first record)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
+                         check=True).stdout.splitlines()[0]
+    fields = {}
+    for item in re.split(r" (?=[A-Za-z_/:]+=)", out):
+        key, _, value = item.partition("=")
+        fields[key] = value
+    return fields
+
+
+def depends_on(job: str) -> set[str]:
+    """The ids ``job`` waits for with afterok (``afterok:5(unfulfilled),afterok:6(...)``)."""
+    dependency = show_job(job)["Dependency"]
+    assert dependency.startswith("afterok:"), dependency
+    return set(re.findall(r"afterok:(\d+)", dependency))
+
+
+def assert_pipeline_wiring(ids: list[str], root: Path, command) -> None:
+    """MD-MoCo, the two continual jobs after it, the r18 fine-tune array after both, with the
+    run directories the fine-tune templates name (``command(job)``: what the job runs)."""
+    mdmoco, cl, cl_minus, array = ids
+    assert show_job(mdmoco)["Dependency"] == "(null)"
+    assert depends_on(cl) == depends_on(cl_minus) == {mdmoco}
+    assert depends_on(array) == {cl, cl_minus}
+    assert show_job(array)["ArrayTaskId"] == "0-19"
+    assert {GRID[i][2] for i in range(20)} == {"r18"}
+    init = f"model.init={template_path('mdmoco', root, 'r18')}"
+    assert f"run.dir={template_path('mdmoco', root, 'r18').parent}" in command(mdmoco)
+    for job, key in ((cl, "muscle"), (cl_minus, "muscle_minus")):
+        assert init in command(job)
+        assert f"run.dir={template_path(key, root, 'r18').parent}" in command(job)
+    assert "cl.method=muscle--" in command(cl_minus)
+    assert "cl.method=muscle " in command(cl) + " "
+    assert f"run.root={root}" in command(array)
+
+
+def sbatch_command(job: str) -> str:
+    """The script and arguments an sbatch job runs."""
+    return show_job(job)["Command"]
+
+
+def submitit_command(folder: Path):
+    """The stage arguments of a job submitit submitted (an array's first element)."""
+    def command(job: str) -> str:
+        name = job if (folder / job).is_dir() else f"{job}_0"
+        with open(folder / name / f"{name}_submitted.pkl", "rb") as f:
+            return " ".join(pickle.load(f).function.argv)
+    return command
+
+
+def test_pipeline_sh_chains_the_stages_with_afterok(task_shards, tmp_path, cancel_after):
+    root = tmp_path / "run"
+    one_cpu = "--nodes=1 --ntasks-per-node=1 --cpus-per-task=1"
+    # Held: wiring is what is checked here (the whole pipeline takes too long for a test).
+    env = dict(job_env(), MUSCLE_SBATCH=f"--hold --output={tmp_path}/%x-%j.out",
+               MDMOCO_SBATCH=one_cpu, CL_SBATCH=one_cpu)
+    p = subprocess.run(["bash", "slurm/pipeline.sh", "--backbone", "r18", "--root", str(root),
+                        "--data-root", str(task_shards),
+                        "--mdmoco-config", "configs/mdmoco_demo.yaml",
+                        "--cl-config", "configs/continual_demo.yaml",
+                        "--finetune-config", "configs/finetune_demo.yaml",
+                        "--cl-override", "run.visit_steps=2", "run.log_every_steps=1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    ids = re.findall(r" (?:job|array) (\d+)", p.stdout)
+    cancel_after.extend(ids)
+    assert p.returncode == 0 and len(ids) == 4, p.stdout + p.stderr
+    assert_pipeline_wiring(ids, root, sbatch_command)
+    assert "run.visit_steps=2" in sbatch_command(ids[1])
+    assert "run.visit_steps" not in sbatch_command(ids[0])
+
+
+def test_launch_all_checks_every_stage_then_chains_them(moco_shards, task_shards, fake_inputs,
+                                                        tmp_path, cancel_after):
+    root = tmp_path / "run"
+    args = ["--stage", "all", "--backbone", "r18", "--root", str(root), "--time", "10",
+            "--mdmoco-config", str(CONFIGS / "mdmoco_demo.yaml"),
+            "--cl-config", str(CONFIGS / "continual_demo.yaml"),
+            "--finetune-config", str(CONFIGS / "finetune_demo.yaml"),
+            "--mdmoco-override", f"data.root={moco_shards}",
+            "--mdmoco-override", "data.datasets=nih,shenzhen",
+            "--mdmoco-override", "data.batch_size=8", "--mdmoco-override", "model.K=32",
+            "--cl-override", f"data.root={task_shards}",
+            "--finetune-override", f"data.root={task_shards}", "run.log_every_steps=1"]
+
+    before = all_jobs()
+    p = launch(*args, env=job_env(tmp_path / "no_torch_home"))
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stdout + p.stderr
+    assert "pretrained.imagenet: no ImageNet resnet18 weights" in p.stderr
+    assert all_jobs() <= before and not root.exists()  # nothing submitted
+
+    p = launch(*args, env=job_env(fake_inputs[1]))
+    ids = submitted_ids(p.stdout)
+    cancel_after.extend(ids)
+    assert p.returncode == 0 and len(ids) == 4, p.stdout + p.stderr
+    assert "finetune array" in p.stdout and "(20 element(s))" in p.stdout
+    assert_pipeline_wiring(ids, root, submitit_command(root / "submitit"))
