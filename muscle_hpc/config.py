@@ -128,9 +128,9 @@ class TasksConfig:
 
 
 @dataclass(frozen=True)
-class ClDataConfig:
+class TaskDataConfig:
+    """The task shards and their loading, shared by the continual and fine-tune stages."""
     root: str = "shards"
-    tasks: list[str] = opt(list(TASK_NAMES), choices=TASK_NAMES)  # MUSCLE⁻⁻ visits this order
     num_workers: int = opt(2, lo=1)
     flip_prob: float = opt(0.5, lo=0.0, hi=1.0)
     mean: float = 122.786
@@ -139,12 +139,21 @@ class ClDataConfig:
 
 
 @dataclass(frozen=True)
-class ClModelConfig:
+class ClDataConfig(TaskDataConfig):
+    tasks: list[str] = opt(list(TASK_NAMES), choices=TASK_NAMES)  # MUSCLE⁻⁻ visits this order
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    rois_per_image: int = opt(512, lo=1)  # Faster R-CNN's box-head sample (torchvision's)
+    test_proposals: int = opt(1000, lo=1)  # proposals scored per image in evaluation (same)
+
+
+@dataclass(frozen=True)
+class ClModelConfig(HeadsConfig):
     arch: str = opt("resnet50", choices=("resnet18", "resnet50"))
     # The MD-MoCo backbone (its backbone_torchvision.pth); empty: Kaiming init (no pre-training).
     init: str = "runs/mdmoco_r50/backbone_torchvision.pth"
-    rois_per_image: int = opt(512, lo=1)  # Faster R-CNN's box-head sample (torchvision's)
-    test_proposals: int = opt(1000, lo=1)  # proposals scored per image in evaluation (same)
 
 
 @dataclass(frozen=True)
@@ -241,22 +250,6 @@ class FtTasksConfig:
 
 
 @dataclass(frozen=True)
-class FtDataConfig:
-    root: str = "shards"
-    num_workers: int = opt(2, lo=1)
-    flip_prob: float = opt(0.5, lo=0.0, hi=1.0)
-    mean: float = 122.786
-    std: float = opt(18.390, gt=0.0)
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class FtModelConfig:
-    rois_per_image: int = opt(512, lo=1)
-    test_proposals: int = opt(1000, lo=1)
-
-
-@dataclass(frozen=True)
 class PretrainedConfig:
     """Where each init's backbone is. ``{root}`` is ``run.root``, ``{backbone}`` r18 or r50."""
     mdmoco: str = "{root}/mdmoco_{backbone}/backbone_torchvision.pth"
@@ -293,8 +286,8 @@ class FtRunConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    data: FtDataConfig = field(default_factory=FtDataConfig)
-    model: FtModelConfig = field(default_factory=FtModelConfig)
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
+    model: HeadsConfig = field(default_factory=HeadsConfig)
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     tasks: FtTasksConfig = field(default_factory=FtTasksConfig)
     optim: FtOptimConfig = field(default_factory=FtOptimConfig)

@@ -54,6 +54,19 @@ class StopOnSignal:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag)
 
+    def save_or_stop(self, due: bool, save, stage: str, step: int, where) -> int:
+        """The end of every step: ``save()`` when ``due`` or a rank got a signal; then the exit
+        status to stop with (128 + signal), or 0 to go on."""
+        signum = self.agreed()
+        if signum or due:
+            save()
+        if not signum:
+            return 0
+        if rank_world()[0] == 0:
+            print(f"{stage}: stopped by signal {signum} after step {step}; checkpoint in "
+                  f"{where}", flush=True)
+        return 128 + signum
+
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)

@@ -92,7 +92,7 @@ class Step(NamedTuple):
     argvs: list[list[str]]
     nodes: int
     after: tuple[int, ...] = ()  # indices of the steps that must end OK first
-    array: bool = False
+    array: bool = False  # several argvs as one job array (one argv is a plain job)
 
 
 def comma_list(choices):
@@ -113,7 +113,8 @@ def parse_args(argv):
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", required=True, choices=(*STAGES, "all"))
     p.add_argument("--config", help="the stage's YAML (not with --stage all)")
-    p.add_argument("--nodes", type=int, default=1, help="per job; per element of an array")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="per job, per array element (all: MD-MoCo's and continual's)")
     p.add_argument("--gpus-per-node", type=int, default=0,
                    help="one task per GPU; 0: one CPU task per node (gloo)")
     p.add_argument("--cpus-per-task", type=int, default=None)
@@ -125,39 +126,49 @@ def parse_args(argv):
                                     "run.root/submitit for finetune, ROOT/submitit for all)")
     p.add_argument("--wait", action="store_true", help="wait for the jobs and report the result")
     g = p.add_argument_group("finetune: which grid elements (comma lists; default all)")
-    g.add_argument("--tasks", type=comma_list(TASK_NAMES), default=list(TASK_NAMES))
-    g.add_argument("--inits", type=comma_list(INITS), default=list(INITS))
-    g.add_argument("--backbones", type=comma_list(tuple(BACKBONES)), default=None,
+    g.add_argument("--tasks", type=comma_list(TASK_NAMES))
+    g.add_argument("--inits", type=comma_list(INITS))
+    g.add_argument("--backbones", type=comma_list(tuple(BACKBONES)),
                    help="not with --stage all (see --backbone)")
     g = p.add_argument_group("all: the pipeline for one backbone")
-    g.add_argument("--backbone", choices=tuple(BACKBONES), default="r50")
-    g.add_argument("--root", default="runs", help="where every stage writes (default: runs)")
+    g.add_argument("--backbone", choices=tuple(BACKBONES), help="default: r50")
+    g.add_argument("--root", help="where every stage writes (default: runs)")
     g.add_argument("--data-root", help="data.root of every stage (default: each config's)")
-    g.add_argument("--finetune-nodes", type=int, default=1, help="per fine-tune element")
+    g.add_argument("--finetune-nodes", type=int, help="per fine-tune element (default: 1)")
     for stage, name in (("mdmoco", "MD-MoCo"), ("cl", "continual"), ("finetune", "fine-tune")):
         g.add_argument(f"--{stage}-config", help=f"the {name} YAML")
         g.add_argument(f"--{stage}-override", action="append", default=[], metavar="K=V",
                        help=f"an override for the {name} stage only (repeatable)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
+
+    def given(*names):  # the first of these options given on the command line
+        return next((f"--{n.replace('_', '-')}" for n in names if getattr(args, n)), None)
+
+    if args.stage == "all":
+        if given("config", "backbones"):
+            p.error(f"{given('config', 'backbones')} is not for --stage all: give "
+                    f"--mdmoco-config/--cl-config/--finetune-config and --backbone")
+    else:
+        if not args.config:
+            p.error(f"--stage {args.stage} needs --config")
+        only_all = given("backbone", "root", "data_root", "finetune_nodes", "mdmoco_config",
+                         "cl_config", "finetune_config", "mdmoco_override", "cl_override",
+                         "finetune_override")
+        if only_all:
+            p.error(f"{only_all} is for --stage all")
+        if args.stage != "finetune" and given("tasks", "inits", "backbones"):
+            p.error(f"{given('tasks', 'inits', 'backbones')} is for --stage finetune or all")
+    defaults = dict(tasks=list(TASK_NAMES), inits=list(INITS), backbones=list(BACKBONES),
+                    backbone="r50", root="runs", finetune_nodes=1)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("nodes", "time", "finetune_nodes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.gpus_per_node < 0 or args.max_requeues < 0:
         p.error("--gpus-per-node and --max-requeues must be >= 0")
-    if args.stage == "all":
-        if args.config or args.backbones:
-            p.error("--stage all: give --mdmoco-config/--cl-config/--finetune-config and "
-                    "--backbone, not --config or --backbones")
-    else:
-        if not args.config:
-            p.error(f"--stage {args.stage} needs --config")
-        only_all = [f for f in ("mdmoco_config", "cl_config", "finetune_config", "data_root",
-                                "mdmoco_override", "cl_override", "finetune_override")
-                    if getattr(args, f)]
-        if only_all:
-            p.error(f"--{only_all[0].replace('_', '-')} is for --stage all")
-    args.backbones = args.backbones or list(BACKBONES)
     return args
 
 
@@ -190,7 +201,8 @@ def plan_stage(args, world: int, on_cuda: bool) -> tuple[list[Step], Path]:
 
         argvs = finetune_argvs(args, args.config, args.overrides, world, on_cuda, args.backbones)
         root = config.load(args.config, args.overrides, config.FinetuneConfig).run.root
-        return [Step("finetune", "finetune", argvs, args.nodes, array=True)], Path(root)
+        step = Step("finetune", "finetune", argvs, args.nodes, array=len(argvs) > 1)
+        return [step], Path(root)
     stage = importlib.import_module(STAGES[args.stage])
     cfg = stage.prepare(args.config, args.overrides, world, on_cuda)[0]
     argv = ["--config", str(args.config), *args.overrides]
@@ -236,7 +248,7 @@ def plan_all(args, tasks_per_node: int, on_cuda: bool) -> tuple[list[Step], Path
              Step("cl", "cl-muscle--", [["--config", str(cl_config), *cl_ovs["muscle--"]]],
                   args.nodes, after=(0,)),
              Step("finetune", "finetune", ft_argvs, args.finetune_nodes, after=(1, 2),
-                  array=True)]
+                  array=len(ft_argvs) > 1)]
     return steps, root
 
 
@@ -244,13 +256,10 @@ def array_id(jobs) -> str:
     return jobs[0].job_id.split("_")[0]
 
 
-def submit(executor, step: Step, params: dict, max_requeues: int, dependency: str | None):
+def submit(executor, step: Step, max_requeues: int):
     """Submit ``step`` (an array through ``executor.batch()``); its jobs."""
-    if "slurm_signal_delay_s" in params:  # on Slurm
-        params = dict(params, slurm_additional_parameters=(
-            {"dependency": dependency} if dependency else {}))
-    executor.update_parameters(name=f"muscle-{step.label}", nodes=step.nodes, **params)
-    if len(step.argvs) == 1:
+    executor.update_parameters(name=f"muscle-{step.label}", nodes=step.nodes)
+    if not step.array:
         return [executor.submit(StageJob(step.stage, step.argvs[0], max_requeues))]
     with executor.batch():
         jobs = [executor.submit(StageJob(step.stage, argv, max_requeues)) for argv in step.argvs]
@@ -323,30 +332,23 @@ def main(argv=None) -> int:
             params["slurm_partition"] = args.partition
         if args.account:
             params["slurm_account"] = args.account
-    else:
-        where = "this machine (no Slurm found), with submitit's local executor"
-        jobs = sum(len(s.argvs) for s in steps)
-        if jobs > 1:
-            print(f"launch: no Slurm found: running the {jobs} jobs one after another on this "
-                  f"machine, with submitit's local executor", flush=True)
-            return run_here(executor, steps, params, args, tasks_per_node, folder)
-        step = steps[0]
-        jobs = submit(executor, step, params, args.max_requeues, None)
-        print(describe(step, jobs, tasks_per_node, folder, where, ()), flush=True)
-        return 0 if not args.wait or wait_for(step, jobs) else 1
+    executor.update_parameters(**params)
+    if not on_slurm:
+        return run_here(executor, steps, args, tasks_per_node, folder)
 
     submitted = []
     for step in steps:
         after = [array_id(submitted[i]) for i in step.after]
-        dependency = "afterok:" + ":".join(after) if after else None
-        submitted.append(submit(executor, step, params, args.max_requeues, dependency))
+        executor.update_parameters(slurm_additional_parameters=(
+            {"dependency": "afterok:" + ":".join(after)} if after else {}))
+        submitted.append(submit(executor, step, args.max_requeues))
         print(describe(step, submitted[-1], tasks_per_node, folder, "Slurm", after), flush=True)
     if not args.wait:
         return 0
     for k, (step, jobs) in enumerate(zip(steps, submitted)):
         if not wait_for(step, jobs):
             later = [job for js in submitted[k + 1:] for job in js]
-            for job in later:  # afterok can never be met: do not leave them pending
+            for job in later:  # afterok can never be met now: do not leave them pending
                 job.cancel(check=False)
             if later:
                 print(f"launch: cancelled the {len(later)} later job(s)", file=sys.stderr)
@@ -354,16 +356,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_here(executor, steps, params, args, tasks_per_node, folder) -> int:
-    """Every job of ``steps`` in turn on this machine (2 cores run one at a time well)."""
-    where = "this machine"
+def run_here(executor, steps, args, tasks_per_node, folder) -> int:
+    """Without Slurm: one job as before (waited for with --wait); several (an array, all) in
+    turn, each waited for (one at a time is what a small machine runs well)."""
+    where = "this machine (no Slurm found), with submitit's local executor"
+    if len(steps) == 1 and not steps[0].array:
+        jobs = submit(executor, steps[0], args.max_requeues)
+        print(describe(steps[0], jobs, tasks_per_node, folder, where, ()), flush=True)
+        return 0 if not args.wait or wait_for(steps[0], jobs) else 1
+    print(f"launch: no Slurm found: running the {sum(len(s.argvs) for s in steps)} jobs one "
+          f"after another on this machine, with submitit's local executor", flush=True)
     for step in steps:
         for argv in step.argvs:
-            job = submit(executor, step._replace(argvs=[argv], array=False), params,
-                         args.max_requeues, None)
-            print(describe(step._replace(array=False), [job[0]], tasks_per_node, folder, where,
-                           ()), flush=True)
-            if not wait_for(step._replace(array=False), job):
+            one = step._replace(argvs=[argv], array=False)
+            jobs = submit(executor, one, args.max_requeues)
+            print(describe(one, jobs, tasks_per_node, folder, "this machine", ()), flush=True)
+            if not wait_for(one, jobs):
                 return 1
     return 0
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The demo: install what is missing, generate the demo data set in the real download layouts,
-# convert all nine datasets to FFCV shards, and run the pipeline that exists so far on 2 CPU
-# processes (gloo), as torchrun starts it on a GPU node: a short MD-MoCo pre-training, then
-# multi-task continual learning of its backbone on the four tasks.
+# convert all nine datasets to FFCV shards, and run the whole pipeline on ResNet-18, small:
+# MD-MoCo and the two continual-learning runs (MUSCLE, MUSCLE--) on 2 CPU processes (gloo), as
+# torchrun starts them on a GPU node, then the fine-tune grid (4 tasks x the inits whose
+# weights exist), and print the paper's Tables 2 and 3 for the demo data. Run directories follow
+# the layout the fine-tune stage reads (configs/finetune.yaml): $RUN/mdmoco_r18,
+# $RUN/continual_r18, $RUN/continual_r18_muscle--, $RUN/finetune/<task>_r18_<init>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
@@ -14,8 +17,8 @@ SCALE=${SCALE:-small}
   --size 400x250 --workers 2
 .venv/bin/python -m muscle_hpc.data.summary --data "$RUN/shards"
 .venv/bin/torchrun --standalone --nproc_per_node 2 -m muscle_hpc.stages.mdmoco \
-  --config configs/mdmoco_demo.yaml data.root="$RUN/shards" run.dir="$RUN/mdmoco"
-.venv/bin/python - "$RUN/mdmoco" <<'PY'
+  --config configs/mdmoco_demo.yaml data.root="$RUN/shards" run.dir="$RUN/mdmoco_r18"
+.venv/bin/python - "$RUN/mdmoco_r18" <<'PY'
 import math
 import sys
 
@@ -36,10 +39,14 @@ print(f"MD-MoCo demo: {step} steps; last 5 steps: loss {sum(last['loss']) / 5:.3
 print(f"{run}/backbone_torchvision.pth loads into torchvision.models.resnet18()")
 print(f"TensorBoard: .venv/bin/tensorboard --logdir {run}/tb  (serves on 127.0.0.1)")
 PY
-.venv/bin/torchrun --standalone --nproc_per_node 2 -m muscle_hpc.stages.continual \
-  --config configs/continual_demo.yaml data.root="$RUN/shards" \
-  model.init="$RUN/mdmoco/backbone_torchvision.pth" run.dir="$RUN/continual"
-.venv/bin/python - "$RUN/continual" <<'PY'
+for method in muscle muscle--; do
+  dir="$RUN/continual_r18"
+  [ "$method" = muscle ] || dir="${dir}_$method"
+  .venv/bin/torchrun --standalone --nproc_per_node 2 -m muscle_hpc.stages.continual \
+    --config configs/continual_demo.yaml data.root="$RUN/shards" cl.method="$method" \
+    model.init="$RUN/mdmoco_r18/backbone_torchvision.pth" run.dir="$dir"
+done
+.venv/bin/python - "$RUN/continual_r18" <<'PY'
 import json
 import sys
 
@@ -50,10 +57,29 @@ from muscle_hpc.stages.continual import TASKS, matrix_markdown
 
 run = sys.argv[1]
 matrix = json.load(open(f"{run}/validation.json"))
-print("Continual learning demo: validation of every task after every visit")
+print("Continual learning demo (MUSCLE): validation of every task after every visit")
 print(matrix_markdown(matrix, [t for t in TASKS if t in matrix[0]]))
 resnet = torchvision.models.resnet18()
 resnet.load_state_dict(torch.load(f"{run}/backbone_torchvision.pth", weights_only=True))
 print(f"{run}/backbone_torchvision.pth loads into torchvision.models.resnet18()")
 print(f"TensorBoard: .venv/bin/tensorboard --logdir {run}/tb  (serves on 127.0.0.1)")
 PY
+# The ResNet-18 half of the grid; ImageNet only if its weights are in the torch hub cache
+# (nothing is downloaded). Two fine-tunes at a time, one thread each, on the 2 cores.
+FT=(--config configs/finetune_demo.yaml data.root="$RUN/shards" run.root="$RUN")
+skip=none
+if ! .venv/bin/python -m muscle_hpc.stages.finetune --task pneumonia --init imagenet \
+    --backbone r18 --check "${FT[@]}" >/dev/null 2>"$RUN/imagenet_check.txt"; then
+  skip=imagenet
+  echo "Fine-tune demo without the ImageNet row: $(cut -d' ' -f3- "$RUN/imagenet_check.txt")"
+fi
+mkdir -p "$RUN/finetune_logs"
+.venv/bin/python -m muscle_hpc.stages.finetune --list |
+  awk -v skip="$skip" '$4 == "r18" && $3 != skip {print $1}' |
+  OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '
+    i=$1 run=$2; shift 2
+    log="$run/finetune_logs/$i.log"
+    .venv/bin/python -m muscle_hpc.stages.finetune --grid-index "$i" "$@" >"$log" 2>&1 ||
+      { echo "fine-tune $i failed, see $log:"; tail -3 "$log"; exit 255; }
+    tail -1 "$log"' _ {} "$RUN" "${FT[@]}"
+.venv/bin/python -m muscle_hpc.report "$RUN"

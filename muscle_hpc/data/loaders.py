@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import numba
@@ -84,7 +85,14 @@ def close_epoch(it) -> None:
     """Stop an FFCV epoch iterator's reader thread and wait for it before its memory is
     unmapped (FFCV's own ``close`` unmaps at once, under a thread that may still be reading)."""
     it.terminate_event.set()
-    it.join(timeout=60)
+    # The reader may be blocked putting a batch into its full queue, which nobody reads any
+    # more: drain it until the thread sees the event (a bare join waited out its timeout).
+    deadline = time.monotonic() + 60
+    while it.is_alive() and time.monotonic() < deadline:
+        try:
+            it.output_queue.get_nowait()
+        except queue.Empty:
+            it.join(0.05)
     it.close()
 
 

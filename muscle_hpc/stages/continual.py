@@ -190,6 +190,7 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
         if l2sp is not None and l2sp.anchor:
             shared["anchor"] = l2sp.anchor
         ckpt.save_training(step, engine, shared)
+        log.flush()
 
     def set_lr(visit, task):
         if cfg.muscle:  # eq. 1 within the visit
@@ -269,21 +270,15 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
                             report(task.name, lr, loss, penalty,
                                    engine.get_global_grad_norm() if norm is None else norm,
                                    cfg.batch_size(task.name))
-                        signum = stop.agreed()
-                        if signum or step % cfg.run.checkpoint_every_steps == 0:
-                            save()
-                            log.flush()
-                        if signum:
-                            if rank == 0:
-                                print(f"continual: stopped by signal {signum} after step "
-                                      f"{step}; checkpoint in {ckpt.path}", flush=True)
-                            return 128 + signum
+                        code = stop.save_or_stop(step % cfg.run.checkpoint_every_steps == 0,
+                                                 save, "continual", step, ckpt.path)
+                        if code:
+                            return code
                         if step in (last, end):
                             break
             if val and step == last and len(matrix) == index:
                 validate(index, visit)
                 save()
-                log.flush()
             if step >= end:
                 break
         if saved_at[0] != step:

@@ -237,6 +237,7 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
         ckpt.save_training(step, engine, {"model": net.state_dict(), "config": config.to_dict(cfg),
                                           "per_epoch": per_epoch, "history": history,
                                           "best": best})
+        log.flush()
 
     log = RunLogger(out / "tb", rank, purge_step=step + 1 if resumed else None)
     stop, timer = StopOnSignal(), StepTimer()
@@ -269,15 +270,10 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
                             if rank == 0:
                                 print(f"step {step}/{total} epoch {epoch} loss {loss:.4f} "
                                       f"lr {lr:.5f} img/s {images_per_s:.1f}", flush=True)
-                        signum = stop.agreed()
-                        if signum or step % cfg.run.checkpoint_every_steps == 0:
-                            save()
-                            log.flush()
-                        if signum:
-                            if rank == 0:
-                                print(f"finetune: stopped by signal {signum} after step {step}; "
-                                      f"checkpoint in {ckpt.path}", flush=True)
-                            return 128 + signum
+                        code = stop.save_or_stop(step % cfg.run.checkpoint_every_steps == 0,
+                                                 save, "finetune", step, ckpt.path)
+                        if code:
+                            return code
                         if step == last:
                             break
                 finally:
@@ -295,7 +291,6 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
                         f"{k} {v:.4f}" for k, v in scores.items()) +
                         (" (best)" if best["epoch"] == epoch else ""), flush=True)
                 save()
-                log.flush()
         dist.barrier()
         net.load_state_dict(checkpoint.load(out / "best.pth"))
         keeper = (SampleKeeper(cfg.eval.samples, cfg.data.mean, cfg.data.std)

@@ -129,6 +129,7 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
     def save():
         ckpt.save_training(step, engine, {"model": moco.state_dict(), "config": config.to_dict(cfg),
                                           "steps_per_epoch": steps_per_epoch})
+        log.flush()
 
     log = RunLogger(run_dir / "tb", rank, purge_step=step + 1 if resumed else None)
     stop = StopOnSignal()
@@ -177,16 +178,11 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
                         n = min(8, im_q.shape[0])
                         log.image_grid("train/views_query_top_key_bottom",
                                        torch.cat([im_q[:n], im_k[:n]]), step, nrow=n)
-                    signum = stop.agreed()
-                    if signum or step % cfg.run.checkpoint_every_steps == 0 \
-                            or step % steps_per_epoch == 0 or step == end:
-                        save()
-                        log.flush()
-                    if signum:
-                        if rank == 0:
-                            print(f"mdmoco: stopped by signal {signum} after step {step}; "
-                                  f"checkpoint in {ckpt.path}", flush=True)
-                        return 128 + signum
+                    due = step % cfg.run.checkpoint_every_steps == 0 \
+                        or step % steps_per_epoch == 0 or step == end
+                    code = stop.save_or_stop(due, save, "mdmoco", step, ckpt.path)
+                    if code:
+                        return code
                     if step == end:
                         break
     finally:
