@@ -228,3 +228,9 @@ def test_stopped_by_signal_then_resumed_equals_an_uninterrupted_run(task_shards,
         assert torch.equal(a["model"][k], b["model"][k]), k
     ra, rb = results(whole, "mura_r18_scratch"), results(cut, "mura_r18_scratch")
     assert ra["test"] == rb["test"] and ra["best_epoch"] == rb["best_epoch"]
+
+    # Going on from that checkpoint with epochs of another length is refused in one line.
+    codes, outs = finish_ranks(start_ranks("finetune", 1, [*args, "run.max_steps_per_epoch=2"]))
+    assert codes == [2], outs[0][-2000:]
+    assert "checkpoint.pth: per_epoch was 3, is 2 now (the shards or a step limit changed)" \
+        in outs[0] and "Traceback" not in outs[0]

@@ -1,5 +1,5 @@
-"""What every stage's entry point does the same way: its command line, its one-line errors, and
-reading a pre-trained backbone."""
+"""What every stage's entry point does the same way: its command line, its one-line errors,
+reading a pre-trained backbone, and going on from a rolling checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from muscle_hpc import checkpoint
+from muscle_hpc import checkpoint, config
 from muscle_hpc.config import ConfigError
 from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
 
@@ -31,6 +31,28 @@ def fail(stage: str, message: str) -> int:
     """Say ``message`` on stderr as the stage's error; the exit status of a refused start."""
     print(f"{stage}: error: {message}", file=sys.stderr)
     return 2
+
+
+def resume_or_start(stage: str, ckpt, resumed, engine, model, layout: dict, cfg) -> dict:
+    """The shared state of ``ckpt`` (a ``RollingCheckpoint``) that training goes on from:
+    for a resumed run, restored into ``engine``, ``model`` and the RNGs once ``layout`` (how the
+    data splits into steps, saved with every checkpoint) is found unchanged; ``{}`` for a new
+    run, whose directory rank 0 creates with its ``config.yaml``. A changed layout (other shards,
+    another step limit) cannot go on from the checkpoint: the stage exits with status 2 and one
+    line."""
+    if not resumed:
+        if ckpt.rank == 0:
+            ckpt.run_dir.mkdir(parents=True, exist_ok=True)
+            config.dump_yaml(cfg, ckpt.run_dir / "config.yaml")
+        return {}
+    for key, now in layout.items():
+        if resumed[0][key] != now:
+            raise SystemExit(fail(stage, f"{ckpt.path}: {key} was {resumed[0][key]}, is {now} "
+                                         f"now (the shards or a step limit changed); undo that "
+                                         f"or use a new run directory"))
+    shared = ckpt.restore_training(engine, resumed)
+    model.load_state_dict(shared["model"])
+    return shared
 
 
 def backbone_weights(path: str, arch: str, key: str, missing_hint: str) -> dict:

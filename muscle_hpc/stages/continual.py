@@ -159,17 +159,9 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
                               "versions on the nodes?)"))
     total = sum(v["steps"] for v in visits)
     steps_of = {t: min(len(loaders[t]), cfg.run.visit_steps or len(loaders[t])) for t in tasks}
-    step, matrix, anchor = 0, [], None
-    if resumed:
-        if resumed[0]["steps_of"] != steps_of:
-            raise SystemExit(fail(f"{ckpt.path}: steps per visit {resumed[0]['steps_of']}, the "
-                                  f"data now gives {steps_of}; the shards changed"))
-        shared = ckpt.restore_training(engine, resumed)
-        net.load_state_dict(shared["model"])
-        step, matrix, anchor = shared["step"], shared["matrix"], shared.get("anchor")
-    elif rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.dump_yaml(cfg, run_dir / "config.yaml")
+    layout = {"steps_of": steps_of}
+    shared = common.resume_or_start("continual", ckpt, resumed, engine, net, layout, cfg)
+    step, matrix, anchor = shared.get("step", 0), shared.get("matrix", []), shared.get("anchor")
     if rank == 0:
         print(f"continual: {cfg.cl.method}, {env.world_size} rank(s), {len(visits)} visits "
               f"({cfg.cl.rounds} rounds x {len(tasks)} tasks), {total} steps, "
@@ -186,7 +178,7 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
     def save():
         saved_at[0] = step
         shared = {"model": net.state_dict(), "config": config.to_dict(cfg),
-                  "steps_of": steps_of, "matrix": matrix}
+                  **layout, "matrix": matrix}
         if l2sp is not None and l2sp.anchor:
             shared["anchor"] = l2sp.anchor
         ckpt.save_training(step, engine, shared)

@@ -80,9 +80,8 @@ def add_arguments(p) -> None:
 
 
 def parse_args(argv):
-    args = common.parse_args("finetune", __doc__, argv, "tasks.lung.epochs=10",
+    return common.parse_args("finetune", __doc__, argv, "tasks.lung.epochs=10",
                              config_default=str(DEFAULT_CONFIG), add_arguments=add_arguments)
-    return args
 
 
 def selection(args) -> Selection:
@@ -213,17 +212,9 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
         raise SystemExit(fail(f"ranks disagree on steps per epoch ({lo} vs {hi})"))
     per_epoch = min(lo, cfg.run.max_steps_per_epoch or lo)
     total = tcfg.epochs * per_epoch
-    step, history, best = 0, [], None
-    if resumed:
-        if resumed[0]["per_epoch"] != per_epoch:
-            raise SystemExit(fail(f"{ckpt.path}: {resumed[0]['per_epoch']} steps per epoch, the "
-                                  f"data now gives {per_epoch}; the shards changed"))
-        shared = ckpt.restore_training(engine, resumed)
-        net.load_state_dict(shared["model"])
-        step, history, best = shared["step"], shared["history"], shared["best"]
-    elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        config.dump_yaml(cfg, out / "config.yaml")
+    layout = {"per_epoch": per_epoch}
+    shared = common.resume_or_start("finetune", ckpt, resumed, engine, net, layout, cfg)
+    step, history, best = shared.get("step", 0), shared.get("history", []), shared.get("best")
     if rank == 0:
         print(f"finetune: {sel.task} from {sel.init} ({init_file or 'Kaiming init'}), "
               f"{sel.arch}, {env.world_size} rank(s), {tcfg.epochs} epochs x {per_epoch} steps, "
@@ -235,8 +226,7 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
 
     def save():
         ckpt.save_training(step, engine, {"model": net.state_dict(), "config": config.to_dict(cfg),
-                                          "per_epoch": per_epoch, "history": history,
-                                          "best": best})
+                                          **layout, "history": history, "best": best})
         log.flush()
 
     log = RunLogger(out / "tb", rank, purge_step=step + 1 if resumed else None)
@@ -331,10 +321,10 @@ class SampleKeeper:
         room = self.n - len(self.kept["images"])
         if room <= 0:
             return
-        gray = batch["image"][:room, 0].float().numpy() * self.std + self.mean
+        gray = batch["image"][:room, 0].float().cpu().numpy() * self.std + self.mean
         self.kept["images"] += list(np.clip(np.rint(gray), 0, 255).astype(np.uint8))
-        self.kept["masks"] += list(batch["mask"][:room].numpy().astype(np.uint8))
-        self.kept["preds"] += list(probs[:room].argmax(dim=1).numpy().astype(np.uint8))
+        self.kept["masks"] += list(batch["mask"][:room].cpu().numpy().astype(np.uint8))
+        self.kept["preds"] += list(probs[:room].argmax(dim=1).cpu().numpy().astype(np.uint8))
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(f".{path.stem}.tmp.npz")

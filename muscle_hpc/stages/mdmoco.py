@@ -109,17 +109,8 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
         raise SystemExit(fail(f"ranks disagree on steps per epoch ({lo} to {hi}): the loader "
                               f"must give every rank as many"))
     total = cfg.optim.epochs * steps_per_epoch
-    step = 0
-    if resumed:
-        shared = ckpt.restore_training(engine, resumed)
-        moco.load_state_dict(shared["model"])
-        step = shared["step"]
-        if shared["steps_per_epoch"] != steps_per_epoch:
-            raise SystemExit(fail(f"{ckpt.path}: {shared['steps_per_epoch']} steps per epoch, "
-                                  f"the data now gives {steps_per_epoch}; the shards changed"))
-    elif rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.dump_yaml(cfg, run_dir / "config.yaml")
+    layout = {"steps_per_epoch": steps_per_epoch}
+    step = common.resume_or_start("mdmoco", ckpt, resumed, engine, moco, layout, cfg).get("step", 0)
     if rank == 0:
         print(f"mdmoco: {env.world_size} rank(s), {cfg.data.batch_size} images/step, "
               f"{steps_per_epoch} steps/epoch, {total} steps, "
@@ -128,7 +119,7 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
 
     def save():
         ckpt.save_training(step, engine, {"model": moco.state_dict(), "config": config.to_dict(cfg),
-                                          "steps_per_epoch": steps_per_epoch})
+                                          **layout})
         log.flush()
 
     log = RunLogger(run_dir / "tb", rank, purge_step=step + 1 if resumed else None)
