@@ -14,13 +14,6 @@ from muscle_hpc import dist
 from muscle_hpc.data.loaders import TaskLoader
 
 
-def split_loader(task, shard, batch_size: int, data_cfg, distributed: bool) -> TaskLoader:
-    """An evaluation loader: fixed order, no flip, the last partial batch kept."""
-    return TaskLoader(shard, batch_size, task.kind, train=False, mean=data_cfg.mean,
-                      std=data_cfg.std, num_workers=data_cfg.num_workers,
-                      distributed=distributed)
-
-
 @torch.no_grad()
 def evaluate_records(model, task, loader: TaskLoader, device, bf16: bool = False,
                      on_batch=None) -> list:

@@ -286,6 +286,14 @@ class TwoViewLoader:
         return prefetch(self._batches(epoch, start_step), self.prefetch_depth)
 
 
+def task_loader(shard: Shard, batch_size: int, kind: str, data_cfg, *, train: bool,
+                distributed: bool = True) -> TaskLoader:
+    """A stage's ``TaskLoader`` for one split, set up from its ``data`` config (seed, flip,
+    Z-score, workers): ``train=True`` for the training split, ``False`` to evaluate."""
+    return TaskLoader(shard, batch_size, kind, train=train, seed=data_cfg.seed,
+                      flip_prob=data_cfg.flip_prob, mean=data_cfg.mean, std=data_cfg.std,
+                      num_workers=data_cfg.num_workers, distributed=distributed)
+
 TASK_FIELDS = {
     "classification": ("label",),
     "multilabel": ("labels",),

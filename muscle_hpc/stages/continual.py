@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from muscle_hpc import checkpoint, config, dist, schedule
-from muscle_hpc.data.loaders import TaskLoader
+from muscle_hpc.data.loaders import task_loader
 from muscle_hpc.data.shards import ShardError, open_shard
 from muscle_hpc.engine import (
     RollingCheckpoint,
@@ -34,7 +34,7 @@ from muscle_hpc.engine import (
     grad_norm,
     reset_optimizer_state,
 )
-from muscle_hpc.evaluate import evaluate, split_loader
+from muscle_hpc.evaluate import evaluate
 from muscle_hpc.models.backbone import build_backbone, export_torchvision, load_imagenet_into
 from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
 from muscle_hpc.regularizers import L2SP
@@ -98,13 +98,12 @@ def main(argv=None) -> int:
         return fail(str(e))
     dist.init_distributed(env)
     try:
-        d = cfg.data
-        loaders = {t: TaskLoader(shards[t]["train"], cfg.batch_size(t) // env.world_size,
-                                 TASKS[t].kind, train=True, seed=d.seed, flip_prob=d.flip_prob,
-                                 mean=d.mean, std=d.std, num_workers=d.num_workers,
-                                 distributed=True) for t in d.tasks}
-        val = {t: split_loader(TASKS[t], shards[t]["valid"], cfg.batch_size(t) // env.world_size,
-                               d, distributed=True) for t in d.tasks} if cfg.run.validate else {}
+        def loader(t, split):
+            return task_loader(shards[t][split], cfg.batch_size(t) // env.world_size,
+                               TASKS[t].kind, cfg.data, train=split == "train")
+
+        loaders = {t: loader(t, "train") for t in cfg.data.tasks}
+        val = {t: loader(t, "valid") for t in cfg.data.tasks} if cfg.run.validate else {}
         return train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda)
     finally:
         dist.shutdown()

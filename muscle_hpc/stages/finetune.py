@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from muscle_hpc import checkpoint, config, dist, schedule
-from muscle_hpc.data.loaders import TaskLoader
+from muscle_hpc.data.loaders import task_loader
 from muscle_hpc.data.shards import ShardError, open_shard
 from muscle_hpc.engine import (
     RollingCheckpoint,
@@ -38,7 +38,7 @@ from muscle_hpc.engine import (
     deepspeed_engine,
     grad_norm,
 )
-from muscle_hpc.evaluate import evaluate, evaluate_records, split_loader
+from muscle_hpc.evaluate import evaluate, evaluate_records
 from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
 from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
 from muscle_hpc.stages import common
@@ -172,13 +172,9 @@ def main(argv=None) -> int:
         return fail(str(e))
     dist.init_distributed(env)
     try:
-        task, d = TASKS[sel.task], cfg.data
         per_rank = cfg.task(sel.task).batch_size // env.world_size
-        loaders = {"train": TaskLoader(shards["train"], per_rank, task.kind, train=True,
-                                       seed=d.seed, flip_prob=d.flip_prob, mean=d.mean,
-                                       std=d.std, num_workers=d.num_workers, distributed=True)}
-        for split in ("valid", "test"):
-            loaders[split] = split_loader(task, shards[split], per_rank, d, distributed=True)
+        loaders = {split: task_loader(shard, per_rank, TASKS[sel.task].kind, cfg.data,
+                                      train=split == "train") for split, shard in shards.items()}
         return train(cfg, env, sel, loaders, (path, init), ds_config, ckpt, resumed, on_cuda)
     finally:
         dist.shutdown()
