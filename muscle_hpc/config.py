@@ -50,6 +50,9 @@ def opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: floa
 class DataConfig:
     root: str = "shards"
     datasets: list[str] = opt(list(DATASETS), choices=DATASETS)
+    # Also read each dataset's ``extra`` shard (images of no task, e.g. TBX11K's ~10k healthy,
+    # sick and test images): not the paper's Table 1, which pre-trains on the training sets.
+    pretrain_extra: bool = False
     batch_size: int = opt(256, lo=1)  # global, over all ranks
     num_workers: int = opt(2, lo=1)
     max_degrees: float = opt(10.0, lo=0.0, hi=180.0)
@@ -147,6 +150,10 @@ class ClDataConfig(TaskDataConfig):
 class HeadsConfig:
     rois_per_image: int = opt(512, lo=1)  # Faster R-CNN's box-head sample (torchvision's)
     test_proposals: int = opt(1000, lo=1)  # proposals scored per image in evaluation (same)
+    # The trunk's output stride under the DeepLab-V3 head (segmentation batches only; the
+    # weights are the same at every stride): 8 as torchvision's deeplabv3 (ASPP 12/24/36),
+    # 16 (6/12/18) or 32 (3/6/9, the undilated trunk: cheapest, coarsest masks).
+    seg_output_stride: int = opt(8, choices=(8, 16, 32))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from conftest import moco_overrides as overrides
 from conftest import run_ranks, start_ranks
 
 from muscle_hpc import export
+from muscle_hpc.data import pretrain_shards
 from muscle_hpc.models.backbone import build_backbone
 from muscle_hpc.stages import mdmoco
 from muscle_hpc.tblog import read_image_tags, read_scalars
@@ -160,3 +161,25 @@ def test_bf16_is_autocast_with_fp32_weights(shards, tmp_path):
     assert not torch.equal(model[key], init[key])  # the key encoder moved
     q, k = model[key.replace("encoder_k", "encoder_q")], model[key]
     assert (k - init[key]).abs().max() < (q - init[key]).abs().max()  # slower than the query
+
+
+def test_pretraining_reads_the_training_sets_and_extra_only_when_asked(task_shards, tmp_path):
+    """Table 1's images are the training sets; TBX11K's images of no task (its ``extra``
+    shard) join only with data.pretrain_extra, which the stage then says."""
+    shards = pretrain_shards(task_shards, ["tbx11k", "mura"])
+    assert [(s.dataset, s.split) for s in shards] == [("tbx11k", "train"), ("mura", "train")]
+    with_extra = pretrain_shards(task_shards, ["tbx11k", "mura"], extra=True)
+    extra = [s for s in with_extra if s.split == "extra"]
+    assert [s.dataset for s in extra] == ["tbx11k"] and extra[0].count > 0
+
+    args = [f"data.root={task_shards}", "data.datasets=tbx11k,mura", "data.batch_size=4",
+            "model.K=16", "run.max_steps=1", "run.log_every_steps=1"]
+    out = run(1, [*args, f"run.dir={tmp_path / 'train'}"])
+    assert "pretrain_extra" not in out
+    steps = final_state(tmp_path / "train")["steps_per_epoch"]
+    assert steps == sum(s.count for s in shards) // 4
+    out = run(1, [*args, "data.pretrain_extra=true", f"run.dir={tmp_path / 'extra'}"])
+    assert (f"mdmoco: data.pretrain_extra is on: also {extra[0].count} images of no task "
+            f"(tbx11k {extra[0].count})") in out
+    assert final_state(tmp_path / "extra")["steps_per_epoch"] == \
+        sum(s.count for s in with_extra) // 4

@@ -6,7 +6,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-PRETRAIN_SPLITS = ("train", "extra")  # MD-MoCo never sees a task set's valid/test images
+# MD-MoCo reads the training sets (the paper's 169,257 images of Table 1), never a task set's
+# valid/test images; ``extra`` (images that belong to no task, e.g. TBX11K's healthy, sick and
+# test folders) only when asked.
+PRETRAIN_SPLITS = ("train",)
+EXTRA_SPLIT = "extra"
 
 
 class ShardError(Exception):
@@ -49,12 +53,13 @@ def open_shard(data_root: Path, dataset: str, split: str) -> Shard:
     return Shard(path, dataset, split, info["count"], tuple(manifest["size"]), manifest)
 
 
-def pretrain_shards(data_root: Path, datasets) -> list[Shard]:
-    """Every pre-training shard (train + extra) of ``datasets``; all must share one size."""
+def pretrain_shards(data_root: Path, datasets, extra: bool = False) -> list[Shard]:
+    """Every pre-training shard of ``datasets``: ``train``, and ``extra`` too when ``extra``;
+    all must share one size."""
     shards = []
     for name in datasets:
         manifest = read_manifest(data_root, name)
-        for split in PRETRAIN_SPLITS:
+        for split in PRETRAIN_SPLITS + ((EXTRA_SPLIT,) if extra else ()):
             if split in manifest["splits"]:
                 shards.append(open_shard(data_root, name, split))
     if not shards:

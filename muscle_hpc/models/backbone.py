@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 ARCHS = ("resnet18", "resnet50")
+OUTPUT_STRIDES = (8, 16, 32)
 
 
 def build_backbone(arch: str, in_chans: int = 1, num_classes: int = 1000) -> nn.Module:
@@ -73,3 +74,41 @@ def export_torchvision(backbone: nn.Module) -> dict[str, torch.Tensor]:
         fresh = nn.Linear(features, 1000)
         sd["fc.weight"], sd["fc.bias"] = fresh.weight.detach(), fresh.bias.detach()
     return sd
+
+
+def set_output_stride(backbone: nn.Module, output_stride: int) -> None:
+    """Run ``backbone``'s ``layer3``/``layer4`` strided (32) or dilated (16: layer4, 8: both),
+    with the same weights: ``Conv2d`` reads ``stride``, ``dilation`` and ``padding`` at every
+    call, so this only rewrites those attributes, and 32 restores a stock ResNet exactly.
+
+    The rule is torchvision's ``replace_stride_with_dilation`` (``resnet50(
+    replace_stride_with_dilation=[False, True, True])`` is output stride 8, as its DeepLab-V3
+    uses): a dilated stage's first block drops its stride and keeps the previous dilation in the
+    convolution that had the stride; every later 3x3 convolution of the stage runs at twice
+    that dilation. torchvision refuses dilation in ``BasicBlock``; the same rule there (the
+    strided ``conv1`` at the previous dilation, ``conv2`` and later blocks at the new one, as
+    in Dilated Residual Networks, Yu et al. 2017) is what keeps the à trous identity: the
+    dilated map, subsampled at the stride it replaced, is the strided map."""
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output stride must be one of {OUTPUT_STRIDES}, not {output_stride}")
+    dilation = 1
+    for name, dilate in (("layer3", output_stride == 8), ("layer4", output_stride <= 16)):
+        previous = dilation
+        if dilate:
+            dilation *= 2
+        for i, block in enumerate(getattr(backbone, name)):
+            bottleneck = hasattr(block, "conv3")
+            strided = block.conv2 if bottleneck else block.conv1
+            later = [] if bottleneck else [block.conv2]
+            if i == 0:
+                _set_conv(strided, 1 if dilate else 2, previous)
+                if block.downsample is not None:
+                    block.downsample[0].stride = (1, 1) if dilate else (2, 2)
+            else:
+                later.append(strided)
+            for conv in later:
+                _set_conv(conv, 1, dilation)
+
+
+def _set_conv(conv: nn.Conv2d, stride: int, dilation: int) -> None:
+    conv.stride, conv.dilation, conv.padding = (stride,) * 2, (dilation,) * 2, (dilation,) * 2

@@ -1,20 +1,23 @@
 """Task heads over a shared ResNet trunk: FC classification, DeepLab-V3 segmentation, Faster R-CNN
 detection. Every head takes the trunk's feature maps ``{"layer1": ..., "layer4": ...}`` and
 owns none of the trunk's parameters, so freezing, regularising or exporting the backbone never
-has to tell its weights apart from a head's.
+has to tell its weights apart from a head's. Each head says at which ``output_stride`` the trunk
+must run for it (dilated, with the same weights); ``MultiTaskNet`` runs it so per call.
 
 Each head has ``loss(features, images, targets) -> scalar`` (training) and
-``predict(features, images) -> outputs`` (evaluation, CPU tensors):
+``predict(features, images) -> outputs`` (evaluation, CPU tensors).
 
 - ``ClassifierHead``: global average pool + one linear layer; softmax probabilities (B, C).
-- ``SegmentationHead``: torchvision's DeepLab-V3 head (ASPP) on ``layer4``, upsampled
-  bilinearly to the input size; class probabilities (B, C, H, W). The trunk is shared with the
-  other tasks, so it keeps its stride 32 (DeepLab-V3's own backbone dilates layer3/4 to
-  stride 8): masks are coarser, and no task pays the 4-16x compute of dilated layers.
-- ``DetectionHead``: torchvision's Faster R-CNN (FPN over layer1-4, RPN, RoI heads), run on
-  the trunk's features. Images are already Z-scored and all of one size, so its own
-  transform (normalise, resize, pad) is skipped. Predictions: per image a dict of
-  ``boxes`` (xyxy pixels), ``scores``, ``labels``.
+- ``SegmentationHead``: torchvision's DeepLab-V3 head (ASPP) on ``layer4`` of the trunk run at
+  ``output_stride`` 8 by default, as torchvision's ``deeplabv3_resnet50`` (ASPP rates 12/24/36;
+  they scale with the stride), upsampled bilinearly to the input size; class probabilities
+  (B, C, H, W).
+- ``DetectionHead``: torchvision's Faster R-CNN (FPN over layer1-4, RPN, RoI heads) on the
+  trunk's features, without its transform (the images are Z-scored and of one size already).
+  Anchors sit at the pyramid's true strides 4/8/16/32/64 at any input size
+  (``FixedStrideAnchorGenerator``). It runs in fp32 under autocast: its anchors take the
+  features' dtype, and bf16 would put box coordinates on a 2-4 px grid before NMS.
+  Predictions: per image a dict of ``boxes`` (xyxy pixels), ``scores``, ``labels``.
 """
 
 from __future__ import annotations
@@ -25,12 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from muscle_hpc.models.backbone import set_output_stride
+
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
+# DeepLab-V3's ASPP rates by output stride: the same reach in input pixels at every stride
+# (Chen et al. 2017 use 6/12/18 at 16 and double them at 8).
+ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
 
 
 def trunk_channels(arch: str) -> dict[str, int]:
@@ -40,6 +49,8 @@ def trunk_channels(arch: str) -> dict[str, int]:
 
 
 class ClassifierHead(nn.Module):
+    output_stride = 32
+
     def __init__(self, channels: dict[str, int], num_classes: int):
         super().__init__()
         self.fc = nn.Linear(channels["layer4"], num_classes)
@@ -56,9 +67,13 @@ class ClassifierHead(nn.Module):
 
 
 class SegmentationHead(nn.Module):
-    def __init__(self, channels: dict[str, int], num_classes: int):
+    def __init__(self, channels: dict[str, int], num_classes: int, output_stride: int = 8):
         super().__init__()
-        self.deeplab = DeepLabHead(channels["layer4"], num_classes)
+        if output_stride not in ASPP_RATES:
+            raise ValueError(f"output stride must be one of {tuple(ASPP_RATES)}, "
+                             f"not {output_stride}")
+        self.output_stride = output_stride
+        self.deeplab = DeepLabHead(channels["layer4"], num_classes, ASPP_RATES[output_stride])
 
     def forward(self, features, images):
         logits = self.deeplab(features["layer4"])
@@ -85,26 +100,54 @@ class _FPN(FeaturePyramidNetwork):
         return super().forward(OrderedDict((str(i), features[n]) for i, n in enumerate(LAYERS)))
 
 
+class FixedStrideAnchorGenerator(AnchorGenerator):
+    """torchvision's ``AnchorGenerator`` (its default sizes 32-512 and ratios 0.5/1/2, one size
+    per pyramid level) with each level's stride fixed to the network's, 4/8/16/32/64.
+
+    torchvision derives a level's stride as ``image_size // feature_size``, which is the true
+    stride only when every level's size divides the image: at 800x500 the levels have
+    125/63/32/16/8 rows, so rows would get strides 4, 7, 15, 31, 62, and even torchvision's own
+    padding to a multiple of 32 leaves the last level (P6, 13 columns at width 800) at
+    800 // 13 = 61. A strided conv's cell i is centred at i * stride whatever the size, which
+    is where these anchors are, and at sizes that are multiples of 64 they equal torchvision's."""
+
+    STRIDES = (4, 8, 16, 32, 64)
+
+    def __init__(self):
+        super().__init__(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+
+    def forward(self, image_list: ImageList, feature_maps: list[torch.Tensor]):
+        grids = [f.shape[-2:] for f in feature_maps]
+        device = feature_maps[0].device
+        strides = [[torch.tensor(s, device=device)] * 2 for s in self.STRIDES[:len(grids)]]
+        self.set_cell_anchors(feature_maps[0].dtype, device)
+        anchors = torch.cat(self.grid_anchors(grids, strides))
+        return [anchors] * len(image_list.image_sizes)
+
+
 class DetectionHead(nn.Module):
     """Faster R-CNN without a backbone of its own: ``rcnn.backbone`` is the FPN, fed with the
     shared trunk's features (what ``GeneralizedRCNN.forward`` would do, with the trunk moved
     out). ``num_classes`` counts the background."""
 
+    output_stride = 32
+
     def __init__(self, channels: dict[str, int], num_classes: int, rois_per_image: int = 512,
                  test_proposals: int = 1000):
         super().__init__()
         self.rcnn = FasterRCNN(_FPN(channels), num_classes=num_classes,
+                               rpn_anchor_generator=FixedStrideAnchorGenerator(),
                                box_batch_size_per_image=rois_per_image,
                                rpn_post_nms_top_n_test=test_proposals)
 
     def _run(self, features, images, targets=None):
-        # Skips rcnn.transform: the images are normalised already and must keep the size the
-        # trunk saw (its padding to a multiple of 32 would shift the anchors' strides).
         r = self.rcnn
-        batch = ImageList(images, [tuple(images.shape[-2:])] * len(images))
-        pyramid = r.backbone(features)
-        proposals, rpn_losses = r.rpn(batch, pyramid, targets)
-        detections, roi_losses = r.roi_heads(pyramid, proposals, batch.image_sizes, targets)
+        images = ImageList(images, [tuple(images.shape[-2:])] * len(images))
+        with torch.autocast(images.tensors.device.type, enabled=False):
+            pyramid = r.backbone({k: v.float() for k, v in features.items()})
+            proposals, rpn_losses = r.rpn(images, pyramid, targets)
+            detections, roi_losses = r.roi_heads(pyramid, proposals, images.image_sizes,
+                                                 targets)
         return detections, {**rpn_losses, **roi_losses}
 
     def loss(self, features, images, targets):
@@ -122,7 +165,9 @@ class MultiTaskNet(nn.Module):
     """One trunk (a torchvision ResNet whose ``fc`` is dropped) and a head per task.
 
     ``forward(task, images, targets)`` is the task's training loss, so a DeepSpeed engine wraps
-    the whole net and each step runs one task; ``predict(task, images)`` evaluates."""
+    the whole net and each step runs one task; ``predict(task, images)`` evaluates. Each call
+    runs the trunk as the task's head asks (dilated for segmentation, padded for detection), so
+    one task's call never leaves the trunk changed for another's."""
 
     def __init__(self, trunk: nn.Module, heads: dict[str, nn.Module]):
         super().__init__()
@@ -130,17 +175,27 @@ class MultiTaskNet(nn.Module):
         self.backbone = trunk
         self.heads = nn.ModuleDict(heads)
 
-    def features(self, images) -> dict[str, torch.Tensor]:
+    def features(self, images, output_stride: int = 32) -> dict[str, torch.Tensor]:
+        """Every stage's output; the trunk is a stock ResNet again when this returns (a
+        convolution's backward keeps the stride and dilation its forward ran with)."""
         t = self.backbone
-        x = t.maxpool(t.relu(t.bn1(t.conv1(images))))
-        out = {}
-        for name in LAYERS:
-            x = out[name] = getattr(t, name)(x)
-        return out
+        set_output_stride(t, output_stride)
+        try:
+            x = t.maxpool(t.relu(t.bn1(t.conv1(images))))
+            out = {}
+            for name in LAYERS:
+                x = out[name] = getattr(t, name)(x)
+            return out
+        finally:
+            set_output_stride(t, 32)
+
+    def task_features(self, task: str, images) -> dict[str, torch.Tensor]:
+        """The trunk's features at the output stride ``task``'s head runs on."""
+        return self.features(images, self.heads[task].output_stride)
 
     def forward(self, task: str, images, targets):
-        return self.heads[task].loss(self.features(images), images, targets)
+        return self.heads[task].loss(self.task_features(task, images), images, targets)
 
     @torch.no_grad()
     def predict(self, task: str, images):
-        return self.heads[task].predict(self.features(images), images)
+        return self.heads[task].predict(self.task_features(task, images), images)

@@ -153,6 +153,23 @@ class GroupStatsBatchNorm2d(nn.BatchNorm2d):
         return y.to(x.dtype)
 
 
+def embed(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``encoder``'s L2-normalised output in fp32, whatever autocast computed it in."""
+    return nn.functional.normalize(encoder(images).float(), dim=1)
+
+
+def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float
+                       ) -> torch.Tensor:
+    """MoCo's logits (B, 1+K): the positive ``q·k`` then ``q·queue``, over ``T``, in fp32
+    even under bf16 autocast (the reference computes them in fp32; with T = 0.2 a bf16
+    rounding of a cosine is an error of ~0.02 in a logit)."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = q.float(), k.float()
+        l_pos = (q * k).sum(dim=1, keepdim=True)
+        l_neg = q @ queue.float()
+        return torch.cat([l_pos, l_neg], dim=1) / T
+
+
 def _to_group_stats_bn(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
@@ -214,7 +231,7 @@ class MoCo(nn.Module):
         """Keys of the global batch in rank order, each batch-normalised over a random group."""
         rank, world = rank_world()
         if world == 1:  # one group, the whole batch: plain BN
-            return all_gather_cat(nn.functional.normalize(self.encoder_k(im_k), dim=1))
+            return all_gather_cat(embed(self.encoder_k, im_k))
         b = im_k.shape[0]
         perm = torch.randperm(world * b, device=im_k.device)  # slot -> global sample
         dist.broadcast(perm, src=0)
@@ -225,7 +242,7 @@ class MoCo(nn.Module):
         for m in self.group_bns:
             m.groups, m.num_groups, m.traffic = groups, world, self.traffic
         try:
-            k = nn.functional.normalize(self.encoder_k(im_k), dim=1)
+            k = embed(self.encoder_k, im_k)
         finally:
             for m in self.group_bns:
                 m.groups, m.traffic = None, None
@@ -242,19 +259,17 @@ class MoCo(nn.Module):
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor):
         if self.bn == "sync" and not im_q.is_cuda:
             raise RuntimeError('bn="sync" needs GPU tensors (torch\'s SyncBatchNorm is GPU-only)')
-        q = nn.functional.normalize(self.encoder_q(im_q), dim=1)
+        q = embed(self.encoder_q, im_q)
         with torch.no_grad():
             self.momentum_update()
             if self.bn == "shuffle":
                 keys = self._keys_shuffle_bn(im_k)
             else:
-                keys = self._gather(nn.functional.normalize(self.encoder_k(im_k), dim=1))
+                keys = self._gather(embed(self.encoder_k, im_k))
         rank, _ = rank_world()
         b = im_q.shape[0]
         k = keys[rank * b:(rank + 1) * b]
-        l_pos = (q * k).sum(dim=1, keepdim=True)
-        l_neg = q @ self.queue.clone().detach()
-        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        logits = contrastive_logits(q, k, self.queue.clone().detach(), self.T)
         labels = torch.zeros(b, dtype=torch.long, device=logits.device)
         self._dequeue_and_enqueue(keys)
         return logits, labels

@@ -130,9 +130,7 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
     if init is not None:
         load_imagenet_into(trunk, init)
     channels = trunk_channels(cfg.model.arch)
-    m = cfg.model
-    heads = {t: TASKS[t].head(channels, m.rois_per_image, m.test_proposals)
-             if TASKS[t].kind == "detection" else TASKS[t].head(channels) for t in tasks}
+    heads = {t: TASKS[t].head(channels, cfg.model) for t in tasks}
     net = MultiTaskNet(trunk, heads).to(device)
     wd = cfg.optim.weight_decay
     # Under MUSCLE, eq. 2's (1 - α)‖w‖² is the backbone's weight decay.

@@ -197,9 +197,7 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
     if init_state is not None:
         load_imagenet_into(trunk, init_state)
     channels = trunk_channels(sel.arch)
-    head = (task.head(channels, cfg.model.rois_per_image, cfg.model.test_proposals)
-            if task.kind == "detection" else task.head(channels))
-    net = MultiTaskNet(trunk, {task.name: head}).to(device)
+    net = MultiTaskNet(trunk, {task.name: task.head(channels, cfg.model)}).to(device)
     engine = deepspeed_engine(net, [{"params": list(net.parameters())}], ds_config,
                               momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 

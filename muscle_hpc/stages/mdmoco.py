@@ -58,7 +58,7 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool):
         raise config.ConfigError("model.bn: sync needs GPUs (torch's SyncBatchNorm is GPU-only); "
                                  "use model.bn=shuffle")
     config.deepspeed_config(cfg, world_size, on_cuda)
-    shards = pretrain_shards(Path(cfg.data.root), cfg.data.datasets)
+    shards = pretrain_shards(Path(cfg.data.root), cfg.data.datasets, cfg.data.pretrain_extra)
     return cfg, shards
 
 
@@ -116,6 +116,11 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
               f"{steps_per_epoch} steps/epoch, {total} steps, "
               f"{'resuming at step ' + str(step) if resumed else 'new run'} in {run_dir}",
               flush=True)
+        if cfg.data.pretrain_extra:
+            extra = [s for s in loader.shards if s.split == "extra"]
+            print(f"mdmoco: data.pretrain_extra is on: also {sum(s.count for s in extra)} "
+                  f"images of no task ({', '.join(f'{s.dataset} {s.count}' for s in extra)}), "
+                  f"beyond the paper's training sets", flush=True)
 
     def save():
         ckpt.save_training(step, engine, {"model": moco.state_dict(), "config": config.to_dict(cfg),

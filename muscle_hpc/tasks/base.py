@@ -1,9 +1,11 @@
 """What a task is to the stages: its shard, its head, its targets and its validation metrics.
 
 A task plug-in (one file per task in this package) is an instance of one of the three kinds
-below. ``records`` turns one evaluated batch into small per-sample records (ranks evaluate
-shards of a split and gather these, never images), ``metrics`` turns all records into numbers,
-and ``headline`` names the number a one-line summary or the forgetting matrix shows.
+below. ``head(channels, heads)`` builds its head for a trunk with ``channels`` per stage, sized
+by the ``model`` section of the stage's config (``HeadsConfig``). ``records`` turns one
+evaluated batch into small per-sample records (ranks evaluate shards of a split and gather
+these, never images), ``metrics`` turns all records into numbers, and ``headline`` names the
+number a one-line summary or the forgetting matrix shows.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from muscle_hpc import metrics
+from muscle_hpc.config import HeadsConfig
 from muscle_hpc.data.shards import Shard, ShardError
 from muscle_hpc.models.heads import ClassifierHead, DetectionHead, SegmentationHead
 
@@ -25,7 +28,7 @@ class ClassificationTask:
     kind: str = "classification"
     headline: str = "auc"
 
-    def head(self, channels):
+    def head(self, channels, heads: HeadsConfig):
         return ClassifierHead(channels, len(self.classes))
 
     def check(self, shard: Shard) -> None:
@@ -59,8 +62,8 @@ class SegmentationTask:
     kind: str = "segmentation"
     headline: str = "dice"
 
-    def head(self, channels):
-        return SegmentationHead(channels, len(self.classes))
+    def head(self, channels, heads: HeadsConfig):
+        return SegmentationHead(channels, len(self.classes), heads.seg_output_stride)
 
     def check(self, shard: Shard) -> None:
         if "mask" not in shard.fields:
@@ -96,9 +99,9 @@ class DetectionTask:
     def classes(self) -> dict[int, str]:
         return {c: n for c, n in self.categories.values()}
 
-    def head(self, channels, rois_per_image: int = 512, test_proposals: int = 1000):
+    def head(self, channels, heads: HeadsConfig):
         return DetectionHead(channels, len(self.categories) + 1,  # + background
-                             rois_per_image, test_proposals)
+                             heads.rois_per_image, heads.test_proposals)
 
     def check(self, shard: Shard) -> None:
         names = shard.fields.get("box_labels", {}).get("names")
