@@ -154,6 +154,10 @@ class HeadsConfig:
     # weights are the same at every stride): 8 as torchvision's deeplabv3 (ASPP 12/24/36),
     # 16 (6/12/18) or 32 (3/6/9, the undilated trunk: cheapest, coarsest masks).
     seg_output_stride: int = opt(8, choices=(8, 16, 32))
+    # With more than one rank: batch-norm statistics over the global batch (torch's
+    # SyncBatchNorm on GPU, an all-reduce of the sums on CPU), so a rank may hold one image
+    # and the statistics stay those of the task's global batch.
+    sync_bn: bool = True
 
 
 @dataclass(frozen=True)
@@ -164,12 +168,24 @@ class ClModelConfig(HeadsConfig):
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Readings of the paper's metrics where it does not say which (README, fidelity)."""
+    # Lung Dice: the mean of every image's Dice, or one Dice over all pixels of the split.
+    dice: str = opt("per_image", choices=("per_image", "pooled"))
+    # TB AP: interpolated precision averaged at 101 recalls (COCO, pycocotools) or 11 (VOC07).
+    ap_recall_points: int = opt(101, choices=(11, 101))
+
+
+@dataclass(frozen=True)
 class ClMethodConfig:
     # muscle--: fixed task order, one plain cosine decay over the stage, no L2-SP (the ablation).
     method: str = opt("muscle", choices=("muscle", "muscle--"))
     rounds: int = opt(10, lo=1)
-    l2sp_alpha: float = opt(0.5, lo=0.0, hi=1.0)
-    l2sp_weight: float = opt(1e-4, lo=0.0)
+    # Eq. 2, λ(α‖w - w⁰‖² + (1 - α)‖w‖²), has no ½: its gradient is 2λα(w - w⁰) + 2λ(1 - α)w.
+    # λ = 0.05, α = 0.999 give 0.0999(w - w⁰) + 1e-4 w: the L2-SP paper's pull (its α = 0.1 on
+    # ½‖w - w⁰‖²) and SGD's weight decay 1e-4, the decay MUSCLE-- gives the backbone too.
+    l2sp_alpha: float = opt(0.999, lo=0.0, hi=1.0)
+    l2sp_weight: float = opt(0.05, lo=0.0)
 
 
 @dataclass(frozen=True)
@@ -204,6 +220,7 @@ class ContinualConfig:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     cl: ClMethodConfig = field(default_factory=ClMethodConfig)
     optim: ClOptimConfig = field(default_factory=ClOptimConfig)
+    eval: MetricsConfig = field(default_factory=MetricsConfig)
     run: ClRunConfig = field(default_factory=ClRunConfig)
 
     @property
@@ -215,18 +232,32 @@ class ContinualConfig:
         return getattr(self.tasks, task).batch_size
 
 
+def check_task_batch(key: str, batch: int, world_size: int, sync_bn: bool) -> None:
+    """A task's global ``batch`` must split evenly into at least one image per rank, and batch
+    norm needs two values per channel: two images in all (an ASPP pooling branch sees one value
+    per image), on one rank unless ``sync_bn`` pools the statistics over ranks."""
+    if batch < 2:
+        raise ConfigError(f"{key}: a global batch of {batch}; batch norm needs at least 2 images")
+    if batch < world_size:
+        raise ConfigError(f"{key}: global batch {batch} over {world_size} ranks is less than one "
+                          f"image per rank; run this task on at most {batch} ranks, or give it a "
+                          f"global batch that {world_size} ranks divide")
+    if batch % world_size:
+        raise ConfigError(f"{key}: global batch {batch} is not divisible by the world size "
+                          f"{world_size}")
+    if batch // world_size < 2 and not sync_bn:
+        raise ConfigError(f"{key}: {batch} over {world_size} ranks is 1 image per rank, which "
+                          f"batch norm can use only with model.sync_bn=true (statistics over "
+                          f"the global batch)")
+
+
 def check_continual(cfg: ContinualConfig, world_size: int) -> None:
     """What a loaded continual config must also satisfy on ``world_size`` ranks."""
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
     for task in cfg.data.tasks:
-        batch = cfg.batch_size(task)
-        if batch % world_size:
-            raise ConfigError(f"tasks.{task}.batch_size: global batch {batch} is not divisible "
-                              f"by the world size {world_size}")
-        if batch // world_size < 2:
-            raise ConfigError(f"tasks.{task}.batch_size: {batch} over {world_size} ranks is "
-                              f"{batch // world_size} image per rank; BatchNorm needs at least 2")
+        check_task_batch(f"tasks.{task}.batch_size", cfg.batch_size(task), world_size,
+                         cfg.model.sync_bn)
     if cfg.optim.lr_min > cfg.optim.lr_max:
         raise ConfigError(f"optim.lr_min: {cfg.optim.lr_min} is above optim.lr_max "
                           f"{cfg.optim.lr_max}")
@@ -274,7 +305,7 @@ class FtOptimConfig:
 
 
 @dataclass(frozen=True)
-class FtEvalConfig:
+class FtEvalConfig(MetricsConfig):
     bootstrap: int = opt(100, lo=0)  # resamples for the 95% CIs of the test metrics (0: none)
     seed: int = 0
     samples: int = opt(8, lo=0, hi=64)  # test images kept for the segmentation overlays
@@ -307,15 +338,10 @@ class FinetuneConfig:
 
 def check_finetune(cfg: FinetuneConfig, task: str, world_size: int) -> None:
     """What a loaded fine-tune config must also satisfy for ``task`` on ``world_size`` ranks."""
-    batch = cfg.task(task).batch_size
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
-    if batch % world_size:
-        raise ConfigError(f"tasks.{task}.batch_size: global batch {batch} is not divisible by "
-                          f"the world size {world_size}")
-    if batch // world_size < 2:
-        raise ConfigError(f"tasks.{task}.batch_size: {batch} over {world_size} ranks is "
-                          f"{batch // world_size} image per rank; BatchNorm needs at least 2")
+    check_task_batch(f"tasks.{task}.batch_size", cfg.task(task).batch_size, world_size,
+                     cfg.model.sync_bn)
 
 
 def expand_path(key: str, template: str, **values: str) -> str:

@@ -124,14 +124,17 @@ def load_optimizer_state(engine, state: dict) -> None:
         engine.optimizer.load_state_dict(state)
 
 
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that steps: the engine's own without ZeRO; under ZeRO 1/2 the one
+    DeepSpeed wraps, whose parameters are this rank's flat fp32 partitions (one per group)."""
+    return engine.optimizer.optimizer if engine.zero_optimization() else engine.optimizer
+
+
 def reset_optimizer_state(engine) -> None:
     """Forget SGD's momentum (a fresh start, as at step 0). Under ZeRO the state lives in the
     wrapped torch optimizer, keyed by this rank's flat partitions; it is rebuilt at the next
     step either way."""
-    inner = engine.optimizer
-    if engine.zero_optimization():
-        inner = inner.optimizer
-    inner.state.clear()
+    base_optimizer(engine).state.clear()
 
 
 def _deepspeed_safe_globals() -> list:

@@ -34,6 +34,8 @@ def evaluate_records(model, task, loader: TaskLoader, device, bf16: bool = False
     return dist.gather_objects(records)
 
 
-def evaluate(model, task, loader: TaskLoader, device, bf16: bool = False) -> dict[str, float]:
-    """``task``'s metrics of ``model`` over ``loader``'s split (the same on every rank)."""
-    return task.metrics(evaluate_records(model, task, loader, device, bf16))
+def evaluate(model, task, loader: TaskLoader, device, metric_cfg, bf16: bool = False
+             ) -> dict[str, float]:
+    """``task``'s metrics of ``model`` over ``loader``'s split (the same on every rank), read
+    as ``metric_cfg`` (a ``MetricsConfig``) says."""
+    return task.metrics(evaluate_records(model, task, loader, device, bf16), metric_cfg)

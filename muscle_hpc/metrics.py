@@ -130,25 +130,32 @@ def confusion(true_mask, pred_mask, num_classes: int) -> np.ndarray:
                                                                              num_classes)
 
 
-def segmentation(confusions) -> dict[str, float]:
-    """From per-image confusion matrices (``confusion``): foreground Dice and mIoU."""
+def segmentation(confusions, dice: str = "per_image") -> dict[str, float]:
+    """From per-image confusion matrices (``confusion``): foreground Dice and mIoU. ``dice``:
+    ``per_image`` (the mean of every image's Dice) or ``pooled`` (one Dice of all pixels)."""
     cms = np.asarray(confusions, np.int64)
+    if dice not in ("per_image", "pooled"):
+        raise ValueError(f"dice must be per_image or pooled, not {dice!r}")
+    if not len(cms):  # an empty split
+        return {"dice": math.nan, "miou": math.nan}
+    scored = cms if dice == "per_image" else cms.sum(axis=0, keepdims=True)
     dices = []
-    for cm in cms:
+    for cm in scored:
         tp, fp, fn = cm[1:, 1:].trace(), cm[0, 1:].sum(), cm[1:, 0].sum()
         dices.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
     total = cms.sum(axis=0)
     union = total.sum(axis=0) + total.sum(axis=1) - np.diag(total)
     present = union > 0
     iou = np.diag(total)[present] / union[present]
-    return {"dice": float(np.mean(dices)) if dices else math.nan,
-            "miou": float(iou.mean()) if iou.size else math.nan}
+    return {"dice": float(np.mean(dices)), "miou": float(iou.mean()) if iou.size else math.nan}
 
 
-def detection(ground_truth, detections, classes: dict[int, str], iou: float = 0.5
-              ) -> dict[str, float]:
+def detection(ground_truth, detections, classes: dict[int, str], iou: float = 0.5,
+              recall_points: int = 101) -> dict[str, float]:
     """COCO AP at ``iou``. ``ground_truth``: per image ``(boxes (n, 4) xyxy, labels (n,))``;
     ``detections``: per image ``(boxes, scores, labels)``; ``classes``: label -> name.
+    ``recall_points``: the interpolated precision is averaged at this many evenly spaced
+    recalls, 101 as COCO (pycocotools' default), 11 as PASCAL VOC 2007.
     Returns ``map`` and ``ap_<name>`` per class (NaN for a class without ground truth)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -178,6 +185,7 @@ def detection(ground_truth, detections, classes: dict[int, str], iou: float = 0.
         if results:
             ev = COCOeval(gt, gt.loadRes(results), "bbox")
             ev.params.iouThrs = np.array([iou])
+            ev.params.recThrs = np.linspace(0.0, 1.0, recall_points)
             ev.evaluate()
             ev.accumulate()
             precision = ev.eval["precision"]  # (iou, recall, class, area, max dets)

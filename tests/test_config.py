@@ -189,3 +189,51 @@ def test_deepspeed_accepts_the_generated_config():
     assert (parsed.train_batch_size, parsed.gradient_accumulation_steps) == (16, 1)
     assert parsed.zero_optimization_stage == 2 and parsed.torch_autocast_enabled
     assert parsed.torch_autocast_dtype == torch.bfloat16 and not parsed.bfloat16_config.enabled
+
+
+@pytest.mark.parametrize("name", ["continual_r18", "continual_r50"])
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_paper_continual_configs_run_on_one_to_eight_ranks(name, world):
+    """TBX's global batch of 8 is one image per rank on 8 GPUs: batch norm then pools the
+    statistics over ranks (model.sync_bn), and the paper's global batches are kept."""
+    from muscle_hpc.config import ContinualConfig, check_continual, load
+
+    cfg = load(CONFIGS / f"{name}.yaml", [], ContinualConfig)
+    check_continual(cfg, world)
+    assert {t: cfg.batch_size(t) for t in cfg.data.tasks} == \
+        {"pneumonia": 32, "mura": 32, "lung": 16, "tbx": 8}
+    if world == 8:
+        with pytest.raises(ConfigError, match="1 image per rank, which batch norm can use only "
+                                              "with model.sync_bn=true"):
+            check_continual(load(CONFIGS / f"{name}.yaml", ["model.sync_bn=false"],
+                                 ContinualConfig), world)
+
+
+def test_sixteen_ranks_take_lung_at_one_image_each_and_refuse_tbx_in_one_line():
+    from muscle_hpc.config import ContinualConfig, check_continual, load
+
+    without_tbx = load(CONFIGS / "continual_r50.yaml", ["data.tasks=pneumonia,mura,lung"],
+                       ContinualConfig)
+    check_continual(without_tbx, 16)  # lung: 16 over 16 ranks
+    with pytest.raises(ConfigError, match=r"^tasks.tbx.batch_size: global batch 8 over 16 ranks "
+                                          r"is less than one image per rank; run this task on at "
+                                          r"most 8 ranks"):
+        check_continual(load(CONFIGS / "continual_r50.yaml", [], ContinualConfig), 16)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("task", ["pneumonia", "mura", "lung", "tbx"])
+def test_finetune_config_runs_every_task_on_one_to_eight_ranks(task, world):
+    from muscle_hpc.config import FinetuneConfig, check_finetune, load
+
+    check_finetune(load(CONFIGS / "finetune.yaml", [], FinetuneConfig), task, world)
+
+
+def test_a_global_batch_of_one_is_refused():
+    from muscle_hpc.config import check_task_batch
+
+    with pytest.raises(ConfigError, match="^k: a global batch of 1; batch norm needs at least 2"):
+        check_task_batch("k", 1, 1, True)
+    with pytest.raises(ConfigError, match="^k: global batch 6 is not divisible by the world "
+                                          "size 4"):
+        check_task_batch("k", 6, 4, True)

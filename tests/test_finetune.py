@@ -98,7 +98,7 @@ def test_imagenet_weights_come_from_the_torch_hub_cache_or_say_where_to_put_them
 @pytest.mark.parametrize("extra, says", [
     (["tasks.lung.epochs=0"], "tasks.lung.epochs: must be >= 1"),
     (["run.zero_stage=3"], "ZeRO stage 3 is not supported"),
-    (["tasks.lung.batch_size=1"], "BatchNorm needs at least 2"),
+    (["tasks.lung.batch_size=1"], "a global batch of 1; batch norm needs at least 2 images"),
     (["pretrained.mdmoco={root}/{arch}.pth"], "has a placeholder other than"),
 ])
 def test_bad_config_fails_in_one_line(task_shards, tmp_path, capsys, extra, says):

@@ -265,6 +265,16 @@ def test_dice_is_mean_of_per_image_f1():
     assert out["dice"] == pytest.approx(np.mean(f1), abs=TOL)
 
 
+def test_pooled_dice_is_the_f1_of_all_pixels():
+    truth, pred = random_masks(5, seed=2)
+    out = metrics.segmentation([metrics.confusion(t, q, 2) for t, q in zip(truth, pred)],
+                               dice="pooled")
+    all_t = np.concatenate([t.ravel() for t in truth])
+    all_p = np.concatenate([q.ravel() for q in pred])
+    assert out["dice"] == pytest.approx(skm.f1_score(all_t, all_p), abs=TOL)
+    assert all(math.isnan(v) for v in metrics.segmentation([], dice="pooled").values())
+
+
 def test_dice_of_two_empty_masks_is_one_and_of_a_false_alarm_is_zero():
     empty = np.zeros((4, 4), int)
     alarm = empty.copy()
@@ -438,3 +448,16 @@ def test_detection_map_equals_cocoeval_stats(seed):
     assert math.isnan(out["ap_never"])
     assert 0 < out["map"] < 1
     assert out["map"] == pytest.approx(cocoeval_ap50(truth, found, classes), abs=TOL)
+
+
+def test_eleven_recall_points_are_voc2007_ap():
+    """One image, two boxes: the first found at score 0.9, a false alarm at 0.8, the second at
+    0.7; recall 0.5 at precision 1, recall 1 at precision 2/3. VOC 2007 averages the best
+    precision at recall >= 0, 0.1, ..., 1: 6 points of 1 and 5 of 2/3."""
+    truth = [gt([[0, 0, 10, 10], [50, 50, 70, 70]], [1, 1])]
+    found = [det([[0, 0, 10, 10], [100, 100, 110, 110], [50, 50, 70, 70]], [0.9, 0.8, 0.7],
+                 [1, 1, 1])]
+    ap11 = metrics.detection(truth, found, {1: "nodule"}, recall_points=11)["ap_nodule"]
+    assert ap11 == pytest.approx((6 * 1 + 5 * 2 / 3) / 11, abs=TOL)
+    ap101 = metrics.detection(truth, found, {1: "nodule"})["ap_nodule"]
+    assert ap101 == pytest.approx((51 * 1 + 50 * 2 / 3) / 101, abs=TOL)

@@ -7,7 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from muscle_hpc.models import MoCo, build_backbone, moco_collective_bytes
-from muscle_hpc.models.moco import GroupStatsBatchNorm2d, bn_channels
+from muscle_hpc.models.moco import bn_channels
+from muscle_hpc.models.norm import GroupStatsBatchNorm2d
 
 R18 = functools.partial(build_backbone, "resnet18")
 B, K, DIM, STEPS = 4, 32, 16, 5

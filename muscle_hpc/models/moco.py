@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from muscle_hpc.dist import rank_world
+from muscle_hpc.models.norm import GroupStatsBatchNorm2d, convert_batchnorm
 
 BN_MODES = ("shuffle", "sync", "none")
 
@@ -94,65 +95,6 @@ def moco_collective_bytes(batch_shape: tuple[int, ...], world: int, dim: int, bn
     return {"ours": ours, "reference": ref}
 
 
-class GroupStatsBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that, in training with ``groups`` set, normalises each sample with the
-    statistics of its group, a set of samples spread over all ranks (shuffle-BN without moving
-    images). Per-sample sums of x and x² are computed locally; one fp64 all-reduce of their
-    per-group sums gives every rank every group's statistics. Running
-    statistics are updated with the whole global batch's, so they stay equal on all ranks.
-    Same parameters and buffers as ``nn.BatchNorm2d``: state dicts are interchangeable."""
-
-    groups: torch.Tensor | None = None  # (B,) group of each local sample
-    num_groups: int = 1
-    traffic: list | None = None  # (op, payload bytes) of each collective, when recording
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.groups is None:
-            return super().forward(x)
-        b, c, h, w = x.shape
-        # Per-sample sums by fused reductions (20x faster on CPU than var_mean); the variance
-        # E[x²] - E[x]² is formed per group in fp64. fp32 per-sample sums lose ~1e-7 of
-        # E[x²], i.e. a relative variance error of ~1e-7·(1 + mean²/var): harmless for conv
-        # outputs, whose mean is not orders of magnitude above their spread.
-        hw = h * w
-        mean = x.sum(dim=(2, 3), dtype=torch.float32) / hw
-        mean_sq = torch.linalg.vector_norm(x, dim=(2, 3), dtype=torch.float32).square() / hw
-        g = self.num_groups
-        flat = torch.zeros(2 * g * c + g, dtype=torch.float64, device=x.device)
-        sums, counts = flat[:2 * g * c].view(2, g, c), flat[2 * g * c:]
-        sums[0].index_add_(0, self.groups, mean.double())
-        sums[1].index_add_(0, self.groups, mean_sq.double())
-        counts.index_add_(0, self.groups, torch.ones(b, dtype=flat.dtype, device=x.device))
-        if rank_world()[1] > 1:
-            dist.all_reduce(flat)
-            if self.traffic is not None:
-                self.traffic.append(("all_reduce", flat.numel() * flat.element_size()))
-        per_group = counts.clamp_min(1)[:, None]
-        g_mean = sums[0] / per_group
-        g_var = (sums[1] / per_group - g_mean * g_mean).clamp_min(0)
-        if self.track_running_stats:
-            w_g = counts / counts.sum()  # group weights in the whole batch
-            all_mean = (w_g[:, None] * g_mean).sum(0)
-            all_var = (w_g[:, None] * (g_var + g_mean * g_mean)).sum(0) - all_mean * all_mean
-            n = counts.sum() * h * w
-            unbiased = all_var * n / (n - 1).clamp_min(1)
-            mom = self.momentum
-            self.num_batches_tracked.add_(1)
-            if mom is None:
-                mom = 1.0 / float(self.num_batches_tracked)
-            self.running_mean.mul_(1 - mom).add_(all_mean.to(self.running_mean.dtype), alpha=mom)
-            self.running_var.mul_(1 - mom).add_(unbiased.to(self.running_var.dtype), alpha=mom)
-        scale = torch.rsqrt(g_var + self.eps).float()  # (G, C)
-        if self.affine:
-            scale = scale * self.weight
-        shift = -g_mean.float() * scale
-        if self.affine:
-            shift = shift + self.bias
-        y = torch.addcmul(shift[self.groups][:, :, None, None], x,
-                          scale[self.groups][:, :, None, None])
-        return y.to(x.dtype)
-
-
 def embed(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """``encoder``'s L2-normalised output in fp32, whatever autocast computed it in."""
     return nn.functional.normalize(encoder(images).float(), dim=1)
@@ -168,19 +110,6 @@ def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T:
         l_pos = (q * k).sum(dim=1, keepdim=True)
         l_neg = q @ queue.float()
         return torch.cat([l_pos, l_neg], dim=1) / T
-
-
-def _to_group_stats_bn(module: nn.Module) -> nn.Module:
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            new = GroupStatsBatchNorm2d(child.num_features, child.eps, child.momentum,
-                                        child.affine, child.track_running_stats)
-            new.load_state_dict(child.state_dict())
-            new.to(child.weight.device if child.affine else child.running_mean.device)
-            setattr(module, name, new)
-        else:
-            _to_group_stats_bn(child)
-    return module
 
 
 class MoCo(nn.Module):
@@ -201,7 +130,7 @@ class MoCo(nn.Module):
             self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         if bn == "shuffle":
-            _to_group_stats_bn(self.encoder_k)
+            convert_batchnorm(self.encoder_k, GroupStatsBatchNorm2d)
         self.group_bns = [m for m in self.encoder_k.modules()
                           if isinstance(m, GroupStatsBatchNorm2d)]
         self.traffic: list | None = None  # set to [] to record (op, payload bytes) per call

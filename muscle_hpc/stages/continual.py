@@ -5,12 +5,13 @@ in turn, each with its own head, over ``cl.rounds`` rounds.
 
 Each round visits every task once, in a fresh order (the same on every rank), for one epoch of
 its training set. A visit starts with SGD's momentum cleared and the backbone's weights kept
-as L2-SP's anchor (eq. 2); its LR follows eq. 1 within the visit. ``cl.method=muscle--`` is the
-ablation: fixed order, one cosine decay over the whole stage, no L2-SP. All ranks train the same
-task at once; the heads of the other tasks are frozen for the visit (no gradient, no traffic,
-no update). After every visit every task is validated; ``validation.json`` and TensorBoard hold
-the task x visit matrix. Started again on a run directory with a checkpoint, it resumes in the
-same round, visit and step, with the same anchor. Exit status as for ``mdmoco``.
+as L2-SP's anchor (eq. 2, ``regularizers.L2SP``); its LR follows eq. 1 within the visit.
+``cl.method=muscle--`` is the ablation: fixed order, one cosine decay over the whole stage, no
+L2-SP. All ranks train the same task at once; the heads of the other tasks are frozen for the
+visit (no gradient, no traffic, no update). Every visit ends by logging how far the backbone
+moved from its anchor (``visits.json``); then every task is validated (``validation.json``, the
+task x visit matrix). Started again on a run directory with a checkpoint, it resumes in the same
+round, visit and step, with the same anchor. Exit status as for ``mdmoco``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from muscle_hpc.engine import (
     RollingCheckpoint,
     StepTimer,
     StopOnSignal,
+    base_optimizer,
     deepspeed_engine,
     grad_norm,
     reset_optimizer_state,
@@ -37,6 +39,7 @@ from muscle_hpc.engine import (
 from muscle_hpc.evaluate import evaluate
 from muscle_hpc.models.backbone import build_backbone, export_torchvision, load_imagenet_into
 from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
+from muscle_hpc.models.norm import sync_batchnorm
 from muscle_hpc.regularizers import L2SP
 from muscle_hpc.stages import common
 from muscle_hpc.tasks import TASKS
@@ -132,16 +135,20 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
     channels = trunk_channels(cfg.model.arch)
     heads = {t: TASKS[t].head(channels, cfg.model) for t in tasks}
     net = MultiTaskNet(trunk, heads).to(device)
+    if env.world_size > 1 and cfg.model.sync_bn:
+        sync_batchnorm(net, on_cuda)
     wd = cfg.optim.weight_decay
-    # Under MUSCLE, eq. 2's (1 - α)‖w‖² is the backbone's weight decay.
-    decay = {"backbone": 0.0 if cfg.muscle else wd, **{t: wd for t in tasks}}
-    groups = [{"params": list(net.backbone.parameters()), "weight_decay": decay["backbone"],
-               "role": "backbone"}]
-    groups += [{"params": list(net.heads[t].parameters()), "weight_decay": wd, "role": t}
-               for t in tasks]
+    # Each group's LR and weight decay are set before every step (set_lr).
+    groups = [{"params": list(net.backbone.parameters()), "role": "backbone"}]
+    groups += [{"params": list(net.heads[t].parameters()), "role": t} for t in tasks]
     engine = deepspeed_engine(net, groups, ds_config, momentum=cfg.optim.momentum,
                               weight_decay=wd)
-    l2sp = L2SP(cfg.cl.l2sp_alpha, cfg.cl.l2sp_weight) if cfg.muscle else None
+    sharded = engine.zero_optimization_stage() > 0
+    # MUSCLE--'s anchor (λ = 0) pulls nothing; it measures the drift the ablation lets happen.
+    l2sp = L2SP(base_optimizer(engine), cfg.cl.l2sp_alpha,
+                cfg.cl.l2sp_weight if cfg.muscle else 0.0, partitioned=sharded)
+    # Under MUSCLE, eq. 2's (1 - α)‖w‖² is the backbone's weight decay.
+    decay = {"backbone": l2sp.weight_decay if cfg.muscle else wd, **{t: wd for t in tasks}}
 
     spread = dist.spread([len(loaders[t]) for t in tasks])
     if any(lo != hi for lo, hi in spread):
@@ -158,7 +165,7 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
     steps_of = {t: min(len(loaders[t]), cfg.run.visit_steps or len(loaders[t])) for t in tasks}
     layout = {"steps_of": steps_of}
     shared = common.resume_or_start("continual", ckpt, resumed, engine, net, layout, cfg)
-    step, matrix, anchor = shared.get("step", 0), shared.get("matrix", []), shared.get("anchor")
+    step, matrix, ended = shared.get("step", 0), shared.get("matrix", []), shared.get("ended", [])
     if rank == 0:
         print(f"continual: {cfg.cl.method}, {env.world_size} rank(s), {len(visits)} visits "
               f"({cfg.cl.rounds} rounds x {len(tasks)} tasks), {total} steps, "
@@ -175,10 +182,8 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
     def save():
         saved_at[0] = step
         shared = {"model": net.state_dict(), "config": config.to_dict(cfg),
-                  **layout, "matrix": matrix}
-        if l2sp is not None and l2sp.anchor:
-            shared["anchor"] = l2sp.anchor
-        ckpt.save_training(step, engine, shared)
+                  **layout, "matrix": matrix, "ended": ended}
+        ckpt.save_training(step, engine, shared)  # the anchor is in the optimizer state
         log.flush()
 
     def set_lr(visit, task):
@@ -198,23 +203,35 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
     stop = StopOnSignal()
     timer = StepTimer()
 
-    def report(task, lr, loss, penalty, norm, batch_size):
-        stats = torch.stack([loss.detach().float(), penalty.detach().float()]).cpu()
-        if env.world_size > 1:
-            torch.distributed.all_reduce(stats)
-            stats /= env.world_size
+    def report(task, lr, loss, norm, batch_size):
+        loss = dist.mean(loss.detach().float())
+        penalty = sum(l2sp.parts()[k] for k in ("pull", "decay")) if cfg.muscle else None
         images_per_s, wait = timer.window(batch_size)
-        log.scalars(step, "train/", lr=lr, l2sp=stats[1] if l2sp else None,
-                    images_per_s=images_per_s, data_wait=wait, grad_norm=norm)
-        log.scalars(step, f"train/{task}/", loss=stats[0])
+        log.scalars(step, "train/", lr=lr, l2sp=penalty, images_per_s=images_per_s,
+                    data_wait=wait, grad_norm=norm)
+        log.scalars(step, f"train/{task}/", loss=loss)
         if rank == 0:
-            print(f"step {step}/{total} {task} loss {stats[0]:.4f} l2sp {stats[1]:.4f} "
-                  f"lr {lr:.5f} img/s {images_per_s:.1f} wait {wait:.0%}", flush=True)
+            print(f"step {step}/{total} {task} loss {loss:.4f} "
+                  + (f"l2sp {penalty:.4f} " if cfg.muscle else "")
+                  + f"lr {lr:.5f} img/s {images_per_s:.1f} wait {wait:.0%}", flush=True)
+
+    def end_visit(index, visit):
+        """How far the visit moved the backbone from its anchor, and eq. 2's two terms."""
+        parts = l2sp.parts() if cfg.muscle else {"drift": l2sp.norms()[0]}
+        ended.append({"visit": index, "round": visit["round"], "task": visit["task"],
+                      "step": step, **parts})
+        log.scalars(index + 1, "visit/", **parts)
+        if rank == 0:
+            checkpoint.save_json(run_dir / "visits.json", ended)
+            print(f"continual: visit {index + 1} ({visit['task']}) ended: backbone drift "
+                  f"|w - w0| {parts['drift']:.4f}" + (
+                      f", L2-SP pull {parts['pull']:.4g}, decay {parts['decay']:.4g}"
+                      if cfg.muscle else ""), flush=True)
 
     def validate(index, visit):
         row = {"visit": index, "round": visit["round"], "trained": visit["task"], "step": step}
         for t in val:
-            row[t] = evaluate(net, TASKS[t], val[t], device, bf16)
+            row[t] = evaluate(net, TASKS[t], val[t], device, cfg.eval, bf16)
             log.scalars(step, f"val/{t}/", **row[t])
             log.scalars(index + 1, "forgetting/", **{t: row[t][TASKS[t].headline]})
         matrix.append(row)
@@ -226,7 +243,6 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
                 flush=True)
 
     end = min(total, cfg.run.max_steps or total)
-    sharded = engine.zero_optimization_stage() > 0
     try:
         for index, visit in enumerate(visits):
             task, first = TASKS[visit["task"]], visit["start"]
@@ -237,10 +253,7 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
                     head.requires_grad_(name == task.name)
                 if step == first:  # a new visit; a resumed one keeps its momentum and anchor
                     reset_optimizer_state(engine)
-                    if l2sp is not None:
-                        l2sp.set_anchor(net.backbone)
-                elif l2sp is not None:
-                    l2sp.load_anchor(anchor, device)
+                    l2sp.set_anchor()
                 timer.window(1)  # a fresh window: validation time is not data wait
                 batches = timer.timed(loaders[task.name].epoch_batches(visit["round"],
                                                                        step - first))
@@ -249,14 +262,13 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
                         lr = set_lr(visit, task.name)
                         images = batch["image"].to(device, non_blocking=True)
                         loss = engine(task.name, images, task.targets(batch, device))
-                        penalty = l2sp.penalty(net.backbone) if l2sp else torch.zeros(())
-                        engine.backward(loss + penalty)
+                        engine.backward(loss)  # eq. 2's gradient is added in the step
                         logging_now = (step + 1) % cfg.run.log_every_steps == 0
                         norm = grad_norm(engine) if logging_now and not sharded else None
                         engine.step()
                         step += 1
                         if logging_now:
-                            report(task.name, lr, loss, penalty,
+                            report(task.name, lr, loss,
                                    engine.get_global_grad_norm() if norm is None else norm,
                                    cfg.batch_size(task.name))
                         code = stop.save_or_stop(step % cfg.run.checkpoint_every_steps == 0,
@@ -265,8 +277,10 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
                             return code
                         if step in (last, end):
                             break
-            if val and step == last and len(matrix) == index:
-                validate(index, visit)
+            if step == last and len(ended) == index:
+                end_visit(index, visit)
+                if val:
+                    validate(index, visit)
                 save()
             if step >= end:
                 break

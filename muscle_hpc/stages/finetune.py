@@ -41,6 +41,7 @@ from muscle_hpc.engine import (
 from muscle_hpc.evaluate import evaluate, evaluate_records
 from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
 from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
+from muscle_hpc.models.norm import sync_batchnorm
 from muscle_hpc.stages import common
 from muscle_hpc.tasks import TASKS
 from muscle_hpc.tblog import RunLogger
@@ -198,6 +199,8 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
         load_imagenet_into(trunk, init_state)
     channels = trunk_channels(sel.arch)
     net = MultiTaskNet(trunk, {task.name: task.head(channels, cfg.model)}).to(device)
+    if env.world_size > 1 and cfg.model.sync_bn:
+        sync_batchnorm(net, on_cuda)
     engine = deepspeed_engine(net, [{"params": list(net.parameters())}], ds_config,
                               momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
@@ -263,7 +266,7 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
                 finally:
                     batches.close()
             if len(history) == epoch:  # not yet validated (also after a kill right here)
-                scores = evaluate(net, task, loaders["valid"], device, bf16)
+                scores = evaluate(net, task, loaders["valid"], device, cfg.eval, bf16)
                 history.append({"epoch": epoch, "step": step, **scores})
                 log.scalars(step, "valid/", **scores)
                 if better(scores[task.headline], best):
@@ -280,7 +283,7 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
         keeper = (SampleKeeper(cfg.eval.samples, cfg.data.mean, cfg.data.std)
                   if task.kind == "segmentation" and cfg.eval.samples and rank == 0 else None)
         records = evaluate_records(net, task, loaders["test"], device, bf16, keeper)
-        scores, extra = task.test_metrics(records, cfg.eval.bootstrap, cfg.eval.seed)
+        scores, extra = task.test_metrics(records, cfg.eval)
         if rank == 0:
             results = {"task": sel.task, "kind": task.kind, "init": sel.init,
                        "backbone": sel.backbone, "arch": sel.arch, "best_epoch": best["epoch"],

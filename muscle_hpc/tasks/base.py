@@ -4,8 +4,9 @@ A task plug-in (one file per task in this package) is an instance of one of the 
 below. ``head(channels, heads)`` builds its head for a trunk with ``channels`` per stage, sized
 by the ``model`` section of the stage's config (``HeadsConfig``). ``records`` turns one
 evaluated batch into small per-sample records (ranks evaluate shards of a split and gather
-these, never images), ``metrics`` turns all records into numbers, and ``headline`` names the
-number a one-line summary or the forgetting matrix shows.
+these, never images), ``metrics(records, m)`` turns all records into numbers as the ``eval``
+section ``m`` reads the paper's metrics, and ``headline`` names the number a one-line summary
+or the forgetting matrix shows.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from muscle_hpc import metrics
-from muscle_hpc.config import HeadsConfig
+from muscle_hpc.config import FtEvalConfig, HeadsConfig, MetricsConfig
 from muscle_hpc.data.shards import Shard, ShardError
 from muscle_hpc.models.heads import ClassifierHead, DetectionHead, SegmentationHead
 
@@ -43,14 +44,14 @@ class ClassificationTask:
     def records(self, outputs, batch):
         return list(zip(batch["label"].tolist(), outputs[:, 1].tolist()))
 
-    def metrics(self, records) -> dict[str, float]:
+    def metrics(self, records, m: MetricsConfig) -> dict[str, float]:
         labels, probs = zip(*records) if records else ((), ())
         return metrics.classification(labels, probs)
 
-    def test_metrics(self, records, resamples: int, seed: int) -> tuple[dict, dict]:
+    def test_metrics(self, records, m: FtEvalConfig) -> tuple[dict, dict]:
         """The final metrics with bootstrap CIs, and the ROC curve."""
         labels, probs = zip(*records) if records else ((), ())
-        return (metrics.classification(labels, probs, resamples=resamples, seed=seed),
+        return (metrics.classification(labels, probs, resamples=m.bootstrap, seed=m.seed),
                 {"roc": metrics.roc_curve(labels, probs)})
 
 
@@ -77,11 +78,11 @@ class SegmentationTask:
         return [metrics.confusion(t, p, len(self.classes))
                 for t, p in zip(batch["mask"].numpy(), pred)]
 
-    def metrics(self, records) -> dict[str, float]:
-        return metrics.segmentation(records)
+    def metrics(self, records, m: MetricsConfig) -> dict[str, float]:
+        return metrics.segmentation(records, m.dice)
 
-    def test_metrics(self, records, resamples: int, seed: int) -> tuple[dict, dict]:
-        return self.metrics(records), {}
+    def test_metrics(self, records, m: FtEvalConfig) -> tuple[dict, dict]:
+        return self.metrics(records, m), {}
 
 
 @dataclass(frozen=True)
@@ -133,10 +134,10 @@ class DetectionTask:
                          (det["boxes"].numpy(), det["scores"].numpy(), det["labels"].numpy())))
         return recs
 
-    def metrics(self, records) -> dict[str, float]:
+    def metrics(self, records, m: MetricsConfig) -> dict[str, float]:
         gt = [r[0] for r in records]
         det = [r[1] for r in records]
-        return metrics.detection(gt, det, self.classes)
+        return metrics.detection(gt, det, self.classes, recall_points=m.ap_recall_points)
 
-    def test_metrics(self, records, resamples: int, seed: int) -> tuple[dict, dict]:
-        return self.metrics(records), {}
+    def test_metrics(self, records, m: FtEvalConfig) -> tuple[dict, dict]:
+        return self.metrics(records, m), {}
