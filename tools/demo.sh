@@ -59,6 +59,10 @@ run = sys.argv[1]
 matrix = json.load(open(f"{run}/validation.json"))
 print("Continual learning demo (MUSCLE): validation of every task after every visit")
 print(matrix_markdown(matrix, [t for t in TASKS if t in matrix[0]]))
+print("Backbone drift |w - w0| over each visit (L2-SP pulls MUSCLE's toward the visit's start):")
+for name, folder in (("MUSCLE", run), ("MUSCLE--", f"{run}_muscle--")):
+    visits = json.load(open(f"{folder}/visits.json"))
+    print(f"  {name:9s}" + " ".join(f"{v['task']} {v['drift']:.3f}" for v in visits))
 resnet = torchvision.models.resnet18()
 resnet.load_state_dict(torch.load(f"{run}/backbone_torchvision.pth", weights_only=True))
 print(f"{run}/backbone_torchvision.pth loads into torchvision.models.resnet18()")

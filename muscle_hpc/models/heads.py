@@ -166,8 +166,8 @@ class MultiTaskNet(nn.Module):
 
     ``forward(task, images, targets)`` is the task's training loss, so a DeepSpeed engine wraps
     the whole net and each step runs one task; ``predict(task, images)`` evaluates. Each call
-    runs the trunk as the task's head asks (dilated for segmentation, padded for detection), so
-    one task's call never leaves the trunk changed for another's."""
+    runs the trunk at the output stride the task's head asks for (dilated for segmentation),
+    and no call leaves the trunk changed for another task's."""
 
     def __init__(self, trunk: nn.Module, heads: dict[str, nn.Module]):
         super().__init__()

@@ -205,7 +205,8 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
 
     def report(task, lr, loss, norm, batch_size):
         loss = dist.mean(loss.detach().float())
-        penalty = sum(l2sp.parts()[k] for k in ("pull", "decay")) if cfg.muscle else None
+        parts = l2sp.parts() if cfg.muscle else None
+        penalty = parts["pull"] + parts["decay"] if parts else None
         images_per_s, wait = timer.window(batch_size)
         log.scalars(step, "train/", lr=lr, l2sp=penalty, images_per_s=images_per_s,
                     data_wait=wait, grad_norm=norm)
