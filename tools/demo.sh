@@ -59,7 +59,8 @@ run = sys.argv[1]
 matrix = json.load(open(f"{run}/validation.json"))
 print("Continual learning demo (MUSCLE): validation of every task after every visit")
 print(matrix_markdown(matrix, [t for t in TASKS if t in matrix[0]]))
-print("Backbone drift |w - w0| over each visit (L2-SP pulls MUSCLE's toward the visit's start):")
+print("Backbone drift |w - w0| over each visit (MUSCLE: LR restarted per visit, L2-SP pull "
+      "toward the visit's start; MUSCLE--: one decaying LR, no pull):")
 for name, folder in (("MUSCLE", run), ("MUSCLE--", f"{run}_muscle--")):
     visits = json.load(open(f"{folder}/visits.json"))
     print(f"  {name:9s}" + " ".join(f"{v['task']} {v['drift']:.3f}" for v in visits))
