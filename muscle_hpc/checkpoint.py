@@ -3,11 +3,13 @@
 ``save(path, state)`` writes beside ``path`` and renames over it, so ``path`` always holds the
 last complete checkpoint, even if the job is killed mid-write (Slurm preemption, OOM). Files
 hold only tensors and plain Python containers so they load with ``weights_only=True``: loading
-a checkpoint can never run code.
+a checkpoint can never run code. Tensors are written from host memory, whatever device they
+trained on, so every file loads with a plain ``torch.load`` on a host without a GPU.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 from pathlib import Path
@@ -16,7 +18,24 @@ import numpy as np
 import torch
 
 
+def on_cpu(obj):
+    """``obj`` with every tensor in its containers in host memory (the rest as it is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device.type == "cpu" else obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the type and attributes (a state dict's _metadata)
+        for k, v in obj.items():
+            out[k] = on_cpu(v)
+        return out
+    if isinstance(obj, list):
+        return [on_cpu(v) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(on_cpu(v) for v in obj)
+    return obj
+
+
 def save(path: Path, state: dict) -> None:
+    state = on_cpu(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -63,7 +82,9 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's GPU only: the one it draws from, and a resume that sees one GPU per
+        # task (or fewer than the writer saw) can still restore it.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -74,7 +95,7 @@ def set_rng_state(state: dict) -> None:
                          n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _tuples(x):

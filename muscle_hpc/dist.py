@@ -88,9 +88,38 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", free_port())
 
 
+# Collectives on CPU tensors (the per-step stop flag, step-count checks, logged means,
+# gathered evaluation records) go through gloo; CUDA tensors (gradients, MoCo's keys, batch
+# norm statistics) through NCCL. A bare "nccl" group has no CPU backend at all.
+CUDA_BACKEND = "cpu:gloo,cuda:nccl"
+BACKEND_VARIABLE = "MUSCLE_DIST_BACKEND"
+
+
+def default_backend(cuda: bool, environ: Mapping[str, str] | None = None) -> str:
+    """The process group's backend string: ``$MUSCLE_DIST_BACKEND`` if set, else gloo and NCCL
+    by device type on CUDA hosts, gloo elsewhere."""
+    env = os.environ if environ is None else environ
+    return env.get(BACKEND_VARIABLE) or (CUDA_BACKEND if cuda else "gloo")
+
+
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The GPU a rank trains on among the ``visible`` ones: its local rank where every rank
+    sees all the node's GPUs (torchrun, a plain ``srun``), the only one where each task is
+    bound to its own (``--gpus-per-task=1``, ``--gpu-bind``, a per-task CUDA_VISIBLE_DEVICES)."""
+    if visible < 1:
+        raise RuntimeError("no CUDA device is visible to this rank")
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise RuntimeError(f"local rank {local_rank} sees {visible} GPUs: give every task one GPU "
+                       f"(--gpus-per-task=1) or all of the node's, one per task")
+
+
 def init_distributed(env: DistEnv | None = None, backend: str | None = None,
                      timeout_s: float = 600.0) -> DistEnv:
-    """Join the process group of ``env`` (default ``dist_env()``): NCCL on CUDA, else gloo.
+    """Join the process group of ``env`` (default ``dist_env()``) with ``backend`` (default
+    ``default_backend``), on this rank's GPU (``cuda_device_index``) where there is CUDA.
 
     ``timeout_s`` bounds the rendezvous and each collective, so a rank that died or never
     started fails the job instead of hanging it until Slurm's time limit."""
@@ -99,17 +128,29 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None,
 
     env = env or dist_env()
     cuda = torch.cuda.is_available()
-    backend = backend or ("nccl" if cuda else "gloo")
+    backend = backend or default_backend(cuda)
+    device_index = env.local_rank
     if cuda:
-        torch.cuda.set_device(env.local_rank)
-    # DeepSpeed and some libraries read these rather than asking torch.distributed.
+        device_index = cuda_device_index(env.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(device_index)
+    # DeepSpeed reads these rather than asking torch.distributed, and takes LOCAL_RANK for the
+    # index of its device: with one visible GPU per task that is 0 on every rank.
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
-                      LOCAL_RANK=str(env.local_rank), MASTER_ADDR=env.master_addr,
+                      LOCAL_RANK=str(device_index), MASTER_ADDR=env.master_addr,
                       MASTER_PORT=str(env.master_port))
     dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
                             rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(seconds=timeout_s))
     return env
+
+
+def train_device():
+    """The device this process trains on: its GPU (``init_distributed`` set it), else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def rank_world() -> tuple[int, int]:

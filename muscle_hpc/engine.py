@@ -72,6 +72,21 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
+def select_kernels(deterministic: bool) -> None:
+    """``run.deterministic``: GPU kernels that give the same bits every run, so a resumed GPU
+    run repeats the uninterrupted one exactly (on CPU it always does). On: cuDNN's
+    deterministic algorithms without autotuning, torch's deterministic implementations
+    (``index_add_`` in shuffle-BN, torchvision's ``roi_align`` falls back to its Python form)
+    with a warning for any op that has none, and cuBLAS's fixed workspace. Off (default):
+    cuDNN autotunes each layer's algorithm for the fixed input size, the faster choice. Call
+    before the first CUDA kernel; the cuBLAS setting must precede its first handle."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
 def import_deepspeed():
     """``deepspeed``, told to use the CPU accelerator where there is no GPU (its
     autodetection needs a hint on hosts without CUDA) and to keep its INFO lines to itself."""

@@ -48,6 +48,19 @@ def test_rng_state_round_trip(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+def test_saved_state_dicts_keep_their_metadata_and_containers(tmp_path):
+    """Tensors are written from host memory (a GPU run's files load on a CPU-only host); the
+    containers around them come back as they were, a state dict's version metadata included."""
+    state = torch.nn.BatchNorm2d(3).state_dict()
+    rng = checkpoint.rng_state()
+    checkpoint.save(tmp_path / "c.pth", {"model": state, "rng": rng, "steps": [1, (2, 3)]})
+    back = checkpoint.load(tmp_path / "c.pth", map_location=None)
+    assert type(back["model"]) is type(state) and back["model"]._metadata == state._metadata
+    assert all(torch.equal(back["model"][k], v) for k, v in state.items())
+    assert back["steps"] == [1, (2, 3)] and back["rng"]["python"] == rng["python"]
+    assert all(t.device.type == "cpu" for t in back["model"].values())
+
+
 WRITER = """
 import sys, torch
 from muscle_hpc import checkpoint

@@ -62,3 +62,42 @@ def test_two_process_gloo_all_reduce(tmp_path):
     mp.spawn(_worker, args=(dist.free_port(), 2, str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "0").read_text() == "0 2 3.0 True"
     assert (tmp_path / "1").read_text() == "1 2 3.0 False"
+
+
+def test_backend_is_gloo_for_cpu_tensors_and_nccl_for_cuda_ones():
+    assert dist.default_backend(cuda=True, environ={}) == "cpu:gloo,cuda:nccl"
+    assert dist.default_backend(cuda=False, environ={}) == "gloo"
+    mpi = {"MUSCLE_DIST_BACKEND": "mpi"}
+    assert dist.default_backend(cuda=True, environ=mpi) == "mpi"
+
+
+@pytest.mark.parametrize("local_rank, visible, index", [
+    (0, 8, 0), (5, 8, 5),  # every task sees the node's GPUs: its local rank
+    (0, 1, 0), (5, 1, 0),  # --gpus-per-task=1 or a GPU binding: the one it sees
+])
+def test_each_rank_picks_a_gpu_it_can_see(local_rank, visible, index):
+    assert dist.cuda_device_index(local_rank, visible) == index
+
+
+def test_a_rank_that_cannot_tell_its_gpu_says_so():
+    with pytest.raises(RuntimeError, match="local rank 5 sees 2 GPUs"):
+        dist.cuda_device_index(5, 2)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        dist.cuda_device_index(0, 0)
+
+
+def test_on_a_gpu_host_the_group_has_both_backends_and_deepspeed_gets_the_device_index(
+        monkeypatch):
+    """What init_distributed asks of torch where CUDA is present (there is none here, so
+    torch's CUDA calls are stood in for): the two-backend group string, the GPU this rank
+    sees, and LOCAL_RANK set to that GPU's index for DeepSpeed, with one GPU per task."""
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("device", i))
+    monkeypatch.setattr(torch_dist, "init_process_group",
+                        lambda backend, **kw: calls.setdefault("backend", backend))
+    monkeypatch.delenv("MUSCLE_DIST_BACKEND", raising=False)
+    dist.init_distributed(DistEnv(5, 8, 3, "127.0.0.1", 29999))
+    assert calls == {"backend": "cpu:gloo,cuda:nccl", "device": 0}
+    assert (os.environ["LOCAL_RANK"], os.environ["RANK"]) == ("0", "5")

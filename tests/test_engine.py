@@ -61,3 +61,19 @@ def test_step_timer_splits_waiting_from_the_rest():
     images_per_s, wait = timer.window(images_per_step=10)
     assert 0.2 < wait < 0.8  # about half the time went to waiting for batches
     assert 0 < images_per_s <= 30 / 0.3  # 3 steps of 10 images took at least 0.3 s
+
+
+def test_deterministic_kernels_on_and_off():
+    from muscle_hpc.engine import select_kernels
+
+    try:
+        select_kernels(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        select_kernels(False)
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic

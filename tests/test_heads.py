@@ -271,3 +271,38 @@ def test_moco_logits_under_bf16_autocast_equal_fp32():
     assert torch.allclose(bf16, fp32, rtol=1e-3, atol=1e-6)
     # what it guards against: the same matmul under autocast is off by far more
     assert not torch.allclose(reference_in_bf16.float(), fp32, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("src, out", [((63, 100), (500, 800)), ((7, 5), (13, 29)),
+                                      ((4, 6), (2, 3)), ((1, 1), (9, 7))])
+def test_the_segmentation_resize_is_torchs_bilinear_in_value_and_gradient(src, out):
+    """The matrix-product resize the head uses (its CUDA backward is deterministic) against
+    ``F.interpolate(mode="bilinear", align_corners=False)``, up- and downsampling."""
+    from muscle_hpc.models.heads import resize_bilinear
+
+    x = torch.randn(2, 3, *src, dtype=torch.float64, requires_grad=True)
+    ours, ref = resize_bilinear(x, out), nn.functional.interpolate(
+        x, out, mode="bilinear", align_corners=False)
+    grad = torch.randn_like(ref)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0],
+                               torch.autograd.grad(ref, x, grad)[0])
+
+
+def test_the_segmentation_head_is_torchvisions_deeplab_head_and_loss():
+    """Same weights, same logits and same loss as torchvision's DeepLabHead + F.interpolate +
+    2-D cross-entropy, with the ASPP pooling branch's broadcast and the per-pixel loss."""
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
+    torch.manual_seed(0)
+    head = SegmentationHead(trunk_channels("resnet18"), 2, output_stride=8).double().eval()
+    ref = DeepLabHead(512, 2, (12, 24, 36)).double().eval()
+    ref.load_state_dict(head.deeplab.state_dict())
+    images = torch.zeros(2, 1, 50, 70, dtype=torch.float64)
+    features = {"layer4": torch.randn(2, 512, 7, 9, dtype=torch.float64)}
+    target = torch.randint(0, 2, (2, 50, 70))
+    logits = nn.functional.interpolate(ref(features["layer4"]), (50, 70), mode="bilinear",
+                                       align_corners=False)
+    torch.testing.assert_close(head(features, images), logits)
+    torch.testing.assert_close(head.loss(features, images, target),
+                               nn.functional.cross_entropy(logits.float(), target))

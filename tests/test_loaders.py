@@ -121,3 +121,31 @@ def test_leaving_an_epoch_early_stops_every_loader_thread(flat_shards):
             next(batches)
             assert len(threading.enumerate()) > len(before)  # reader threads were running
         assert set(threading.enumerate()) <= before
+
+
+FFCV_ON_A_GPU_HOST = """
+import sys, torch
+torch.cuda.is_available = lambda: True  # a GPU node, as FFCV sees it when imported
+
+def refuse(*args, **kwargs):
+    raise RuntimeError("FFCV made a CUDA call")
+
+torch.cuda.current_stream = torch.cuda.Stream = torch.cuda.Event = refuse
+from muscle_hpc.data import TaskLoader, TwoViewLoader, open_shard, pretrain_shards
+task = TaskLoader(open_shard(sys.argv[1], "dark", "train"), 4, "classification", train=True,
+                  num_workers=1)
+moco = TwoViewLoader(pretrain_shards(sys.argv[1], ["dark"]), 4, num_workers=1)
+print(sum(len(b["image"]) for b in task), sum(len(q) for q, _ in moco))
+"""
+
+
+def test_ffcv_never_touches_cuda_on_a_gpu_host(flat_shards):
+    """FFCV's reader makes CUDA streams and events on the reading thread's device (GPU 0 for
+    every rank of a node) whenever CUDA is present; our loaders never use its GPU path."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FFCV_ON_A_GPU_HOST, str(flat_shards)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["20", "20"]

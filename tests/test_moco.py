@@ -58,6 +58,25 @@ def test_forward_contract_and_queue():
     assert int(moco.queue_ptr) == 0  # wrapped
 
 
+def test_the_queue_pointer_is_never_read_back_from_the_device_but_resumes_from_a_checkpoint():
+    """MoCo's step keeps the pointer as a Python int (reading the buffer would wait for the
+    GPU every step); the buffer mirrors it for checkpoints, and a loaded state sets it."""
+    moco = make()
+    im_q, im_k = inputs(0, world=1)
+    moco(im_q, im_k)
+    assert moco.ptr == int(moco.queue_ptr) == B
+    moco.queue_ptr.fill_(99)  # not what the step reads
+    moco(im_q, im_k)
+    assert moco.ptr == int(moco.queue_ptr) == 2 * B
+    resumed = make()
+    resumed.load_state_dict(moco.state_dict())
+    assert resumed.ptr == 2 * B
+    resumed(im_q, im_k)  # enqueues after the loaded keys, not over them
+    assert torch.equal(resumed.queue[:, :2 * B], moco.queue[:, :2 * B])
+    assert not torch.equal(resumed.queue[:, 2 * B:3 * B], moco.queue[:, 2 * B:3 * B])
+    assert resumed.ptr == 3 * B
+
+
 def test_momentum_update_formula():
     moco = make()
     nudge(moco, 0)

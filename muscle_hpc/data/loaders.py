@@ -2,7 +2,9 @@
 
 FFCV reads, shuffles and splits samples between ranks; augmentation (``augment.py``) and the
 mixing of shards run in one background thread per loader, so the training loop only pops
-ready float tensors. Batches are fully determined by ``(seed, epoch, step, rank, world)``:
+ready float tensors. Given a CUDA ``device``, that thread runs on it (a thread starts on GPU 0)
+and writes batches into pinned memory, so ``.to(device, non_blocking=True)`` overlaps the step.
+Batches are fully determined by ``(seed, epoch, step, rank, world)``:
 ``epoch_batches(epoch, start_step)`` replays any point of any epoch exactly.
 """
 
@@ -63,8 +65,12 @@ def ffcv_loader(shard: Shard, batch_size: int, fields: tuple[str, ...], *, shuff
     """A raw FFCV loader of ``fields`` (numpy batches, nothing decoded beyond the bytes)."""
     from ffcv.fields.basics import FloatDecoder, IntDecoder
     from ffcv.fields.ndarray import NDArrayDecoder
-    from ffcv.loader import Loader
+    from ffcv.loader import Loader, epoch_iterator
 
+    # FFCV's GPU path (a CUDA stream per batch slot, for pipelines that end on the GPU) is
+    # never ours, and it opens a CUDA context on whatever device the reading thread has,
+    # GPU 0 for every rank of a node: turn it off.
+    epoch_iterator.IS_CUDA = False
     decoders = {"IntField": IntDecoder, "FloatField": FloatDecoder, "NDArrayField": NDArrayDecoder}
     pipelines = {}
     for name, doc in shard.fields.items():
@@ -128,14 +134,22 @@ class _Stream:
             done += m
 
 
-def prefetch(batches: Iterator, depth: int) -> Iterator:
-    """Run ``batches`` in a daemon thread, ``depth`` ahead; errors re-raise in the consumer."""
+def pins(device) -> bool:
+    """Whether batches bound for ``device`` are made in pinned host memory."""
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def prefetch(batches: Iterator, depth: int, device=None) -> Iterator:
+    """Run ``batches`` in a daemon thread, ``depth`` ahead; errors re-raise in the consumer.
+    On a CUDA ``device`` the thread makes it current before any CUDA call (pinned memory)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     end = object()
 
     def produce():
         try:
+            if pins(device):
+                torch.cuda.set_device(device)
             for b in batches:
                 while not stop.is_set():
                     try:
@@ -178,7 +192,10 @@ def prefetch(batches: Iterator, depth: int) -> Iterator:
 class _Ring:
     """Output buffers reused round-robin. Fresh large tensors per batch would page-fault on
     every first touch (as costly here as the augmentation itself). Like FFCV's own buffers, a
-    batch stays valid while the next one is in use; drawing the one after that may reuse it."""
+    batch stays valid while the next one is in use; drawing the one after that may reuse it.
+    Pinned outputs are not kept here: they come fresh from torch's pinned-memory cache, which
+    reuses a block only after every copy from it has finished (it records an event per
+    ``non_blocking`` copy), where a ring could overwrite a batch the GPU has yet to read."""
 
     def __init__(self, prefetch_depth: int, make):
         self.slots = [make() for _ in range(prefetch_depth + 3)]
@@ -200,19 +217,21 @@ class TwoViewLoader:
     per epoch; the remainder is dropped. ``with_keys=True`` adds a (B, 2) tensor of
     (shard position, sample index) identifying each image. A batch's memory is reused once the
     batch after the next is drawn: copy (``.to(device)``, ``.clone()``) what must outlive that.
+    ``device``: where the batches will be copied; a CUDA device pins them (module docstring).
     """
 
     def __init__(self, shards: list[Shard], batch_size: int, *, seed: int = 0,
                  max_degrees: float = 10.0, flip_prob: float = 0.5, mean: float = MEAN,
                  std: float = STD, num_workers: int = 2, distributed: bool = False,
-                 sub_batch: int = 32, prefetch_depth: int = 2, with_keys: bool = False):
+                 sub_batch: int = 32, prefetch_depth: int = 2, with_keys: bool = False,
+                 device=None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.rank, self.world = rank_and_world(distributed)
         self.shards, self.batch_size, self.seed = shards, batch_size, seed
         self.max_degrees, self.flip_prob, self.mean, self.std = max_degrees, flip_prob, mean, std
         self.num_workers, self.prefetch_depth = num_workers, prefetch_depth
-        self.with_keys = with_keys
+        self.with_keys, self.device = with_keys, device
         self.width, self.height = shards[0].size
         self.loaders = [ffcv_loader(s, sub_batch, ("image", "index"), shuffle=True,
                                     seed=seed + 1000 * k, rank=self.rank, world=self.world,
@@ -244,17 +263,21 @@ class TwoViewLoader:
         seq = self.interleaving(epoch)
         b, h, w = self.batch_size, self.height, self.width
         src_of = np.concatenate([np.arange(b), np.arange(b)])
+        pinned = pins(self.device)
+
+        def views():
+            return torch.empty((2 * b, 1, h, w), dtype=torch.float32, pin_memory=pinned)
         ring = _Ring(self.prefetch_depth, lambda: {
             "image": np.empty((b, h, w), np.uint8), "index": np.empty(b, np.int64),
-            "views": torch.empty((2 * b, 1, h, w), dtype=torch.float32)})
+            "views": None if pinned else views()})
         numba.set_num_threads(self.num_workers)
         try:
-            yield from self._augmented(epoch, start_step, streams, seq, ring, src_of)
+            yield from self._augmented(epoch, start_step, streams, seq, ring, src_of, views)
         finally:
             for s in streams:
                 s.close()
 
-    def _augmented(self, epoch, start_step, streams, seq, ring, src_of):
+    def _augmented(self, epoch, start_step, streams, seq, ring, src_of, views):
         b = self.batch_size
         for step in range(len(self)):
             which = seq[step * b:(step + 1) * b]
@@ -266,7 +289,7 @@ class TwoViewLoader:
             if raw is None:
                 continue
             degrees, flip = zip(*(self._views(epoch, which, raw["index"], v) for v in (0, 1)))
-            out = raw["views"]
+            out = raw["views"] if raw["views"] is not None else views()
             augment.rotate_flip_normalize(raw["image"], src_of, np.concatenate(degrees),
                                           np.concatenate(flip), self.mean, self.std,
                                           out.numpy())
@@ -283,16 +306,43 @@ class TwoViewLoader:
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator:
         """The batches of ``epoch`` from ``start_step`` on (resume mid-epoch)."""
-        return prefetch(self._batches(epoch, start_step), self.prefetch_depth)
+        return prefetch(self._batches(epoch, start_step), self.prefetch_depth, self.device)
 
 
-def task_loader(shard: Shard, batch_size: int, kind: str, data_cfg, *, train: bool,
-                distributed: bool = True) -> TaskLoader:
-    """A stage's ``TaskLoader`` for one split, set up from its ``data`` config (seed, flip,
-    Z-score, workers): ``train=True`` for the training split, ``False`` to evaluate."""
-    return TaskLoader(shard, batch_size, kind, train=train, seed=data_cfg.seed,
+def two_view_loader(shards: list[Shard] | None, batch_size: int, data_cfg, *,
+                    distributed: bool = True, device=None):
+    """MD-MoCo's loader from its ``data`` config: a ``TwoViewLoader`` over ``shards``, or
+    with ``data.synthetic`` random images (``synthetic.py``)."""
+    if data_cfg.synthetic:
+        from .synthetic import SyntheticTwoViewLoader
+
+        return SyntheticTwoViewLoader(
+            data_cfg.synthetic, batch_size, (data_cfg.synthetic_width, data_cfg.synthetic_height),
+            seed=data_cfg.seed, mean=data_cfg.mean, std=data_cfg.std, distributed=distributed,
+            device=device)
+    return TwoViewLoader(shards, batch_size, seed=data_cfg.seed,
+                         max_degrees=data_cfg.max_degrees, flip_prob=data_cfg.flip_prob,
+                         mean=data_cfg.mean, std=data_cfg.std, num_workers=data_cfg.num_workers,
+                         distributed=distributed, device=device)
+
+
+def task_loader(shard: Shard | None, batch_size: int, task, data_cfg, *, train: bool,
+                distributed: bool = True, device=None):
+    """A stage's loader of one split of ``task`` from its ``data`` config (seed, flip,
+    Z-score, workers): ``train=True`` for the training split, ``False`` to evaluate. A
+    ``TaskLoader`` over ``shard``, or with ``data.synthetic`` random images of the task's kind."""
+    if data_cfg.synthetic:
+        from .synthetic import SyntheticTaskLoader
+
+        return SyntheticTaskLoader(
+            task.kind, data_cfg.synthetic, batch_size,
+            (data_cfg.synthetic_width, data_cfg.synthetic_height), train=train,
+            num_classes=len(getattr(task, "classes", ())) or 2,
+            box_categories=tuple(getattr(task, "categories", {1: None})), seed=data_cfg.seed,
+            mean=data_cfg.mean, std=data_cfg.std, distributed=distributed, device=device)
+    return TaskLoader(shard, batch_size, task.kind, train=train, seed=data_cfg.seed,
                       flip_prob=data_cfg.flip_prob, mean=data_cfg.mean, std=data_cfg.std,
-                      num_workers=data_cfg.num_workers, distributed=distributed)
+                      num_workers=data_cfg.num_workers, distributed=distributed, device=device)
 
 TASK_FIELDS = {
     "classification": ("label",),
@@ -309,18 +359,20 @@ class TaskLoader:
 
     ``train=True`` shuffles per epoch and flips horizontally (mask and boxes with the image);
     otherwise order is fixed, nothing is flipped and the last partial batch is kept.
+    ``device``: where the batches will be copied; a CUDA device pins image and mask.
     """
 
     def __init__(self, shard: Shard, batch_size: int, kind: str, *, train: bool,
                  seed: int = 0, flip_prob: float = 0.5, mean: float = MEAN, std: float = STD,
-                 num_workers: int = 2, distributed: bool = False, prefetch_depth: int = 2):
+                 num_workers: int = 2, distributed: bool = False, prefetch_depth: int = 2,
+                 device=None):
         if kind not in TASK_FIELDS:
             raise ValueError(f"kind must be one of {', '.join(TASK_FIELDS)}, not {kind!r}")
         self.rank, self.world = rank_and_world(distributed)
         self.kind, self.train, self.seed, self.shard = kind, train, seed, shard
         self.flip_prob = flip_prob if train else 0.0
         self.mean, self.std, self.num_workers = mean, std, num_workers
-        self.prefetch_depth = prefetch_depth
+        self.prefetch_depth, self.device = prefetch_depth, device
         self.width, self.height = shard.size
         self.loader = ffcv_loader(shard, batch_size, ("image", "index", *TASK_FIELDS[kind]),
                                   shuffle=train, seed=seed, rank=self.rank, world=self.world,
@@ -335,7 +387,7 @@ class TaskLoader:
         return self.epoch_batches(epoch)
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator:
-        return prefetch(self._batches(epoch, start_step), self.prefetch_depth)
+        return prefetch(self._batches(epoch, start_step), self.prefetch_depth, self.device)
 
     def _batches(self, epoch: int, start_step: int):
         self.loader.next_epoch = epoch
@@ -355,7 +407,8 @@ class TaskLoader:
         index = raw["index"].reshape(b).astype(np.int64)
         flip = augment.uniforms(self.seed, epoch, np.zeros(b, np.int64), index, 0, 0) < \
             self.flip_prob
-        image = torch.empty((b, 1, h, w), dtype=torch.float32)
+        pinned = pins(self.device)
+        image = torch.empty((b, 1, h, w), dtype=torch.float32, pin_memory=pinned)
         augment.rotate_flip_normalize(raw["image"].reshape(b, h, w), np.arange(b),
                                       np.zeros(b), flip, self.mean, self.std, image.numpy())
         batch = {"image": image, "index": torch.from_numpy(index)}
@@ -366,7 +419,8 @@ class TaskLoader:
         elif self.kind == "segmentation":
             mask = np.empty((b, h, w), np.uint8)
             augment.flip_copy(raw["mask"].reshape(b, h, w), flip, mask)
-            batch["mask"] = torch.from_numpy(mask.astype(np.int64))
+            batch["mask"] = torch.empty((b, h, w), dtype=torch.int64, pin_memory=pinned)
+            batch["mask"].numpy()[...] = mask
         else:
             counts = raw["num_boxes"].reshape(b)
             boxes, labels = [], []

@@ -11,7 +11,9 @@ Each head has ``loss(features, images, targets) -> scalar`` (training) and
 - ``SegmentationHead``: torchvision's DeepLab-V3 head (ASPP) on ``layer4`` of the trunk run at
   ``output_stride`` 8 by default, as torchvision's ``deeplabv3_resnet50`` (ASPP rates 12/24/36;
   they scale with the stride), upsampled bilinearly to the input size; class probabilities
-  (B, C, H, W).
+  (B, C, H, W). Its two bilinear resizes and its loss are written so that their CUDA kernels
+  are deterministic (``resize_bilinear``, ``_ImagePooling``, a per-pixel 1-D cross-entropy):
+  the same functions as torchvision's, whose CUDA backward adds with atomics.
 - ``DetectionHead``: torchvision's Faster R-CNN (FPN over layer1-4, RPN, RoI heads) on the
   trunk's features, without its transform (the images are Z-scored and of one size already).
   Anchors sit at the pyramid's true strides 4/8/16/32/64 at any input size
@@ -30,7 +32,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+from torchvision.models.segmentation.deeplabv3 import ASPPPooling, DeepLabHead
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -66,6 +68,42 @@ class ClassifierHead(nn.Module):
         return self(features).float().softmax(dim=1).cpu()
 
 
+def bilinear_matrix(n_out: int, n_in: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-D linear interpolation as ``F.interpolate`` computes it with
+    ``align_corners=False`` and an output size (no antialiasing): source ``(i + ½)·n_in/n_out − ½``,
+    clamped at 0, between its two neighbours (the last one repeated at the edge)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = src - lo
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    w.index_put_((rows, lo), 1 - frac, accumulate=True)
+    w.index_put_((rows, hi), frac, accumulate=True)
+    return w.to(device=device, dtype=dtype)
+
+
+def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` as two matrix products.
+    Same values up to rounding; unlike torch's CUDA kernel, whose backward scatters with
+    atomic adds, its gradient is deterministic, so a resumed run can repeat a GPU run."""
+    h, w = size
+    a_h = bilinear_matrix(h, x.shape[-2], x.device, x.dtype)
+    a_w = bilinear_matrix(w, x.shape[-1], x.device, x.dtype)
+    return a_h @ x @ a_w.T
+
+
+class _ImagePooling(ASPPPooling):
+    """torchvision's ASPP image-pooling branch with its bilinear resize of a 1x1 map, which is
+    a broadcast, written as one (its backward is then a deterministic sum)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        for module in self:
+            x = module(x)
+        return x.expand(-1, -1, *size)
+
+
 class SegmentationHead(nn.Module):
     def __init__(self, channels: dict[str, int], num_classes: int, output_stride: int = 8):
         super().__init__()
@@ -74,13 +112,19 @@ class SegmentationHead(nn.Module):
                              f"not {output_stride}")
         self.output_stride = output_stride
         self.deeplab = DeepLabHead(channels["layer4"], num_classes, ASPP_RATES[output_stride])
+        for m in self.deeplab.modules():
+            if type(m) is ASPPPooling:
+                m.__class__ = _ImagePooling  # same modules and weights, another forward
 
     def forward(self, features, images):
-        logits = self.deeplab(features["layer4"])
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return resize_bilinear(self.deeplab(features["layer4"]), images.shape[-2:])
 
     def loss(self, features, images, targets):
-        return F.cross_entropy(self(features, images).float(), targets)
+        # Per pixel as rows of a 1-D cross-entropy: the same mean, without the 2-D CUDA
+        # kernel's atomic-add reduction.
+        logits = self(features, images).float()
+        return F.cross_entropy(logits.movedim(1, -1).reshape(-1, logits.shape[1]),
+                               targets.reshape(-1))
 
     @torch.no_grad()
     def predict(self, features, images):

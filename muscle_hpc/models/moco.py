@@ -137,7 +137,15 @@ class MoCo(nn.Module):
         for p in self.encoder_k.parameters():
             p.requires_grad = False
         self.register_buffer("queue", nn.functional.normalize(torch.randn(dim, K), dim=0))
+        # The pointer is a Python int, so the step never waits for the GPU to read it back;
+        # the buffer mirrors it for checkpoints and is read back only when one is loaded.
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.ptr = 0
+        self.register_load_state_dict_post_hook(MoCo._read_ptr)
+
+    @staticmethod
+    def _read_ptr(module, incompatible_keys) -> None:
+        module.ptr = int(module.queue_ptr)
 
     def trainable_parameters(self):
         return self.encoder_q.parameters()
@@ -151,9 +159,9 @@ class MoCo(nn.Module):
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
         n = keys.shape[0]
         assert self.K % n == 0, f"queue size K={self.K} must be a multiple of the global batch {n}"
-        ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + n] = keys.T
-        self.queue_ptr[0] = (ptr + n) % self.K
+        self.queue[:, self.ptr:self.ptr + n] = keys.T
+        self.ptr = (self.ptr + n) % self.K
+        self.queue_ptr.fill_(self.ptr)
 
     @torch.no_grad()
     def _keys_shuffle_bn(self, im_k: torch.Tensor) -> torch.Tensor:

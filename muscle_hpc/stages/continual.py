@@ -35,6 +35,7 @@ from muscle_hpc.engine import (
     deepspeed_engine,
     grad_norm,
     reset_optimizer_state,
+    select_kernels,
 )
 from muscle_hpc.evaluate import evaluate
 from muscle_hpc.models.backbone import build_backbone, export_torchvision, load_imagenet_into
@@ -74,6 +75,9 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool):
     shards = {}
     for name in cfg.data.tasks:
         task = TASKS[name]
+        if cfg.data.synthetic:
+            shards[name] = {"train": None, "valid": None}
+            continue
         shards[name] = {s: open_shard(Path(cfg.data.root), task.dataset, s)
                         for s in ("train", "valid")}
         for shard in shards[name].values():
@@ -99,11 +103,13 @@ def main(argv=None) -> int:
         resumed = ckpt.load(config.to_dict(cfg), RESUMABLE_CHANGES)
     except ValueError as e:
         return fail(str(e))
+    select_kernels(cfg.run.deterministic)
     dist.init_distributed(env)
     try:
         def loader(t, split):
             return task_loader(shards[t][split], cfg.batch_size(t) // env.world_size,
-                               TASKS[t].kind, cfg.data, train=split == "train")
+                               TASKS[t], cfg.data, train=split == "train",
+                               device=dist.train_device())
 
         loaders = {t: loader(t, "train") for t in cfg.data.tasks}
         val = {t: loader(t, "valid") for t in cfg.data.tasks} if cfg.run.validate else {}
@@ -126,7 +132,7 @@ def plan(cfg, loaders) -> list[dict]:
 
 def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> int:
     run_dir, rank, tasks = ckpt.run_dir, env.rank, cfg.data.tasks
-    device = torch.device("cuda", env.local_rank) if on_cuda else torch.device("cpu")
+    device = dist.train_device()
     bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
     torch.manual_seed(cfg.run.seed)
     trunk = build_backbone(cfg.model.arch)
@@ -172,6 +178,8 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
               f"{'resuming at step ' + str(step) if resumed else 'new run'} in {run_dir}",
               flush=True)
         for t in tasks:
+            if cfg.data.synthetic:
+                break
             unused = getattr(TASKS[t], "unused_categories", lambda _: [])(loaders[t].shard)
             if unused:
                 print(f"continual: {t}: boxes of {', '.join(unused)} are not learned or "

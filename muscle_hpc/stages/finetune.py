@@ -37,6 +37,7 @@ from muscle_hpc.engine import (
     StopOnSignal,
     deepspeed_engine,
     grad_norm,
+    select_kernels,
 )
 from muscle_hpc.evaluate import evaluate, evaluate_records
 from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
@@ -131,10 +132,11 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool, sel: Selecti
     config.check_finetune(cfg, sel.task, world_size)
     config.deepspeed_config(cfg, world_size, on_cuda, batch_size=cfg.task(sel.task).batch_size)
     task = TASKS[sel.task]
-    shards = {s: open_shard(Path(cfg.data.root), task.dataset, s)
-              for s in ("train", "valid", "test")}
-    for shard in shards.values():
-        task.check(shard)
+    shards = dict.fromkeys(("train", "valid", "test"))
+    if not cfg.data.synthetic:
+        shards = {s: open_shard(Path(cfg.data.root), task.dataset, s) for s in shards}
+        for shard in shards.values():
+            task.check(shard)
     path = init_path(cfg, sel)
     weights = None
     if path and not (produced_later and sel.init in MADE_BY):
@@ -171,11 +173,13 @@ def main(argv=None) -> int:
         resumed = ckpt.load(config.to_dict(cfg), RESUMABLE_CHANGES)
     except ValueError as e:
         return fail(str(e))
+    select_kernels(cfg.run.deterministic)
     dist.init_distributed(env)
     try:
         per_rank = cfg.task(sel.task).batch_size // env.world_size
-        loaders = {split: task_loader(shard, per_rank, TASKS[sel.task].kind, cfg.data,
-                                      train=split == "train") for split, shard in shards.items()}
+        loaders = {split: task_loader(shard, per_rank, TASKS[sel.task], cfg.data,
+                                      train=split == "train", device=dist.train_device())
+                   for split, shard in shards.items()}
         return train(cfg, env, sel, loaders, (path, init), ds_config, ckpt, resumed, on_cuda)
     finally:
         dist.shutdown()
@@ -190,7 +194,7 @@ def better(score: float, best: dict | None) -> bool:
 
 def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> int:
     out, rank, task, tcfg = ckpt.run_dir, env.rank, TASKS[sel.task], cfg.task(sel.task)
-    device = torch.device("cuda", env.local_rank) if on_cuda else torch.device("cpu")
+    device = dist.train_device()
     bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
     torch.manual_seed(cfg.run.seed)
     trunk = build_backbone(sel.arch)
@@ -216,7 +220,8 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
         print(f"finetune: {sel.task} from {sel.init} ({init_file or 'Kaiming init'}), "
               f"{sel.arch}, {env.world_size} rank(s), {tcfg.epochs} epochs x {per_epoch} steps, "
               f"{'resuming at step ' + str(step) if resumed else 'new run'} in {out}", flush=True)
-        unused = getattr(task, "unused_categories", lambda _: [])(loaders["train"].shard)
+        unused = [] if cfg.data.synthetic else getattr(
+            task, "unused_categories", lambda _: [])(loaders["train"].shard)
         if unused:
             print(f"finetune: {task.name}: boxes of {', '.join(unused)} are not learned or "
                   f"scored (not one of {', '.join(task.classes.values())})", flush=True)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from muscle_hpc import checkpoint, config, dist, schedule
-from muscle_hpc.data import TwoViewLoader
+from muscle_hpc.data.loaders import two_view_loader
 from muscle_hpc.data.shards import ShardError, pretrain_shards
 from muscle_hpc.engine import (
     RollingCheckpoint,
@@ -30,6 +30,7 @@ from muscle_hpc.engine import (
     StopOnSignal,
     deepspeed_engine,
     grad_norm,
+    select_kernels,
 )
 from muscle_hpc.models.backbone import build_backbone, export_torchvision
 from muscle_hpc.models.moco import MoCo
@@ -58,6 +59,8 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool):
         raise config.ConfigError("model.bn: sync needs GPUs (torch's SyncBatchNorm is GPU-only); "
                                  "use model.bn=shuffle")
     config.deepspeed_config(cfg, world_size, on_cuda)
+    if cfg.data.synthetic:
+        return cfg, None
     shards = pretrain_shards(Path(cfg.data.root), cfg.data.datasets, cfg.data.pretrain_extra)
     return cfg, shards
 
@@ -77,12 +80,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         return fail(str(e))
 
+    select_kernels(cfg.run.deterministic)
     dist.init_distributed(env)
     try:
-        loader = TwoViewLoader(shards, cfg.data.batch_size // env.world_size, seed=cfg.data.seed,
-                               max_degrees=cfg.data.max_degrees, flip_prob=cfg.data.flip_prob,
-                               mean=cfg.data.mean, std=cfg.data.std,
-                               num_workers=cfg.data.num_workers, distributed=True)
+        loader = two_view_loader(shards, cfg.data.batch_size // env.world_size, cfg.data,
+                                 device=dist.train_device())
     except ValueError as e:
         dist.shutdown()
         return fail(f"data.batch_size: {e}")
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
 
 def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
     run_dir, rank = ckpt.run_dir, env.rank
-    device = torch.device("cuda", env.local_rank) if on_cuda else torch.device("cpu")
+    device = dist.train_device()
     torch.manual_seed(cfg.run.seed)
     m = cfg.model
     moco = MoCo(partial(build_backbone, m.arch), dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp,

@@ -71,7 +71,7 @@ class SegmentationTask:
             raise ShardError(f"{shard.dataset}/{shard.split}: no masks for the {self.name} task")
 
     def targets(self, batch, device):
-        return batch["mask"].to(device)
+        return batch["mask"].to(device, non_blocking=True)
 
     def records(self, outputs, batch):
         pred = outputs.argmax(dim=1).numpy()

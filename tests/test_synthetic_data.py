@@ -1,0 +1,84 @@
+"""``data.synthetic``: random images with the shard loaders' contract, so every stage runs where
+no dataset is converted or FFCV is missing (the GPU check runs on them)."""
+
+import pytest
+import torch
+
+from muscle_hpc import config
+from muscle_hpc.data.loaders import task_loader, two_view_loader
+from muscle_hpc.data.synthetic import SyntheticTaskLoader, SyntheticTwoViewLoader
+from muscle_hpc.stages import continual, finetune, mdmoco
+from muscle_hpc.tasks import TASKS
+
+
+def test_two_views_are_z_scored_mirror_images_replayed_from_any_step():
+    loader = SyntheticTwoViewLoader(20, 4, (12, 8), seed=3, mean=100.0, std=20.0)
+    assert len(loader) == 5
+    batches = list(loader.epoch_batches(0))
+    assert len(batches) == 5
+    q, k = batches[0]
+    assert q.shape == (4, 1, 8, 12) and torch.equal(k, q.flip(-1))
+    gray = q * 20.0 + 100.0
+    torch.testing.assert_close(gray, gray.round(), atol=1e-4, rtol=0)
+    assert gray.min() >= 0 and gray.max() <= 255
+    again = SyntheticTwoViewLoader(20, 4, (12, 8), seed=3, mean=100.0, std=20.0)
+    tail = list(again.epoch_batches(0, start_step=3))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[3:], tail, strict=True))
+    other_epoch = next(iter(again.epoch_batches(1)))[0]
+    assert not torch.equal(other_epoch, q)
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        SyntheticTwoViewLoader(3, 4, (12, 8))
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_task_batches_have_the_kind_of_the_task(task):
+    kind = TASKS[task].kind
+    loader = SyntheticTaskLoader(kind, 10, 4, (40, 24), train=True, box_categories=(1, 2))
+    assert len(loader) == 2
+    batch = next(iter(loader.epoch_batches(0)))
+    assert batch["image"].shape == (4, 1, 24, 40) and batch["index"].shape == (4,)
+    if kind == "classification":
+        assert set(batch["label"].tolist()) <= {0, 1}
+    elif kind == "segmentation":
+        mask = batch["mask"]
+        assert mask.shape == (4, 24, 40) and mask.dtype == torch.int64
+        assert set(mask.unique().tolist()) == {0, 1}
+    else:
+        for boxes, labels in zip(batch["boxes"], batch["box_labels"], strict=True):
+            assert boxes.shape[1] == 4 and len(boxes) == len(labels) >= 1
+            assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+            assert (boxes[:, 2] <= 40).all() and (boxes[:, 3] <= 24).all()
+            assert set(labels.tolist()) <= {1, 2}
+
+
+def test_evaluation_splits_keep_every_image_in_order():
+    loader = SyntheticTaskLoader("classification", 10, 4, (16, 16), train=False)
+    batches = list(loader.epoch_batches(0))
+    assert [len(b["index"]) for b in batches] == [4, 4, 2]
+    assert torch.cat([b["index"] for b in batches]).tolist() == list(range(10))
+
+
+def test_stages_check_no_shards_when_synthetic(tmp_path):
+    """With data.synthetic the stages start without a shard folder, and the loaders they
+    build from their configs are the synthetic ones."""
+    missing = f"data.root={tmp_path / 'none'}"
+    cfg, shards = mdmoco.prepare(None, [missing, "data.synthetic=16", "data.batch_size=4",
+                                        "model.K=16"], 1, False)
+    assert shards is None
+    assert isinstance(two_view_loader(shards, 4, cfg.data, distributed=False),
+                      SyntheticTwoViewLoader)
+    cfg, shards, _ = continual.prepare(None, [missing, "data.synthetic=8", "model.init=''"], 1,
+                                       False)
+    assert shards == {t: {"train": None, "valid": None} for t in cfg.data.tasks}
+    loader = task_loader(None, 2, TASKS["tbx"], cfg.data, train=True, distributed=False)
+    assert loader.box_categories == (1, 2) and (loader.width, loader.height) == (800, 500)
+    sel = finetune.Selection("lung", "scratch", "r18")
+    _, shards, _, _ = finetune.prepare(None, [missing, "data.synthetic=8"], 1, False, sel)
+    assert shards == {"train": None, "valid": None, "test": None}
+
+
+def test_synthetic_counts_are_checked():
+    with pytest.raises(config.ConfigError, match="data.synthetic: must be >= 0"):
+        config.load(None, ["data.synthetic=-1"])
+    with pytest.raises(config.ConfigError, match="data.synthetic_width: must be >= 32"):
+        config.load(None, ["data.synthetic_width=8"], config.FinetuneConfig)
