@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check in one command, on a GPU host that has torch but no package index: install the
-# wheels carried in .wheels/, then `bench.stages --smoke` (must finish in 8 min) and the timing.
+# The GPU check on a GPU host that has torch but no package index: install the wheels carried
+# in .wheels/, then `bench.stages --smoke` (must finish in 8 min) and the timing, with and
+# without run.deterministic's kernels.
 #
 #   bash bench/gpu_check.sh --download   # here, with PyPI: fetch bench/gpu_wheels.txt to .wheels/
-#   bash bench/gpu_check.sh              # there: install from .wheels/, run, write to $OUT
+#   bash bench/gpu_check.sh [smoke|timing|all]   # there (default all; each part under 10 min)
 #
-# Output goes to stdout and to $OUT/smoke.txt and $OUT/stages.txt ($OUT defaults to ./gpu_out).
+# Output goes to stdout and to $OUT/{gpu,smoke,stages,stages_deterministic}.txt ($OUT defaults
+# to ./gpu_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == --download ]]; then
@@ -27,10 +29,21 @@ python3 -m pip install --quiet --no-index --find-links .wheels --no-deps -r benc
     || { echo "gpu_check: installing the carried wheels failed" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 480 python3 -m bench.stages --smoke --dir "$OUT/smoke_runs" 2>&1 | tee "$OUT/smoke.txt"
-smoke=${PIPESTATUS[0]}
-rm -rf "$OUT/smoke_runs"
-timeout 300 python3 -m bench.stages 2>&1 | tee "$OUT/stages.txt"
-timing=${PIPESTATUS[0]}
-echo "gpu_check: smoke exit $smoke, timing exit $timing"
-[[ $smoke == 0 && $timing == 0 ]]
+part=${1:-all}
+status=0
+if [[ $part == smoke || $part == all ]]; then
+    timeout 480 python3 -m bench.stages --smoke --dir "$OUT/smoke_runs" 2>&1 | tee "$OUT/smoke.txt"
+    code=${PIPESTATUS[0]}
+    rm -rf "$OUT/smoke_runs"
+    echo "gpu_check: smoke exit $code"
+    status=$((status | code))
+fi
+if [[ $part == timing || $part == all ]]; then
+    timeout 270 python3 -m bench.stages 2>&1 | tee "$OUT/stages.txt"
+    code=${PIPESTATUS[0]}
+    timeout 270 python3 -m bench.stages --deterministic 2>&1 | tee "$OUT/stages_deterministic.txt"
+    code=$((code | PIPESTATUS[0]))
+    echo "gpu_check: timing exit $code"
+    status=$((status | code))
+fi
+exit $status

@@ -2,6 +2,7 @@
 to end on 1 and 2 ranks.
 
     python -m bench.stages [--world 8] [--steps 10] [--size 800x500] [--shards DIR]
+                           [--deterministic]
     python -m bench.stages --smoke [--arch resnet18] [--size 96x64] [--dir DIR]
 
 Timing: one rank, the device it finds (CUDA, bf16, 800x500 by default; else the CPU, fp32, at a
@@ -14,15 +15,17 @@ random images (``data.synthetic``: its thread, pinned memory, the copy to the de
 share of time the step waited for it; peak memory (the GPU's, or the process's peak RSS on CPU);
 TFLOP/s counted by ``torch.utils.flop_counter`` and, on a GPU of known bf16 peak, its fraction.
 Where FFCV imports, MD-MoCo is also fed by the real two-view loader from a shard (``--shards``,
-or tiny shards built here): real-data vs synthetic-input throughput.
+or tiny shards built here): real-data vs synthetic-input throughput. ``--deterministic``
+times the kernels of ``run.deterministic``; its cost is the ratio to a run without.
 
-Smoke: each stage through ``torchrun`` on random images (no FFCV, no dataset needed) for a few
-steps: on 1 rank; on 2 ranks stopped by SIGTERM mid-run, resumed, and compared bit for bit with
-an uninterrupted run (``run.deterministic=true``); MUSCLE-- on 2 ranks; every exported file
-loaded by ``torch.load`` in a process that cannot see a GPU. Two ranks use the CUDA backend
-string (``cpu:gloo,cuda:nccl``) where there are two GPUs, gloo for both device types where
-there is one (NCCL refuses two ranks on one GPU), and ``cpu:gloo,cuda:gloo`` on CPU, so the
-two-backend group is exercised there too. One line per check; exit status 1 if any failed.
+Smoke: each stage on random images (no FFCV, no dataset needed) for a few steps: alone (plain
+``python``); on 2 ranks through ``torchrun``, stopped by SIGTERM mid-run, resumed, and compared
+bit for bit with an uninterrupted run (``run.deterministic=true``); MUSCLE-- on 2 ranks; every
+exported file loaded by ``torch.load`` in a process that cannot see a GPU. Two ranks use the
+CUDA backend string (``cpu:gloo,cuda:nccl``) where there are two GPUs, gloo for both device
+types where there is one (NCCL refuses two ranks on one GPU), and ``cpu:gloo,cuda:gloo`` on
+CPU, so the two-backend group is exercised there too. One line per check; exit status 1 if
+any failed.
 """
 
 from __future__ import annotations
@@ -248,8 +251,10 @@ def given_shards(root: Path) -> list:
 def timing(args) -> int:
     from muscle_hpc import dist
     from muscle_hpc.config import ContinualConfig, FinetuneConfig, load
+    from muscle_hpc.engine import select_kernels
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    select_kernels(args.deterministic)
     dist.init_distributed(dist.dist_env())
     device = dist.train_device()
     cuda = device.type == "cuda"
@@ -277,7 +282,9 @@ def timing(args) -> int:
                                            count(b), device))
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)"
     peak = bf16_peak(device, args.peak_tflops)
-    print(f"bench.stages: {name}, {'bf16' if cuda else 'fp32'}, {size[0]}x{size[1]}, per-GPU "
+    print(f"bench.stages: {name}, {'bf16' if cuda else 'fp32'}, "
+          f"{'deterministic' if args.deterministic else 'autotuned'} kernels, "
+          f"{size[0]}x{size[1]}, per-GPU "
           f"batch = config's global batch / {args.world}" + (f" (at most {cap} on CPU)" if cap
                                                              else "") +
           f", {args.steps} timed steps after {args.warmup}", flush=True)
@@ -336,17 +343,19 @@ class Smoke:
 
     def check(self, name: str, ok: bool, detail: str = "") -> bool:
         self.failed += not ok
-        print(f"smoke: {name:44s} {'ok  ' if ok else 'FAIL'} {detail}", flush=True)
+        print(f"smoke: {'ok  ' if ok else 'FAIL'} {name}" + (f" -- {detail}" if detail else ""),
+              flush=True)
         return ok
 
     def launch(self, stage: str, world: int, args: list[str], stop_at: int = 0):
-        """Run ``stage`` on ``world`` ranks through torchrun; with ``stop_at``, SIGTERM
-        torchrun once rank 0 logs that step. Returns (exit status, output, seconds)."""
+        """Run ``stage`` alone or on ``world`` > 1 ranks through torchrun; with ``stop_at``,
+        SIGTERM it once rank 0 logs that step. Returns (exit status, output, seconds)."""
         env = dict(self.env)
         if world > 1 and self.two_rank_backend:
             env["MUSCLE_DIST_BACKEND"] = self.two_rank_backend
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={world}", "-m", f"muscle_hpc.stages.{stage}", *args]
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+        cmd = [sys.executable, *(launcher if world > 1 else []), "-m",
+               f"muscle_hpc.stages.{stage}", *args]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -503,6 +512,8 @@ def main(argv=None) -> int:
                    help="MD-MoCo trunk(s) to time (repeatable), the smoke's trunk")
     p.add_argument("--shards", type=Path, help="converted pre-training shards for the real "
                                                "loader (default: tiny ones built here)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="time with run.deterministic's kernels (its cost: compare with without)")
     p.add_argument("--peak-tflops", type=float, help="the device's bf16 peak, if not known")
     p.add_argument("--dir", help="smoke: keep the runs in this folder")
     args = p.parse_args(argv)

@@ -18,14 +18,17 @@ def test_smoke_runs_every_stage_resumes_bit_for_bit_and_exports_load_on_cpu(tmp_
                          timeout=1200)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "2 ranks on cpu:gloo,cuda:gloo" in out.stdout
-    checks = {line[7:51].strip(): line[52:].split()[0]
-              for line in out.stdout.splitlines() if line.startswith("smoke: ")}
+    checks = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("smoke: "):
+            _, status, rest = line.split(maxsplit=2)
+            checks[rest.split(" -- ")[0]] = status
     for stage in ("mdmoco", "continual", "finetune lung"):
         for what in ("1 rank", "2 ranks", "2 ranks, SIGTERM", "2 ranks, resumed"):
             assert checks[f"{stage} {what}"] == "ok"
         assert checks[f"{stage} resumed = uninterrupted"] == "ok"
     assert checks["continual muscle-- 2 ranks"] == "ok"
-    loads = [k for k in checks if k.startswith("torch.load on CPU")]
+    loads = [k for k in checks if k.startswith("torch.load on CPU: ")]
     assert len(loads) == 3 and all(checks[k] == "ok" for k in loads)
     assert "0 check(s) failed" in out.stdout
 

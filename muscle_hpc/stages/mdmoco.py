@@ -118,7 +118,7 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
               f"{steps_per_epoch} steps/epoch, {total} steps, "
               f"{'resuming at step ' + str(step) if resumed else 'new run'} in {run_dir}",
               flush=True)
-        if cfg.data.pretrain_extra:
+        if cfg.data.pretrain_extra and not cfg.data.synthetic:
             extra = [s for s in loader.shards if s.split == "extra"]
             print(f"mdmoco: data.pretrain_extra is on: also {sum(s.count for s in extra)} "
                   f"images of no task ({', '.join(f'{s.dataset} {s.count}' for s in extra)}), "
