@@ -148,9 +148,7 @@ class TaskDataConfig:
     mean: float = 122.786
     std: float = opt(18.390, gt=0.0)
     seed: int = 0
-    # N > 0: no shards are read; N random images per split are made in memory instead
-    # (data/synthetic.py), to check GPUs, NCCL, Slurm and checkpoints before any dataset is
-    # converted, or where FFCV is not installed. Nothing is learned from them.
+    # as DataConfig.synthetic: random images instead of the shards
     synthetic: int = opt(0, lo=0)
     synthetic_width: int = opt(800, lo=32)
     synthetic_height: int = opt(500, lo=32)
@@ -225,8 +223,7 @@ class ClRunConfig:
     validate: bool = True  # every task after every visit
     precision: str = opt("auto", choices=("auto", "fp32", "bf16"), refuse={"fp16": _FP16_WHY})
     zero_stage: int = opt(0, lo=0, hi=2, refuse={3: _CL_ZERO3_WHY})
-    # GPU kernels that repeat bit for bit, so a resumed run equals an uninterrupted one (CPU
-    # runs always do); costs speed (README, "Exact resume"). Off: cuDNN autotunes instead.
+    # as RunConfig.deterministic
     deterministic: bool = False
     seed: int = 0
 
@@ -337,8 +334,7 @@ class FtRunConfig:
     max_steps_per_epoch: int = opt(0, lo=0)  # 0: whole epochs (the paper's); demos and tests
     precision: str = opt("auto", choices=("auto", "fp32", "bf16"), refuse={"fp16": _FP16_WHY})
     zero_stage: int = opt(0, lo=0, hi=2, refuse={3: _FT_ZERO3_WHY})
-    # GPU kernels that repeat bit for bit, so a resumed run equals an uninterrupted one (CPU
-    # runs always do); costs speed (README, "Exact resume"). Off: cuDNN autotunes instead.
+    # as RunConfig.deterministic
     deterministic: bool = False
     seed: int = 0
 
