@@ -75,8 +75,8 @@ class Workload:
         self.name, self.step, self.loader, self.images = name, step, loader, images
 
 
-def _synthetic(cfg_data_overrides: list[str], count: int, size) -> list[str]:
-    return [*cfg_data_overrides, f"data.synthetic={count}", f"data.synthetic_width={size[0]}",
+def _synthetic(overrides: list[str], count: int, size) -> list[str]:
+    return [*overrides, f"data.synthetic={count}", f"data.synthetic_width={size[0]}",
             f"data.synthetic_height={size[1]}"]
 
 
@@ -268,7 +268,10 @@ def timing(args) -> int:
     moco_batch = load(CONFIGS / "mdmoco_r50.yaml").data.batch_size
     cl = load(CONFIGS / "continual_r50.yaml", schema=ContinualConfig)
     ft = load(CONFIGS / "finetune.yaml", schema=FinetuneConfig)
-    count = lambda b: b * (args.steps + args.warmup + 1)  # noqa: E731 - images for two passes
+
+    def count(batch: int) -> int:  # images for the resident pass (one batch) and the fed one
+        return batch * (args.steps + args.warmup + 1)
+
     archs = args.arch or (["resnet18", "resnet50"] if cuda else ["resnet18"])
     task_arch = archs[-1]
     plans = [lambda a=a: moco_workload(a, per_gpu(moco_batch), size, count(per_gpu(moco_batch)),
@@ -283,7 +286,7 @@ def timing(args) -> int:
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({os.cpu_count()} cores)"
     peak = bf16_peak(device, args.peak_tflops)
     print(f"bench.stages: {name}, {'bf16' if cuda else 'fp32'}, "
-          f"{'deterministic' if args.deterministic else 'autotuned'} kernels, "
+          f"run.deterministic {'on' if args.deterministic else 'off'}, "
           f"{size[0]}x{size[1]}, per-GPU "
           f"batch = config's global batch / {args.world}" + (f" (at most {cap} on CPU)" if cap
                                                              else "") +
@@ -329,8 +332,9 @@ STEP = re.compile(r"\bstep (\d+)/(\d+)")
 
 
 class Smoke:
-    def __init__(self, folder: Path, arch: str, size, cuda: bool, gpus: int):
-        self.folder, self.arch, self.size, self.cuda = folder, arch, size, cuda
+    """Launches stage runs and prints one line per check; counts the failed ones."""
+
+    def __init__(self, cuda: bool, gpus: int):
         self.failed = 0
         self.env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
                         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -437,7 +441,7 @@ def smoke(args) -> int:
     w, h = args.size or ((800, 500) if cuda else (96, 64))
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="muscle-smoke-"))
     folder.mkdir(parents=True, exist_ok=True)
-    s = Smoke(folder, arch, (w, h), cuda, gpus)
+    s = Smoke(cuda, gpus)
     where = f"{gpus} GPU(s), {torch.cuda.get_device_name(0)}" if cuda else "CPU"
     print(f"bench.stages --smoke: {where}, {arch}, {w}x{h}, random images (data.synthetic), "
           f"2 ranks on {s.two_rank_backend or 'cpu:gloo,cuda:nccl'}; in {folder}", flush=True)
