@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 
 
+@pytest.mark.timeout(1200)  # 18 stage runs: ~3.5 min on 2 free cores, more on a busy machine
 def test_smoke_runs_every_stage_resumes_bit_for_bit_and_exports_load_on_cpu(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bench.stages", "--smoke", "--dir",
                           str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True,
@@ -34,6 +37,7 @@ def test_smoke_runs_every_stage_resumes_bit_for_bit_and_exports_load_on_cpu(tmp_
     assert "0 check(s) failed" in out.stdout
 
 
+@pytest.mark.timeout(900)
 def test_timing_measures_every_step_kind():
     out = subprocess.run([sys.executable, "-m", "bench.stages", "--steps", "1", "--warmup", "1"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
