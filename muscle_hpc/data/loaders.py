@@ -337,8 +337,8 @@ def task_loader(shard: Shard | None, batch_size: int, task, data_cfg, *, train: 
         return SyntheticTaskLoader(
             task.kind, data_cfg.synthetic, batch_size,
             (data_cfg.synthetic_width, data_cfg.synthetic_height), train=train,
-            num_classes=len(getattr(task, "classes", ())) or 2,
-            box_categories=tuple(getattr(task, "categories", {1: None})), seed=data_cfg.seed,
+            num_classes=len(task.classes), box_categories=tuple(getattr(task, "categories", (1,))),
+            seed=data_cfg.seed,
             mean=data_cfg.mean, std=data_cfg.std, distributed=distributed, device=device)
     return TaskLoader(shard, batch_size, task.kind, train=train, seed=data_cfg.seed,
                       flip_prob=data_cfg.flip_prob, mean=data_cfg.mean, std=data_cfg.std,

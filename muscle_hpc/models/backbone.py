@@ -61,9 +61,8 @@ def export_torchvision(backbone: nn.Module) -> dict[str, torch.Tensor]:
     ``conv1`` becomes weight/3 on 3 channels (same outputs on the gray image ×3). If ``fc`` is
     not a torchvision ``Linear(features, 1000)`` (e.g. the MoCo MLP head), a freshly initialised
     one is written instead: the trunk is what transfers, and a strict load beats a partial
-    state dict whose missing keys every user would have to special-case. Tensors are on the
-    CPU, wherever the backbone is: the file must load on a host without a GPU."""
-    sd = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()}
+    state dict whose missing keys every user would have to special-case."""
+    sd = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     w = sd["conv1.weight"]
     if w.shape[1] == 1:
         sd["conv1.weight"] = (w / 3).repeat(1, 3, 1, 1)

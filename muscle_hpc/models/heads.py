@@ -24,6 +24,7 @@ Each head has ``loss(features, images, targets) -> scalar`` (training) and
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -68,10 +69,13 @@ class ClassifierHead(nn.Module):
         return self(features).float().softmax(dim=1).cpu()
 
 
+@functools.lru_cache(maxsize=32)
 def bilinear_matrix(n_out: int, n_in: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """(n_out, n_in) weights of 1-D linear interpolation as ``F.interpolate`` computes it with
     ``align_corners=False`` and an output size (no antialiasing): source ``(i + ½)·n_in/n_out − ½``,
-    clamped at 0, between its two neighbours (the last one repeated at the edge)."""
+    clamped at 0, between its two neighbours (the last one repeated at the edge). Cached: a
+    training run resizes between the same sizes every step, and building the matrix on the host
+    and copying it to the GPU each time would make every step wait for that copy."""
     src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
     lo = src.floor().long().clamp(max=n_in - 1)
     hi = (lo + 1).clamp(max=n_in - 1)
