@@ -102,17 +102,21 @@ def default_backend(cuda: bool, environ: Mapping[str, str] | None = None) -> str
     return env.get(BACKEND_VARIABLE) or (CUDA_BACKEND if cuda else "gloo")
 
 
+class DeviceError(RuntimeError):
+    """This rank cannot tell which GPU is its own, said in one line."""
+
+
 def cuda_device_index(local_rank: int, visible: int) -> int:
     """The GPU a rank trains on among the ``visible`` ones: its local rank where every rank
     sees all the node's GPUs (torchrun, a plain ``srun``), the only one where each task is
     bound to its own (``--gpus-per-task=1``, ``--gpu-bind``, a per-task CUDA_VISIBLE_DEVICES)."""
     if visible < 1:
-        raise RuntimeError("no CUDA device is visible to this rank")
+        raise DeviceError("no CUDA device is visible to this rank")
     if visible == 1:
         return 0
     if local_rank < visible:
         return local_rank
-    raise RuntimeError(f"local rank {local_rank} sees {visible} GPUs: give every task one GPU "
+    raise DeviceError(f"local rank {local_rank} sees {visible} GPUs: give every task one GPU "
                        f"(--gpus-per-task=1) or all of the node's, one per task")
 
 

@@ -101,3 +101,16 @@ def test_on_a_gpu_host_the_group_has_both_backends_and_deepspeed_gets_the_device
     dist.init_distributed(DistEnv(5, 8, 3, "127.0.0.1", 29999))
     assert calls == {"backend": "cpu:gloo,cuda:nccl", "device": 0}
     assert (os.environ["LOCAL_RANK"], os.environ["RANK"]) == ("0", "5")
+
+
+def test_a_stage_on_a_rank_that_cannot_tell_its_gpu_stops_in_one_line(monkeypatch, capsys):
+    from muscle_hpc.stages import common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit) as stopped:
+        common.join("mdmoco", DistEnv(5, 8, 5, "127.0.0.1", 29999), deterministic=False)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mdmoco: error: local rank 5 sees 2 GPUs: give every task one GPU "
+        "(--gpus-per-task=1) or all of the node's, one per task"]

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 import torchvision
 
-from muscle_hpc import checkpoint, config
+from muscle_hpc import checkpoint, config, dist
 from muscle_hpc.config import ConfigError
+from muscle_hpc.engine import select_kernels
 from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
 
 
@@ -31,6 +32,16 @@ def fail(stage: str, message: str) -> int:
     """Say ``message`` on stderr as the stage's error; the exit status of a refused start."""
     print(f"{stage}: error: {message}", file=sys.stderr)
     return 2
+
+
+def join(stage: str, env, deterministic: bool) -> None:
+    """Choose the GPU kernels (``run.deterministic``) and join the process group; a rank that
+    cannot tell its GPU stops the stage with one line and status 2."""
+    select_kernels(deterministic)
+    try:
+        dist.init_distributed(env)
+    except dist.DeviceError as e:
+        raise SystemExit(fail(stage, str(e))) from None
 
 
 def resume_or_start(stage: str, ckpt, resumed, engine, model, layout: dict, cfg) -> dict:

@@ -35,7 +35,6 @@ from muscle_hpc.engine import (
     deepspeed_engine,
     grad_norm,
     reset_optimizer_state,
-    select_kernels,
 )
 from muscle_hpc.evaluate import evaluate
 from muscle_hpc.models.backbone import build_backbone, export_torchvision, load_imagenet_into
@@ -103,8 +102,7 @@ def main(argv=None) -> int:
         resumed = ckpt.load(config.to_dict(cfg), RESUMABLE_CHANGES)
     except ValueError as e:
         return fail(str(e))
-    select_kernels(cfg.run.deterministic)
-    dist.init_distributed(env)
+    common.join("continual", env, cfg.run.deterministic)
     try:
         def loader(t, split):
             return task_loader(shards[t][split], cfg.batch_size(t) // env.world_size,

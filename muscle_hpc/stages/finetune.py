@@ -37,7 +37,6 @@ from muscle_hpc.engine import (
     StopOnSignal,
     deepspeed_engine,
     grad_norm,
-    select_kernels,
 )
 from muscle_hpc.evaluate import evaluate, evaluate_records
 from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
@@ -173,8 +172,7 @@ def main(argv=None) -> int:
         resumed = ckpt.load(config.to_dict(cfg), RESUMABLE_CHANGES)
     except ValueError as e:
         return fail(str(e))
-    select_kernels(cfg.run.deterministic)
-    dist.init_distributed(env)
+    common.join("finetune", env, cfg.run.deterministic)
     try:
         per_rank = cfg.task(sel.task).batch_size // env.world_size
         loaders = {split: task_loader(shard, per_rank, TASKS[sel.task], cfg.data,

@@ -30,7 +30,6 @@ from muscle_hpc.engine import (
     StopOnSignal,
     deepspeed_engine,
     grad_norm,
-    select_kernels,
 )
 from muscle_hpc.models.backbone import build_backbone, export_torchvision
 from muscle_hpc.models.moco import MoCo
@@ -80,8 +79,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         return fail(str(e))
 
-    select_kernels(cfg.run.deterministic)
-    dist.init_distributed(env)
+    common.join("mdmoco", env, cfg.run.deterministic)
     try:
         loader = two_view_loader(shards, cfg.data.batch_size // env.world_size, cfg.data,
                                  device=dist.train_device())
