@@ -57,6 +57,12 @@ class DataConfig:
     num_workers: int = opt(2, lo=1)
     max_degrees: float = opt(10.0, lo=0.0, hi=180.0)
     flip_prob: float = opt(0.5, lo=0.0, hi=1.0)
+    # MoCo v2's brightness/contrast jitter per view (factors in [1 - x, 1 + x]), applied with
+    # probability jitter_prob. 0 (the paper: no jitter for X-rays) leaves the two views with
+    # one gray-level histogram, which MoCo can match instead of anatomy (README, fidelity).
+    brightness: float = opt(0.0, lo=0.0, hi=1.0)
+    contrast: float = opt(0.0, lo=0.0, hi=1.0)
+    jitter_prob: float = opt(0.8, lo=0.0, hi=1.0)
     mean: float = 122.786
     std: float = opt(18.390, gt=0.0)
     seed: int = 0
@@ -89,6 +95,12 @@ class OptimConfig:
     schedule: str = opt("cosine", choices=("cosine",))
 
 
+# The task sets the kNN monitor can read: one class label per image (muscle_hpc/tasks, kind
+# "classification"; test_monitor checks the two agree).
+KNN_TASKS = ("pneumonia", "mura")
+_KNN_WHY = "{} is a {} task; the kNN monitor needs one class label per image: use {}"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs/mdmoco"
@@ -104,6 +116,28 @@ class RunConfig:
     # runs always do); costs speed (README, "Exact resume"). Off: cuDNN autotunes instead.
     deterministic: bool = False
     seed: int = 0
+    # Representation monitors (README, "Is pre-training working?"). Every this many steps, at
+    # step 0 of a new run and at the end: a weighted kNN (k, T: the InstDisc/DINO protocol) of
+    # each monitored task set's valid images over its training images, on the query encoder's
+    # pooled features. Embedding an image is a forward pass, ~1/4 of what a training image
+    # costs in MoCo, so N images every S steps of global batch B cost ~N/(4·S·B) of training:
+    # 2 tasks x 2 splits x 1000 every 1000 steps of 256 is ~0.4 % (reading each split up to
+    # its last picked image adds a little). 0: never.
+    monitor_every_steps: int = opt(1000, lo=0)
+    monitor_tasks: list[str] = opt(
+        list(KNN_TASKS), choices=KNN_TASKS,
+        refuse={"lung": _KNN_WHY.format("lung", "segmentation", ", ".join(KNN_TASKS)),
+                "tbx": _KNN_WHY.format("tbx", "detection", ", ".join(KNN_TASKS))})
+    # Images embedded per split and task: that many spread evenly over the split (the same
+    # ones at every step; not its first ones, which run class by class), all if fewer.
+    monitor_max_images: int = opt(1000, lo=1)
+    monitor_knn_k: int = opt(20, lo=1)
+    monitor_knn_t: float = opt(0.07, gt=0.0)
+    # Warn when collapse_std x sqrt(model.dim) is below this: ~1 for embeddings spread over the
+    # sphere, 0 when all images get one embedding, sqrt(r/dim) when they span r of dim
+    # dimensions. A Kaiming-initialised ResNet already maps X-rays to nearly one direction
+    # (0.18-0.25 measured, ResNet-18 and -50): 0.05, 4x below that, is a collapse, not a start.
+    monitor_collapse_warn: float = opt(0.05, lo=0.0)
 
 
 @dataclass(frozen=True)
@@ -152,6 +186,14 @@ class TaskDataConfig:
     synthetic: int = opt(0, lo=0)
     synthetic_width: int = opt(800, lo=32)
     synthetic_height: int = opt(500, lo=32)
+
+
+@dataclass(frozen=True)
+class FtDataConfig(TaskDataConfig):
+    # Train on this fraction of the training split: a random subset drawn with data.seed, the
+    # same for every init (label-scarce evaluation, as MoCo-CXR's 1-10 % settings). Valid and
+    # test stay whole. 1: the paper's (all of it).
+    train_fraction: float = opt(1.0, gt=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)
@@ -341,7 +383,7 @@ class FtRunConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    data: TaskDataConfig = field(default_factory=TaskDataConfig)
+    data: FtDataConfig = field(default_factory=FtDataConfig)
     model: HeadsConfig = field(default_factory=HeadsConfig)
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     tasks: FtTasksConfig = field(default_factory=FtTasksConfig)

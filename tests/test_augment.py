@@ -89,3 +89,32 @@ def test_batch_stays_valid_while_the_next_one_is_in_use(flat_shards):
     time.sleep(0.5)  # let the producer run as far ahead as it may
     assert torch.equal(first, reference[0])
     assert torch.equal(second, reference[1])
+
+
+def test_intensity_jitter_is_torchvisions_brightness_then_contrast():
+    import torchvision.transforms.functional as TF
+
+    rng = np.random.default_rng(0)
+    src = rng.integers(60, 180, (3, 30, 50)).astype(np.uint8)
+    b, c = np.array([0.8, 1.0, 1.2]), np.array([1.3, 0.6, 1.0])
+    gain, offset = augment.intensity_jitter(np.zeros(3), (b - 0.6) / 0.8, (c - 0.6) / 0.8,
+                                            src.mean(axis=(1, 2)), prob=1.0, brightness=0.4,
+                                            contrast=0.4)
+    out = np.empty((3, 1, 30, 50), np.float32)
+    augment.rotate_flip_normalize(src, np.arange(3), np.zeros(3), np.zeros(3, bool), 0.0, 1.0,
+                                  out, gain, offset)
+    for n in range(3):
+        img = torch.from_numpy(src[n][None].astype(np.float32) / 255)
+        ref = TF.adjust_contrast(TF.adjust_brightness(img, b[n]), c[n])[0].numpy() * 255
+        np.testing.assert_allclose(out[n, 0], ref, atol=1e-3)
+
+
+def test_jitter_off_or_not_drawn_is_the_identity_and_clips_to_the_gray_range():
+    u = np.array([0.9, 0.1])
+    gain, offset = augment.intensity_jitter(np.array([0.5, 0.5]), u, u, np.full(2, 100.0),
+                                            prob=0.4, brightness=0.4, contrast=0.4)
+    assert (gain, offset) == (pytest.approx([1, 1]), pytest.approx([0, 0]))
+    src = np.full((1, 8, 8), 200, np.uint8)
+    out = np.empty((1, 1, 8, 8), np.float32)
+    augment.rotate_flip_normalize(src, [0], [0.0], [False], 0.0, 1.0, out, [2.0], [10.0])
+    assert (out == 255).all()

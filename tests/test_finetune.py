@@ -100,6 +100,9 @@ def test_imagenet_weights_come_from_the_torch_hub_cache_or_say_where_to_put_them
     (["run.zero_stage=3"], "ZeRO stage 3 is not supported"),
     (["tasks.lung.batch_size=1"], "a global batch of 1; batch norm needs at least 2 images"),
     (["pretrained.mdmoco={root}/{arch}.pth"], "has a placeholder other than"),
+    (["data.train_fraction=0.1"], "data.train_fraction: 0.1 of the 24 lung training images is 3, "
+                                  "less than one batch of 16"),
+    (["data.train_fraction=0"], "data.train_fraction: must be > 0"),
 ])
 def test_bad_config_fails_in_one_line(task_shards, tmp_path, capsys, extra, says):
     args = ["--task", "lung", "--init", "mdmoco", "--backbone", "r18", "--check",

@@ -149,3 +149,32 @@ def test_ffcv_never_touches_cuda_on_a_gpu_host(flat_shards):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["20", "20"]
+
+
+def test_jitter_gives_each_view_its_own_gray_levels_and_still_replays(flat_shards):
+    shards = pretrain_shards(flat_shards, ["dark", "bright"])
+    jittered = TwoViewLoader(shards, 8, seed=2, num_workers=1, max_degrees=0, brightness=0.4,
+                             contrast=0.4, jitter_prob=1.0)
+    q, k = next(iter(jittered))
+    assert (_values(q) != _values(k)) and max(_values(q)) <= 255
+    for (q1, k1), (q2, k2) in zip(list(jittered.epoch_batches(1))[2:],
+                                  jittered.epoch_batches(1, start_step=2)):
+        assert torch.equal(q1, q2) and torch.equal(k1, k2)
+
+
+def test_a_training_fraction_is_one_seeded_subset(task_shards):
+    shard = open_shard(task_shards, "pneumonia", "train")
+
+    def indices(seed):
+        return TaskLoader(shard, 2, "classification", train=True, seed=seed, num_workers=1,
+                          fraction=0.25).indices
+
+    kept = indices(3)
+    assert len(kept) == 8 == len(set(kept.tolist())) and set(kept) <= set(range(shard.count))
+    assert np.array_equal(kept, indices(3)) and not np.array_equal(kept, indices(4))
+    loader = TaskLoader(shard, 2, "classification", train=True, seed=3, num_workers=1,
+                        fraction=0.25)
+    seen = [i for b in loader.epoch_batches(0) for i in b["index"].tolist()]
+    assert sorted(seen) == kept.tolist()
+    with pytest.raises(ValueError, match="is 1 images, less than one batch of 2"):
+        TaskLoader(shard, 2, "classification", train=True, num_workers=1, fraction=0.01)

@@ -337,6 +337,7 @@ def test_launch_all_checks_every_stage_then_chains_them(moco_shards, task_shards
             "--mdmoco-override", f"data.root={moco_shards}",
             "--mdmoco-override", "data.datasets=nih,shenzhen",
             "--mdmoco-override", "data.batch_size=8", "--mdmoco-override", "model.K=32",
+            "--mdmoco-override", "run.monitor_every_steps=0",  # no task sets in moco_shards
             "--cl-override", f"data.root={task_shards}",
             "--finetune-override", f"data.root={task_shards}", "run.log_every_steps=1"]
 

@@ -1,4 +1,5 @@
-"""Flip + small rotation + Z-score over uint8 gray images, straight into float32.
+"""Flip + small rotation (+ optional brightness/contrast jitter) + Z-score over uint8 gray
+images, straight into float32.
 
 Random parameters are a pure function of ``(seed, epoch, dataset, sample index, view)``
 (a SplitMix64 hash), not of a generator's running state. A sample is therefore augmented the
@@ -37,9 +38,12 @@ def uniforms(seed: int, epoch: int, dataset: np.ndarray, index: np.ndarray, view
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def rotate_flip_normalize(src, src_of, degrees, flip, mean, std, out) -> None:
+def rotate_flip_normalize(src, src_of, degrees, flip, mean, std, out, gain=None,
+                          offset=None) -> None:
     """out[n, 0] = Z-score of src[src_of[n]] rotated by degrees[n] about its centre (zero fill),
-    then mirrored in x where flip[n].
+    then mirrored in x where flip[n]. With ``gain``/``offset`` (float, one per output), each
+    source gray level v is first mapped to clip(gain[n]·v + offset[n], 0, 255): intensity
+    jitter (``intensity_jitter``); the fill outside the rotated film stays 0.
 
     The rotation is done as three shears (Paeth): x-shear by tan(θ/2), y-shear by -sin(θ),
     x-shear by tan(θ/2), each a linear interpolation with one weight per row (or column). The
@@ -48,12 +52,33 @@ def rotate_flip_normalize(src, src_of, degrees, flip, mean, std, out) -> None:
     θ = 0 is an exact copy. ``src``: (B, H, W) uint8; ``out``: (N, 1, H, W) float32.
     """
     threads = max(1, min(numba.get_num_threads(), len(out)))
+    n = len(out)
+    jitter = gain is not None or offset is not None
+    gain = np.ones(n, np.float32) if gain is None else np.asarray(gain, np.float32)
+    offset = np.zeros(n, np.float32) if offset is None else np.asarray(offset, np.float32)
     _rotate_flip_normalize(src, np.asarray(src_of, np.int64), np.asarray(degrees, np.float64),
-                           np.asarray(flip, np.bool_), float(mean), float(std), out, threads)
+                           np.asarray(flip, np.bool_), float(mean), float(std), out, threads,
+                           gain, offset, jitter)
+
+
+def intensity_jitter(u_apply, u_brightness, u_contrast, image_mean, prob: float,
+                     brightness: float, contrast: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-view ``(gain, offset)`` for ``rotate_flip_normalize``: torchvision's
+    ``adjust_brightness`` (v·b) then ``adjust_contrast`` (blend with the image's mean gray
+    level, (v - m)·c + m), as MoCo v2's ``ColorJitter(brightness, contrast)`` draws them
+    (b in [1 - brightness, 1 + brightness], c likewise), applied with probability ``prob``.
+    Composed into one affine map clipped once: torchvision also clips between the two, which
+    matters only for pixels the brightness step saturates. ``u_*``: uniforms in [0, 1) per
+    view; ``image_mean``: each view's source image mean gray level."""
+    on = u_apply < prob
+    b = np.where(on, 1 + brightness * (2 * u_brightness - 1), 1.0)
+    c = np.where(on, 1 + contrast * (2 * u_contrast - 1), 1.0)
+    return (b * c).astype(np.float32), ((1 - c) * b * image_mean).astype(np.float32)
 
 
 @numba.njit(parallel=True, nogil=True, fastmath=True, cache=True)
-def _rotate_flip_normalize(src, src_of, degrees, flip, mean, std, out, threads):
+def _rotate_flip_normalize(src, src_of, degrees, flip, mean, std, out, threads, gain, offset,
+                           jitter):
     n_out, _, h, w = out.shape
     inv, mu = np.float32(1.0 / std), np.float32(mean)
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
@@ -66,8 +91,10 @@ def _rotate_flip_normalize(src, src_of, degrees, flip, mean, std, out, threads):
         b_buf = np.empty(h * (w + 2 * px_max), np.float32)
         off = np.empty(w + 2 * px_max, np.int64)
         wgt = np.empty(w + 2 * px_max, np.float32)
+        row_f = np.empty(w, np.float32)
         for n in range(t, n_out, threads):
             img = src[src_of[n]]
+            g_n, o_n = gain[n], offset[n]
             theta = degrees[n] * math.pi / 180.0
             alpha, beta = math.tan(theta / 2.0), -math.sin(theta)
             px = int(math.ceil(abs(alpha) * cy)) + 2
@@ -82,12 +109,18 @@ def _rotate_flip_normalize(src, src_of, degrees, flip, mean, std, out, threads):
                 f = np.float32(s - k)
                 g = np.float32(1.0) - f
                 i0 = (y + py) * wa + px - int(k)
-                row = img[y]
-                r0, r1, dst = row[0:w - 1], row[1:w], a[i0:i0 + w - 1]
+                if jitter:
+                    for i in range(w):
+                        row_f[i] = min(max(g_n * np.float32(img[y, i]) + o_n, np.float32(0.0)),
+                                       np.float32(255.0))
+                else:
+                    for i in range(w):
+                        row_f[i] = np.float32(img[y, i])
+                r0, r1, dst = row_f[0:w - 1], row_f[1:w], a[i0:i0 + w - 1]
                 for i in range(w - 1):
-                    dst[i] = g * np.float32(r0[i]) + f * np.float32(r1[i])
-                a[i0 - 1] = f * np.float32(row[0])
-                a[i0 + w - 1] = g * np.float32(row[w - 1])
+                    dst[i] = g * r0[i] + f * r1[i]
+                a[i0 - 1] = f * row_f[0]
+                a[i0 + w - 1] = g * row_f[w - 1]
             # pass 2: B(x, y) = A(x, y + beta (x - cx)), one row offset and weight per column
             for i in range(wa):
                 s = beta * (i - px - cx)

@@ -10,6 +10,7 @@ Batches are fully determined by ``(seed, epoch, step, rank, world)``:
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -61,8 +62,9 @@ def _order_class(rank: int, world: int, shuffle: bool, drop_uneven: bool):
 
 def ffcv_loader(shard: Shard, batch_size: int, fields: tuple[str, ...], *, shuffle: bool,
                 seed: int, rank: int, world: int, num_workers: int, drop_last: bool,
-                drop_uneven: bool | None = None):
-    """A raw FFCV loader of ``fields`` (numpy batches, nothing decoded beyond the bytes)."""
+                drop_uneven: bool | None = None, indices: np.ndarray | None = None):
+    """A raw FFCV loader of ``fields`` (numpy batches, nothing decoded beyond the bytes), over
+    the samples ``indices`` of the shard (all when None)."""
     from ffcv.fields.basics import FloatDecoder, IntDecoder
     from ffcv.fields.ndarray import NDArrayDecoder
     from ffcv.loader import Loader, epoch_iterator
@@ -82,7 +84,7 @@ def ffcv_loader(shard: Shard, batch_size: int, fields: tuple[str, ...], *, shuff
                          drop_uneven=drop_last if drop_uneven is None else drop_uneven)
     loader = Loader(str(shard.path), batch_size=batch_size, num_workers=num_workers,
                     order=order, seed=seed, pipelines=pipelines, drop_last=drop_last,
-                    batches_ahead=2)
+                    batches_ahead=2, indices=indices)
     loader.output_names = [n for n in shard.fields if n in fields]
     return loader
 
@@ -213,18 +215,23 @@ class TwoViewLoader:
     interleaving of its samples of every shard, so a batch holds images of all datasets in
     proportion to their size, without a merged copy of the data on disk. Each view gets its
     own horizontal flip and rotation in ``[-max_degrees, max_degrees]``; no crop, blur or
-    intensity jitter (the paper's choice for X-rays). ``len()`` is the number of full batches
-    per epoch; the remainder is dropped. ``with_keys=True`` adds a (B, 2) tensor of
-    (shard position, sample index) identifying each image. A batch's memory is reused once the
-    batch after the next is drawn: copy (``.to(device)``, ``.clone()``) what must outlive that.
-    ``device``: where the batches will be copied; a CUDA device pins them (module docstring).
+    intensity jitter by default (the paper's choice for X-rays). ``brightness``/``contrast``
+    > 0 add MoCo v2's brightness/contrast jitter with probability ``jitter_prob`` per view
+    (``augment.intensity_jitter``): without it the two views of an image share their
+    gray-level histogram, a cue that tells images apart with no anatomy at all (README,
+    fidelity). ``len()`` is the number of full batches per epoch; the remainder is dropped.
+    ``with_keys=True`` adds a (B, 2) tensor of (shard position, sample index) identifying each
+    image. A batch's memory is reused once the batch after the next is drawn: copy
+    (``.to(device)``, ``.clone()``) what must outlive that. ``device``: where the batches will
+    be copied; a CUDA device pins them (module docstring).
     """
 
     def __init__(self, shards: list[Shard], batch_size: int, *, seed: int = 0,
                  max_degrees: float = 10.0, flip_prob: float = 0.5, mean: float = MEAN,
                  std: float = STD, num_workers: int = 2, distributed: bool = False,
                  sub_batch: int = 32, prefetch_depth: int = 2, with_keys: bool = False,
-                 device=None):
+                 device=None, brightness: float = 0.0, contrast: float = 0.0,
+                 jitter_prob: float = 0.8):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.rank, self.world = rank_and_world(distributed)
@@ -232,6 +239,7 @@ class TwoViewLoader:
         self.max_degrees, self.flip_prob, self.mean, self.std = max_degrees, flip_prob, mean, std
         self.num_workers, self.prefetch_depth = num_workers, prefetch_depth
         self.with_keys, self.device = with_keys, device
+        self.brightness, self.contrast, self.jitter_prob = brightness, contrast, jitter_prob
         self.width, self.height = shards[0].size
         self.loaders = [ffcv_loader(s, sub_batch, ("image", "index"), shuffle=True,
                                     seed=seed + 1000 * k, rank=self.rank, world=self.world,
@@ -288,21 +296,29 @@ class TwoViewLoader:
                     stream.take(len(rows), raw, rows)
             if raw is None:
                 continue
-            degrees, flip = zip(*(self._views(epoch, which, raw["index"], v) for v in (0, 1)))
+            degrees, flip, gain, offset = (np.concatenate(p) for p in zip(*(
+                self._views(epoch, which, raw["index"], v, raw["image"]) for v in (0, 1))))
             out = raw["views"] if raw["views"] is not None else views()
-            augment.rotate_flip_normalize(raw["image"], src_of, np.concatenate(degrees),
-                                          np.concatenate(flip), self.mean, self.std,
-                                          out.numpy())
+            augment.rotate_flip_normalize(raw["image"], src_of, degrees, flip, self.mean,
+                                          self.std, out.numpy(), gain, offset)
             if self.with_keys:
                 keys = torch.from_numpy(np.stack([which, raw["index"]], axis=1))
                 yield out[:b], out[b:], keys
             else:
                 yield out[:b], out[b:]
 
-    def _views(self, epoch, dataset, index, view):
-        u_flip, u_angle = (augment.uniforms(self.seed, epoch, dataset, index, view, s)
-                           for s in (0, 1))
-        return (2 * u_angle - 1) * self.max_degrees, u_flip < self.flip_prob
+    def _views(self, epoch, dataset, index, view, images):
+        """Rotation, flip and intensity (gain, offset) of one view of each image; gain 1 and
+        offset 0 when jitter is off, which the kernel reproduces exactly."""
+        u_flip, u_angle, u_apply, u_bright, u_contrast = (
+            augment.uniforms(self.seed, epoch, dataset, index, view, s) for s in range(5))
+        if self.brightness or self.contrast:
+            gain, offset = augment.intensity_jitter(
+                u_apply, u_bright, u_contrast, images.mean(axis=(1, 2), dtype=np.float64),
+                self.jitter_prob, self.brightness, self.contrast)
+        else:
+            gain, offset = np.ones(len(index), np.float32), np.zeros(len(index), np.float32)
+        return (2 * u_angle - 1) * self.max_degrees, u_flip < self.flip_prob, gain, offset
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator:
         """The batches of ``epoch`` from ``start_step`` on (resume mid-epoch)."""
@@ -323,11 +339,13 @@ def two_view_loader(shards: list[Shard] | None, batch_size: int, data_cfg, *,
     return TwoViewLoader(shards, batch_size, seed=data_cfg.seed,
                          max_degrees=data_cfg.max_degrees, flip_prob=data_cfg.flip_prob,
                          mean=data_cfg.mean, std=data_cfg.std, num_workers=data_cfg.num_workers,
-                         distributed=distributed, device=device)
+                         distributed=distributed, device=device,
+                         brightness=data_cfg.brightness, contrast=data_cfg.contrast,
+                         jitter_prob=data_cfg.jitter_prob)
 
 
 def task_loader(shard: Shard | None, batch_size: int, task, data_cfg, *, train: bool,
-                distributed: bool = True, device=None):
+                distributed: bool = True, device=None, fraction: float = 1.0):
     """A stage's loader of one split of ``task`` from its ``data`` config (seed, flip,
     Z-score, workers): ``train=True`` for the training split, ``False`` to evaluate. A
     ``TaskLoader`` over ``shard``, or with ``data.synthetic`` random images of the task's kind."""
@@ -342,7 +360,15 @@ def task_loader(shard: Shard | None, batch_size: int, task, data_cfg, *, train: 
             mean=data_cfg.mean, std=data_cfg.std, distributed=distributed, device=device)
     return TaskLoader(shard, batch_size, task.kind, train=train, seed=data_cfg.seed,
                       flip_prob=data_cfg.flip_prob, mean=data_cfg.mean, std=data_cfg.std,
-                      num_workers=data_cfg.num_workers, distributed=distributed, device=device)
+                      num_workers=data_cfg.num_workers, distributed=distributed, device=device,
+                      fraction=fraction)
+
+def subset(count: int, fraction: float, seed: int) -> np.ndarray:
+    """``ceil(fraction x count)`` sample indices out of ``count``, sorted, drawn by ``seed``
+    alone: every init and every rank of a run gets the same subset."""
+    n = max(1, math.ceil(fraction * count))
+    return np.sort(np.random.default_rng([seed, 0x5CA4CE]).choice(count, n, replace=False))
+
 
 TASK_FIELDS = {
     "classification": ("label",),
@@ -360,12 +386,14 @@ class TaskLoader:
     ``train=True`` shuffles per epoch and flips horizontally (mask and boxes with the image);
     otherwise order is fixed, nothing is flipped and the last partial batch is kept.
     ``device``: where the batches will be copied; a CUDA device pins image and mask.
+    ``fraction`` < 1: only that fraction of the split, a random subset fixed by ``seed``
+    (``subset``), for label-scarce training.
     """
 
     def __init__(self, shard: Shard, batch_size: int, kind: str, *, train: bool,
                  seed: int = 0, flip_prob: float = 0.5, mean: float = MEAN, std: float = STD,
                  num_workers: int = 2, distributed: bool = False, prefetch_depth: int = 2,
-                 device=None):
+                 device=None, fraction: float = 1.0):
         if kind not in TASK_FIELDS:
             raise ValueError(f"kind must be one of {', '.join(TASK_FIELDS)}, not {kind!r}")
         self.rank, self.world = rank_and_world(distributed)
@@ -374,9 +402,14 @@ class TaskLoader:
         self.mean, self.std, self.num_workers = mean, std, num_workers
         self.prefetch_depth, self.device = prefetch_depth, device
         self.width, self.height = shard.size
+        self.indices = None if fraction >= 1 else subset(shard.count, fraction, seed)
+        if self.indices is not None and train and len(self.indices) < batch_size * self.world:
+            raise ValueError(f"a fraction {fraction} of {shard.dataset}/{shard.split} is "
+                             f"{len(self.indices)} images, less than one batch of "
+                             f"{batch_size * self.world}")
         self.loader = ffcv_loader(shard, batch_size, ("image", "index", *TASK_FIELDS[kind]),
                                   shuffle=train, seed=seed, rank=self.rank, world=self.world,
-                                  num_workers=num_workers, drop_last=train)
+                                  num_workers=num_workers, drop_last=train, indices=self.indices)
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -134,6 +134,9 @@ class MoCo(nn.Module):
         self.group_bns = [m for m in self.encoder_k.modules()
                           if isinstance(m, GroupStatsBatchNorm2d)]
         self.traffic: list | None = None  # set to [] to record (op, payload bytes) per call
+        # The last step's query embeddings, detached: the stage's collapse monitor reads them
+        # on logging steps (a B x dim tensor, so keeping it costs nothing).
+        self.last_q: torch.Tensor | None = None
         for p in self.encoder_k.parameters():
             p.requires_grad = False
         self.register_buffer("queue", nn.functional.normalize(torch.randn(dim, K), dim=0))
@@ -197,6 +200,7 @@ class MoCo(nn.Module):
         if self.bn == "sync" and not im_q.is_cuda:
             raise RuntimeError('bn="sync" needs GPU tensors (torch\'s SyncBatchNorm is GPU-only)')
         q = embed(self.encoder_q, im_q)
+        self.last_q = q.detach()
         with torch.no_grad():
             self.momentum_update()
             if self.bn == "shuffle":

@@ -136,6 +136,12 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool, sel: Selecti
         shards = {s: open_shard(Path(cfg.data.root), task.dataset, s) for s in shards}
         for shard in shards.values():
             task.check(shard)
+        kept = math.ceil(cfg.data.train_fraction * shards["train"].count)
+        if kept < cfg.task(sel.task).batch_size:
+            raise config.ConfigError(
+                f"data.train_fraction: {cfg.data.train_fraction} of the {shards['train'].count} "
+                f"{sel.task} training images is {kept}, less than one batch of "
+                f"{cfg.task(sel.task).batch_size}")
     path = init_path(cfg, sel)
     weights = None
     if path and not (produced_later and sel.init in MADE_BY):
@@ -176,7 +182,8 @@ def main(argv=None) -> int:
     try:
         per_rank = cfg.task(sel.task).batch_size // env.world_size
         loaders = {split: task_loader(shard, per_rank, TASKS[sel.task], cfg.data,
-                                      train=split == "train", device=dist.train_device())
+                                      train=split == "train", device=dist.train_device(),
+                                      fraction=cfg.data.train_fraction if split == "train" else 1)
                    for split, shard in shards.items()}
         return train(cfg, env, sel, loaders, (path, init), ds_config, ckpt, resumed, on_cuda)
     finally:

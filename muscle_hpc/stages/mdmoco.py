@@ -5,15 +5,18 @@
 Runs the same under torchrun, srun and submitit (``dist.py`` reads rank and world from the
 environment) and alone. Everything is checked before training starts; a bad config or a missing
 shard is one line on stderr and exit status 2. ``run.dir`` gets the resolved ``config.yaml``,
-the rolling checkpoint, TensorBoard events under ``tb/`` and, when training ends,
-``backbone_torchvision.pth``. Started again on a run directory with a checkpoint, it resumes
-exactly where that stopped. SIGTERM, SIGUSR1/2 or Ctrl-C: checkpoint after the current step, exit
-with 128 + the signal number.
+the rolling checkpoint, TensorBoard events under ``tb/`` (``train/`` curves, and the
+``monitor/`` ones of ``monitor.py``: kNN accuracy and AUC on the classification task sets, and
+the collapse spread) and, when training ends, ``backbone_torchvision.pth``. Started again on a
+run directory with a checkpoint, it resumes exactly where that stopped. SIGTERM, SIGUSR1/2 or
+Ctrl-C: checkpoint after the current step, exit with 128 + the signal number.
 """
 
 from __future__ import annotations
 
+import math
 import sys
+import time
 from contextlib import closing
 from functools import partial
 from pathlib import Path
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from muscle_hpc import checkpoint, config, dist, schedule
+from muscle_hpc import checkpoint, config, dist, monitor, schedule
 from muscle_hpc.data.loaders import two_view_loader
 from muscle_hpc.data.shards import ShardError, pretrain_shards
 from muscle_hpc.engine import (
@@ -32,7 +35,7 @@ from muscle_hpc.engine import (
     grad_norm,
 )
 from muscle_hpc.models.backbone import build_backbone, export_torchvision
-from muscle_hpc.models.moco import MoCo
+from muscle_hpc.models.moco import MoCo, all_gather_cat
 from muscle_hpc.stages import common
 from muscle_hpc.tblog import RunLogger
 
@@ -61,7 +64,20 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool):
     if cfg.data.synthetic:
         return cfg, None
     shards = pretrain_shards(Path(cfg.data.root), cfg.data.datasets, cfg.data.pretrain_extra)
+    knn_shards(cfg)
     return cfg, shards
+
+
+def knn_shards(cfg) -> dict | None:
+    """The train and valid shards of the kNN monitor's task sets; None where it reads none
+    (never monitoring, or ``data.synthetic``). Raises ``ShardError``."""
+    if not cfg.run.monitor_every_steps or cfg.data.synthetic:
+        return None
+    try:
+        return monitor.task_shards(Path(cfg.data.root), cfg.run.monitor_tasks)
+    except ShardError as e:
+        raise ShardError(f"run.monitor_tasks: {e} (run.monitor_every_steps=0: no kNN "
+                         f"monitor)") from None
 
 
 def main(argv=None) -> int:
@@ -70,6 +86,7 @@ def main(argv=None) -> int:
     on_cuda = torch.cuda.is_available()
     try:
         cfg, shards = prepare(args.config, args.overrides, env.world_size, on_cuda)
+        watched = knn_shards(cfg)
     except (config.ConfigError, ShardError) as e:
         return fail(str(e))
     ds_config = config.deepspeed_config(cfg, env.world_size, on_cuda)
@@ -80,19 +97,21 @@ def main(argv=None) -> int:
         return fail(str(e))
 
     common.join("mdmoco", env, cfg.run.deterministic)
+    per_rank = cfg.data.batch_size // env.world_size
     try:
-        loader = two_view_loader(shards, cfg.data.batch_size // env.world_size, cfg.data,
-                                 device=dist.train_device())
+        loader = two_view_loader(shards, per_rank, cfg.data, device=dist.train_device())
     except ValueError as e:
         dist.shutdown()
         return fail(f"data.batch_size: {e}")
+    knn = monitor.knn_loaders(watched, cfg.run.monitor_tasks, cfg.data, per_rank,
+                              dist.train_device()) if cfg.run.monitor_every_steps else None
     try:
-        return train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda)
+        return train(cfg, env, loader, knn, ds_config, ckpt, resumed, on_cuda)
     finally:
         dist.shutdown()
 
 
-def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
+def train(cfg, env, loader, knn, ds_config, ckpt, resumed, on_cuda) -> int:
     run_dir, rank = ckpt.run_dir, env.rank
     device = dist.train_device()
     torch.manual_seed(cfg.run.seed)
@@ -129,23 +148,56 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
 
     log = RunLogger(run_dir / "tb", rank, purge_step=step + 1 if resumed else None)
     stop = StopOnSignal()
+    per_rank = cfg.data.batch_size // env.world_size
+
+    def knn_report(step):
+        """The kNN monitor (README, "Is pre-training working?"), to TensorBoard and stdout."""
+        run, t0 = cfg.run, time.perf_counter()
+        results = monitor.knn_eval(moco.encoder_q, knn, device, run.monitor_max_images,
+                                   run.monitor_knn_k, run.monitor_knn_t, per_rank,
+                                   ds_config["torch_autocast"]["enabled"])
+        seconds = time.perf_counter() - t0
+        for task, r in results.items():
+            log.scalars(step, f"monitor/knn/{task}/", accuracy=r["accuracy"], auc=r["auc"])
+        log.scalars(step, "monitor/", knn_seconds=seconds)
+        if rank == 0:
+            print(f"monitor step {step}: kNN " + ", ".join(
+                f"{t} acc {r['accuracy']:.3f} auc {r['auc']:.3f} ({r['valid_images']} valid "
+                f"over {r['train_images']} train)" for t, r in results.items())
+                + f" in {seconds:.1f}s", flush=True)
+
+    if knn and not resumed:  # the Kaiming init's baseline
+        knn_report(0)
     timer = StepTimer()
 
     def report(step, lr, loss, logits, norm):
-        """Loss and top-1 averaged over ranks, to TensorBoard and stdout (rank 0)."""
+        """Loss, top-1 and the mean cosines of positive pairs and queue negatives averaged over
+        ranks, and the collapse spread of the global batch's queries, to TensorBoard and stdout
+        (rank 0)."""
         top1 = (logits.argmax(dim=1) == 0).float().mean()
-        stats = torch.stack([loss.detach().float(), top1]).cpu()
+        cos = logits.detach() * moco.T  # MoCo's logits are cosines over T
+        stats = torch.stack([loss.detach().float(), top1, cos[:, 0].mean(),
+                             cos[:, 1:].mean()]).cpu()
         if env.world_size > 1:
             torch.distributed.all_reduce(stats)
             stats /= env.world_size
+        spread = monitor.collapse_std(all_gather_cat(moco.last_q))
+        spread_x_sqrt_dim = spread * math.sqrt(m.dim)
         images_per_s, wait = timer.window(cfg.data.batch_size)
         log.scalars(step, "train/", loss=stats[0], lr=lr, top1=stats[1],
                     images_per_s=images_per_s, data_wait=wait, grad_norm=norm,
                     epoch=step / steps_per_epoch)
+        log.scalars(step, "monitor/", collapse_std=spread,
+                    collapse_std_x_sqrt_dim=spread_x_sqrt_dim, cos_positive=stats[2],
+                    cos_negative=stats[3])
         if rank == 0:
             print(f"epoch {(step - 1) // steps_per_epoch} step {step}/{total} "
                   f"loss {stats[0]:.4f} top1 {stats[1]:.3f} lr {lr:.5f} "
-                  f"img/s {images_per_s:.1f} wait {wait:.0%}", flush=True)
+                  f"img/s {images_per_s:.1f} wait {wait:.0%} "
+                  f"spread {spread_x_sqrt_dim:.3f}", flush=True)
+            warning = monitor.collapse_warning(spread_x_sqrt_dim, cfg.run.monitor_collapse_warn)
+            if warning:
+                print(f"mdmoco: {warning}", flush=True)
     lr_peak = cfg.effective_lr
     warmup = cfg.optim.warmup_epochs * steps_per_epoch
     end = min(total, cfg.run.max_steps or total)
@@ -169,6 +221,8 @@ def train(cfg, env, loader, ds_config, ckpt, resumed, on_cuda) -> int:
                     if logging_now:
                         report(step, lr, loss, logits,
                                engine.get_global_grad_norm() if norm is None else norm)
+                    if knn and (step % cfg.run.monitor_every_steps == 0 or step == end):
+                        knn_report(step)
                     every = cfg.run.image_grid_every_steps
                     if every and step % every == 0:
                         n = min(8, im_q.shape[0])
