@@ -17,6 +17,15 @@ def test_beyond_the_seed_spread_means_the_mean_sd_intervals_do_not_overlap():
     assert not learning.beats((0.7, 0.0), (0.7, 0.0))
 
 
+def test_a_fraction_smaller_than_a_batch_stops_before_any_training(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.learning", "--quick", "--fractions",
+                           "0.01", "--tasks", "lung", "--work", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert "data.train_fraction: 0.01 of the 24 lung training images is 1" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_options_are_one_line(capsys):
     with pytest.raises(SystemExit):
         learning.parse_args(["--tasks", "pneumonia,knee"])
@@ -30,7 +39,7 @@ def test_bad_options_are_one_line(capsys):
 def test_quick_run_prints_every_init_and_writes_json_and_chart(tmp_path):
     work = tmp_path / "bl"
     proc = subprocess.run([sys.executable, "-m", "bench.learning", "--quick", "--seeds", "1",
-                           "--tasks", "pneumonia,lung", "--work", str(work)],
+                           "--fractions", "1", "--tasks", "pneumonia,lung", "--work", str(work)],
                           capture_output=True, text=True, timeout=880)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
