@@ -222,8 +222,9 @@ def monitors(plan: Plan) -> dict:
     for tag, values in sorted(scalars.items()):
         if tag.startswith("monitor/knn/") and tag.endswith("/auc") or \
                 tag in ("monitor/collapse_std_x_sqrt_dim", "train/loss", "train/top1"):
+            pick = min if tag == "train/loss" else max  # the loss is best low
             out[tag] = {"first": values[0], "last": values[-1],
-                        "best": max(values, key=lambda sv: sv[1])}
+                        "best": pick(values, key=lambda sv: sv[1])}
     return out
 
 
@@ -252,7 +253,7 @@ def report(plan: Plan, summary: dict, mon: dict, inits: list[str], seconds: dict
         lines.append(f"  goal (MD-MoCo and MUSCLE beat Scratch on >= {s['wins_needed']} "
                      f"tasks, MUSCLE >= MUSCLE-- on the mean): "
                      f"{'MET' if s['goal_met'] else 'NOT MET'}")
-    lines.append("\nMD-MoCo monitors (step, value): first -> last (best)")
+    lines.append("\nMD-MoCo monitors: first -> last (best: lowest loss, highest others)")
     for tag, v in mon.items():
         lines.append(f"  {tag}: {v['first'][1]:.3f} @ {v['first'][0]} -> {v['last'][1]:.3f} @ "
                      f"{v['last'][0]} (best {v['best'][1]:.3f} @ {v['best'][0]})")
