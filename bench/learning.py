@@ -141,7 +141,9 @@ class Plan:
                 f"cl.method={method}", f"model.init={self.moco / 'backbone_torchvision.pth'}",
                 f"cl.rounds={1 if q else self.args.cl_rounds}",
                 f"run.visit_steps={2 if q else 0}", "run.checkpoint_every_steps=100000",
-                "run.log_every_steps=10", "data.num_workers=1"]
+                "run.log_every_steps=10", "data.num_workers=1",
+                # all four tasks pre-train the backbone; --quick visits only those it tests
+                *([f"data.tasks=[{','.join(self.args.tasks)}]"] if q else [])]
 
     def finetune(self, task: str, init: str, seed: int, fraction: float) -> list[str]:
         e = self.ft_epochs
