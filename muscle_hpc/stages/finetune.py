@@ -137,7 +137,7 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool, sel: Selecti
         for shard in shards.values():
             task.check(shard)
         kept = math.ceil(cfg.data.train_fraction * shards["train"].count)
-        if kept < cfg.task(sel.task).batch_size:
+        if cfg.data.train_fraction < 1 and kept < cfg.task(sel.task).batch_size:
             raise config.ConfigError(
                 f"data.train_fraction: {cfg.data.train_fraction} of the {shards['train'].count} "
                 f"{sel.task} training images is {kept}, less than one batch of "
