@@ -296,8 +296,13 @@ class TwoViewLoader:
                     stream.take(len(rows), raw, rows)
             if raw is None:
                 continue
-            degrees, flip, gain, offset = (np.concatenate(p) for p in zip(*(
-                self._views(epoch, which, raw["index"], v, raw["image"]) for v in (0, 1))))
+            degrees, flip = (np.concatenate(p) for p in zip(*(
+                self._views(epoch, which, raw["index"], v) for v in (0, 1))))
+            gain = offset = None  # off: the kernel's plain path, no per-pixel affine
+            if self.brightness or self.contrast:
+                means = raw["image"].mean(axis=(1, 2), dtype=np.float64)
+                gain, offset = (np.concatenate(p) for p in zip(*(
+                    self._jitter(epoch, which, raw["index"], v, means) for v in (0, 1))))
             out = raw["views"] if raw["views"] is not None else views()
             augment.rotate_flip_normalize(raw["image"], src_of, degrees, flip, self.mean,
                                           self.std, out.numpy(), gain, offset)
@@ -307,18 +312,17 @@ class TwoViewLoader:
             else:
                 yield out[:b], out[b:]
 
-    def _views(self, epoch, dataset, index, view, images):
-        """Rotation, flip and intensity (gain, offset) of one view of each image; gain 1 and
-        offset 0 when jitter is off, which the kernel reproduces exactly."""
-        u_flip, u_angle, u_apply, u_bright, u_contrast = (
-            augment.uniforms(self.seed, epoch, dataset, index, view, s) for s in range(5))
-        if self.brightness or self.contrast:
-            gain, offset = augment.intensity_jitter(
-                u_apply, u_bright, u_contrast, images.mean(axis=(1, 2), dtype=np.float64),
-                self.jitter_prob, self.brightness, self.contrast)
-        else:
-            gain, offset = np.ones(len(index), np.float32), np.zeros(len(index), np.float32)
-        return (2 * u_angle - 1) * self.max_degrees, u_flip < self.flip_prob, gain, offset
+    def _views(self, epoch, dataset, index, view):
+        u_flip, u_angle = (augment.uniforms(self.seed, epoch, dataset, index, view, s)
+                           for s in (0, 1))
+        return (2 * u_angle - 1) * self.max_degrees, u_flip < self.flip_prob
+
+    def _jitter(self, epoch, dataset, index, view, image_means):
+        """(gain, offset) of one view of each image: its own keyed uniforms (streams 2-4)."""
+        u_apply, u_bright, u_contrast = (
+            augment.uniforms(self.seed, epoch, dataset, index, view, s) for s in (2, 3, 4))
+        return augment.intensity_jitter(u_apply, u_bright, u_contrast, image_means,
+                                        self.jitter_prob, self.brightness, self.contrast)
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator:
         """The batches of ``epoch`` from ``start_step`` on (resume mid-epoch)."""
