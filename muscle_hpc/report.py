@@ -20,8 +20,11 @@ result's ``samples.npz``) and writes into DIR:
 - ``roc_<task>_<backbone>.png``: per classification task and backbone, one ROC curve per init.
 - ``overlay_lung_<backbone>_<init>.png``: up to 8 test images, ground truth outlined in green,
   prediction filled in red.
-- ``report.md``: both tables, the rejected results (path and reason) and which of the 40 results
-  (4 tasks x 5 inits x 2 backbones) are missing; the same text goes to stdout.
+- ``report.md``: both tables, the rejected results (path and reason), which of the 40 results
+  (4 tasks x 5 inits x 2 backbones) are missing, and last the tables in words: per task and
+  backbone the best init on the headline metric (AUC, Dice, mAP), its lead over the runner-up,
+  whether that lead is beyond the 95% CIs (AUC), and a classifier that calls every image one
+  class; the same text goes to stdout.
 - ``tb/``: TensorBoard, the two tables as text (tags ``table2``, ``table3``) and one HParams
   session per result in ``tb/<task>_<backbone>_<init>/`` (hparams task, init, backbone; metrics
   ``hparam/<metric>`` of the test split, NaN ones left out).
@@ -60,6 +63,7 @@ BACKBONES = {"r18": "ResNet-18", "r50": "ResNet-50"}
 METRIC_NAMES = {"acc": "Acc", "sen": "Sen", "spe": "Spe", "auc": "AUC (95% CI)", "dice": "Dice",
                 "miou": "mIoU", "map": "mAP", "ap_active": "AP_active", "ap_latent": "AP_latent"}
 CI_SHOWN = {"auc"}  # the paper prints a CI for AUC only; the CSV has all of them
+HEADLINE = {"pneumonia": "auc", "mura": "auc", "lung": "dice", "tbx": "map"}  # what "best" means
 TABLES = {
     "table2": ("Table 2: pneumonia and MURA classification (test split, %; AUC with bootstrap "
                "95% CI)", ("pneumonia", "mura")),
@@ -245,6 +249,54 @@ def missing_line(by_key: dict) -> str:
                                              else ", ".join(gone)))
     total = len(TASKS) * len(BACKBONES) * len(INITS)
     return f"Missing {count} of {total} results" + (": " + "; ".join(parts) if parts else ".")
+
+
+def degenerate(result: Result) -> str:
+    """What a classifier that calls every test image one class shows (Sen 1 / Spe 0 or the
+    reverse), however good its AUC: its threshold, not its ranking, is useless."""
+    sen, spe = result.test.get("sen", math.nan), result.test.get("spe", math.nan)
+    if sen == 1 and spe == 0:
+        return "; at its threshold it calls every test image positive (Sen 100, Spe 0)"
+    if sen == 0 and spe == 1:
+        return "; at its threshold it calls every test image negative (Sen 0, Spe 100)"
+    return ""
+
+
+def verdict_lines(by_key: dict) -> list[str]:
+    """The tables in words: per task and backbone, which init scores best on the task's
+    headline metric and by how much over the runner-up. A lead is called clear only when both
+    have a bootstrap 95% CI (AUC) and the CIs do not overlap, and an AUC above chance only when
+    its CI is; Dice and mAP have no CI here, so their leads are given as measured, without a
+    claim either way."""
+    lines = []
+    for task, metric in HEADLINE.items():
+        for b in BACKBONES:
+            scored = sorted(((r.test[metric], i) for i in INITS
+                             if (r := by_key.get((task, b, i))) and math.isfinite(r.test[metric])),
+                            key=lambda vi: -vi[0])
+            if not scored:
+                continue
+            (top, best), name = scored[0], METRIC_NAMES[metric].split(" ")[0]
+            ci = by_key[(task, b, best)].ci.get(metric)
+            leaders = [INITS[i] for v, i in scored if v == top]
+            line = f"- {TASK_NAMES[task]}, {BACKBONES[b]}: "
+            if len(scored) == 1:
+                line += f"only {INITS[best]} has a result, {name} {pct(top)}"
+            elif len(leaders) > 1:
+                line += f"{', '.join(leaders[:-1])} and {leaders[-1]} tie at {name} {pct(top)}"
+            else:
+                runner, second = scored[1]
+                line += (f"{INITS[best]} scores best, {name} {pct(top)}, "
+                         f"{100 * (top - runner):.2f} points over {INITS[second]}")
+                ci_second = by_key[(task, b, second)].ci.get(metric)
+                if ci and ci_second:
+                    line += (" (clear: their 95% CIs do not overlap)" if ci[0] > ci_second[1]
+                             else " (within their 95% CIs: not a clear win)")
+            if metric == "auc" and ci:
+                line += ("; above chance (95% CI above 50)" if ci[0] > 0.5
+                         else "; not clearly above chance (95% CI reaches 50)")
+            lines.append(line + degenerate(by_key[(task, b, best)]) + ".")
+    return ["In words (test split; headline metric per task):", *lines] if lines else []
 
 
 # ---------------------------------------------------------------- figures
@@ -438,6 +490,9 @@ def build_report(results: list[Result], rejects: list[tuple[Path, str]], out: Pa
     if notes:
         lines += [f"- {note}" for note in notes] + [""]
     lines.append(missing_line(by_key))
+    words = verdict_lines(by_key)
+    if words:
+        lines += ["", *words]
     text = "\n".join(lines) + "\n"
     write_atomic(out / "report.md", text)
     return text

@@ -229,6 +229,18 @@ def test_finetune_config_runs_every_task_on_one_to_eight_ranks(task, world):
     check_finetune(load(CONFIGS / "finetune.yaml", [], FinetuneConfig), task, world)
 
 
+def test_demo_finetunes_at_the_paper_configs_learning_rate_per_image():
+    # The demo's small batches at the paper's lr trained MURA from scratch at 4x the step per
+    # image, and it learned nothing (train loss stayed at ln 2); linear scaling keeps the step.
+    from muscle_hpc.config import FinetuneConfig, load
+
+    paper = load(CONFIGS / "finetune.yaml", [], FinetuneConfig)
+    demo = load(CONFIGS / "finetune_demo.yaml", [], FinetuneConfig)
+    for name in ("pneumonia", "mura", "lung", "tbx"):
+        ours, theirs = demo.task(name), paper.task(name)
+        assert ours.lr / ours.batch_size == pytest.approx(theirs.lr / theirs.batch_size), name
+
+
 def test_a_global_batch_of_one_is_refused():
     from muscle_hpc.config import check_task_batch
 

@@ -217,15 +217,62 @@ def test_cell_ci_formatting():
 # ---------------------------------------------------------------- report text
 
 
-def test_stdout_has_both_tables_and_the_missing_count_last(built):
+def test_stdout_has_both_tables_the_missing_count_and_the_words_last(built):
     out, stdout, _ = built
     assert (out / "table2.md").read_text() in stdout
     assert (out / "table3.md").read_text() in stdout
     assert (out / "report.md").read_text() == stdout
-    last = stdout.strip().splitlines()[-1]
+    tail = stdout.strip().split("\n\n")[-2:]
+    last = tail[0]
     assert last.startswith(f"Missing {40 - len(GOOD)} of 40 results: ")
     assert "pneumonia r18: imagenet, mdmoco, muscle;" in last
     assert "mura r50: all;" in last and last.endswith("tbx r50: all")
+
+
+    assert tail[1].splitlines() == [
+        "In words (test split; headline metric per task):",
+        "- Pneumonia, ResNet-18: MUSCLE⁻⁻ scores best, AUC 85.00, 20.00 points over Scratch "
+        "(clear: their 95% CIs do not overlap); above chance (95% CI above 50).",
+        "- Pneumonia, ResNet-50: only ImageNet has a result, AUC 75.00; above chance "
+        "(95% CI above 50).",
+        "- Lung, ResNet-18: only MUSCLE⁻⁻ has a result, Dice 95.12.",
+        "- TBX, ResNet-18: only MD-MoCo has a result, mAP 36.94."]  # MURA's one AUC is NaN
+
+
+def words(*results) -> list[str]:
+    by_key = {}
+    for data in results:
+        r = report.parse_result(data, Path(f"{data['task']}_{data['backbone']}_{data['init']}")
+                                / "results.json")
+        by_key[(r.task, r.backbone, r.init)] = r
+    return report.verdict_lines(by_key)[1:]
+
+
+def test_words_call_a_lead_clear_only_when_the_cis_do_not_overlap():
+    a, b = cls_result("mura", "r18", "muscle", 0.9), cls_result("mura", "r18", "scratch", 0.6)
+    a["test"]["auc_ci"], b["test"]["auc_ci"] = [0.85, 0.95], [0.5, 0.7]
+    assert words(a, b) == ["- MURA, ResNet-18: MUSCLE scores best, AUC 95.00, 30.00 points "
+                           "over Scratch (clear: their 95% CIs do not overlap); above chance "
+                           "(95% CI above 50)."]
+    b["test"]["auc_ci"] = [0.5, 0.86]
+    assert "(within their 95% CIs: not a clear win); above" in words(a, b)[0]
+    a["test"]["auc_ci"] = [0.5, 0.99]
+    assert words(a, b)[0].endswith("; not clearly above chance (95% CI reaches 50).")
+    del b["test"]["auc_ci"], a["test"]["auc_ci"]  # without CIs no claim is made either way
+    assert words(a, b)[0].endswith("30.00 points over Scratch.")
+
+
+def test_words_name_ties_and_a_classifier_that_calls_everything_positive():
+    inits = ("scratch", "mdmoco", "muscle")
+    dets = [det_result("r18", i, 0.0, 0.0, 0.0) for i in inits]
+    assert words(*dets) == ["- TBX, ResNet-18: Scratch, MD-MoCo and MUSCLE tie at mAP 0.00."]
+    a, b = cls_result("pneumonia", "r18", "muscle", 0.9), cls_result("pneumonia", "r18",
+                                                                     "scratch", 0.8)
+    a["test"].update(sen=1.0, spe=0.0)
+    assert words(a, b)[0].endswith("; at its threshold it calls every test image positive "
+                                   "(Sen 100, Spe 0).")
+    a["test"].update(sen=0.0, spe=1.0)
+    assert "calls every test image negative" in words(a, b)[0]
 
 
 def test_rejects_are_one_line_each_and_the_rest_is_built(built):
