@@ -262,6 +262,11 @@ def degenerate(result: Result) -> str:
     return ""
 
 
+def finite_ci(result: Result, metric: str) -> tuple[float, float] | None:
+    ci = result.ci.get(metric)
+    return ci if ci and all(map(math.isfinite, ci)) else None
+
+
 def verdict_lines(by_key: dict) -> list[str]:
     """The tables in words: per task and backbone, which init scores best on the task's
     headline metric and by how much over the runner-up. A lead is called clear only when both
@@ -277,7 +282,7 @@ def verdict_lines(by_key: dict) -> list[str]:
             if not scored:
                 continue
             (top, best), name = scored[0], METRIC_NAMES[metric].split(" ")[0]
-            ci = by_key[(task, b, best)].ci.get(metric)
+            ci = finite_ci(by_key[(task, b, best)], metric)
             leaders = [INITS[i] for v, i in scored if v == top]
             line = f"- {TASK_NAMES[task]}, {BACKBONES[b]}: "
             if len(scored) == 1:
@@ -288,7 +293,7 @@ def verdict_lines(by_key: dict) -> list[str]:
                 runner, second = scored[1]
                 line += (f"{INITS[best]} scores best, {name} {pct(top)}, "
                          f"{100 * (top - runner):.2f} points over {INITS[second]}")
-                ci_second = by_key[(task, b, second)].ci.get(metric)
+                ci_second = finite_ci(by_key[(task, b, second)], metric)
                 if ci and ci_second:
                     line += (" (clear: their 95% CIs do not overlap)" if ci[0] > ci_second[1]
                              else " (within their 95% CIs: not a clear win)")

@@ -258,6 +258,8 @@ def test_words_call_a_lead_clear_only_when_the_cis_do_not_overlap():
     assert "(within their 95% CIs: not a clear win); above" in words(a, b)[0]
     a["test"]["auc_ci"] = [0.5, 0.99]
     assert words(a, b)[0].endswith("; not clearly above chance (95% CI reaches 50).")
+    a["test"]["auc_ci"] = [math.nan, math.nan]  # every resample missed a class
+    assert words(a, b)[0].endswith("30.00 points over Scratch.")
     del b["test"]["auc_ci"], a["test"]["auc_ci"]  # without CIs no claim is made either way
     assert words(a, b)[0].endswith("30.00 points over Scratch.")
 
