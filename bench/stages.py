@@ -229,8 +229,10 @@ def bf16_peak(device, override: float | None) -> float | None:
 
 def tiny_shards(folder: Path, n: int, size) -> list | None:
     """A pre-training shard of ``n`` X-ray-like images, or None where FFCV does not import."""
+    from data_prep.shard import import_ffcv
+
     try:
-        import ffcv  # noqa: F401
+        import_ffcv()
     except ImportError:
         return None
     from bench.loader import convert_to_shard, make_images

@@ -23,9 +23,33 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
+def import_ffcv() -> None:
+    """Import FFCV, less the ~4.5 s (2 cores) that every process spent compiling numba's typed
+    dict for a two-entry table at import.
+
+    ``ffcv.fields.rgb_image`` stores its image modes (jpg 0, raw 1) in a ``numba.typed.Dict``,
+    whose first use compiles the typed-dict implementation; every rank, fine-tune and converter
+    paid it. The table is read only from Python (``generate_code`` copies the two ints into
+    locals before compiling), so a plain dict behaves the same; the swap lasts for that one
+    import. Call before any other ``ffcv`` import."""
+    import sys
+
+    if "ffcv.fields.rgb_image" in sys.modules:
+        return
+    import numba.typed
+
+    typed_dict = numba.typed.Dict
+    numba.typed.Dict = dict
+    try:
+        import ffcv.fields.rgb_image  # noqa: F401
+    finally:
+        numba.typed.Dict = typed_dict
+
+
 def ffcv_fields(fields: tuple[str, ...], size: tuple[int, int]) -> dict:
     """Field name -> FFCV field for a dataset's shard. Images are stored raw as H×W×1 uint8:
     FFCV's image field takes only 3 channels, and raw gray reads fastest."""
+    import_ffcv()
     from ffcv.fields import FloatField, IntField, NDArrayField
 
     w, h = size
@@ -62,6 +86,7 @@ class ArrayDataset:
 
 
 def write_shard(path: Path, fields: dict, columns: dict[str, np.ndarray]) -> None:
+    import_ffcv()
     from ffcv.writer import DatasetWriter
 
     ordered = {k: fields[k] for k in columns}

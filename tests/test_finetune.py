@@ -131,6 +131,7 @@ def test_classification_results_hold_test_metrics_cis_and_roc(finetuned, task_sh
     r = results(finetuned, "pneumonia_r18_mdmoco")
     assert (r["task"], r["init"], r["backbone"], r["arch"]) == ("pneumonia", "mdmoco", "r18",
                                                                "resnet18")
+    assert r["train_fraction"] == 1.0  # which label budget a result came from
     assert r["init_weights"] == str(finetuned / "mdmoco_r18" / "backbone_torchvision.pth")
     test = r["test"]
     manifest = json.loads((task_shards / "pneumonia" / "manifest.json").read_text())

@@ -44,6 +44,9 @@ def _order_class(rank: int, world: int, shuffle: bool, drop_uneven: bool):
     samples), ranks get disjoint samples; with ``drop_uneven`` the few samples that do not
     divide evenly are left out this epoch (a different few each epoch) so every rank runs
     the same number of steps."""
+    from data_prep.shard import import_ffcv
+
+    import_ffcv()
     from ffcv.loader.loader import ORDER_MAP
     from ffcv.traversal_order.base import TraversalOrder
 
@@ -65,6 +68,9 @@ def ffcv_loader(shard: Shard, batch_size: int, fields: tuple[str, ...], *, shuff
                 drop_uneven: bool | None = None, indices: np.ndarray | None = None):
     """A raw FFCV loader of ``fields`` (numpy batches, nothing decoded beyond the bytes), over
     the samples ``indices`` of the shard (all when None)."""
+    from data_prep.shard import import_ffcv
+
+    import_ffcv()
     from ffcv.fields.basics import FloatDecoder, IntDecoder
     from ffcv.fields.ndarray import NDArrayDecoder
     from ffcv.loader import Loader, epoch_iterator
@@ -367,10 +373,16 @@ def task_loader(shard: Shard | None, batch_size: int, task, data_cfg, *, train: 
                       num_workers=data_cfg.num_workers, distributed=distributed, device=device,
                       fraction=fraction)
 
+
+def subset_size(count: int, fraction: float) -> int:
+    """How many of ``count`` samples a training ``fraction`` keeps: ``ceil``, at least one."""
+    return max(1, math.ceil(fraction * count))
+
+
 def subset(count: int, fraction: float, seed: int) -> np.ndarray:
-    """``ceil(fraction x count)`` sample indices out of ``count``, sorted, drawn by ``seed``
-    alone: every init and every rank of a run gets the same subset."""
-    n = max(1, math.ceil(fraction * count))
+    """``subset_size`` sample indices out of ``count``, sorted, drawn by ``seed`` alone: every
+    init and every rank of a run gets the same subset."""
+    n = subset_size(count, fraction)
     return np.sort(np.random.default_rng([seed, 0x5CA4CE]).choice(count, n, replace=False))
 
 

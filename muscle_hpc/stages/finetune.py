@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from muscle_hpc import checkpoint, config, dist, schedule
-from muscle_hpc.data.loaders import task_loader
+from muscle_hpc.data.loaders import subset_size, task_loader
 from muscle_hpc.data.shards import ShardError, open_shard
 from muscle_hpc.engine import (
     RollingCheckpoint,
@@ -136,7 +136,7 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool, sel: Selecti
         shards = {s: open_shard(Path(cfg.data.root), task.dataset, s) for s in shards}
         for shard in shards.values():
             task.check(shard)
-        kept = math.ceil(cfg.data.train_fraction * shards["train"].count)
+        kept = subset_size(shards["train"].count, cfg.data.train_fraction)
         if cfg.data.train_fraction < 1 and kept < cfg.task(sel.task).batch_size:
             raise config.ConfigError(
                 f"data.train_fraction: {cfg.data.train_fraction} of the {shards['train'].count} "
@@ -297,8 +297,9 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
         if rank == 0:
             results = {"task": sel.task, "kind": task.kind, "init": sel.init,
                        "backbone": sel.backbone, "arch": sel.arch, "best_epoch": best["epoch"],
-                       "epochs": tcfg.epochs, "selected_by": task.headline,
-                       "valid": best["valid"], "test": {**scores, "n": len(records)}, **extra,
+                       "epochs": tcfg.epochs, "train_fraction": cfg.data.train_fraction,
+                       "selected_by": task.headline, "valid": best["valid"],
+                       "test": {**scores, "n": len(records)}, **extra,
                        "init_weights": init_file, "history": history}
             checkpoint.save_json(out / "results.json", results)
             log.scalars(step, "test/", **{k: v for k, v in scores.items()
