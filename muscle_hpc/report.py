@@ -251,14 +251,14 @@ def missing_line(by_key: dict) -> str:
     return f"Missing {count} of {total} results" + (": " + "; ".join(parts) if parts else ".")
 
 
-def degenerate(result: Result) -> str:
-    """What a classifier that calls every test image one class shows (Sen 1 / Spe 0 or the
-    reverse), however good its AUC: its threshold, not its ranking, is useless."""
+def degenerate(result: Result, name: str) -> str:
+    """What a classifier ``name`` that calls every test image one class shows (Sen 1 / Spe 0
+    or the reverse), however good its AUC: its threshold, not its ranking, is useless."""
     sen, spe = result.test.get("sen", math.nan), result.test.get("spe", math.nan)
     if sen == 1 and spe == 0:
-        return "; at its threshold it calls every test image positive (Sen 100, Spe 0)"
+        return f"; at its threshold {name} calls every test image positive (Sen 100, Spe 0)"
     if sen == 0 and spe == 1:
-        return "; at its threshold it calls every test image negative (Sen 0, Spe 100)"
+        return f"; at its threshold {name} calls every test image negative (Sen 0, Spe 100)"
     return ""
 
 
@@ -300,7 +300,9 @@ def verdict_lines(by_key: dict) -> list[str]:
             if metric == "auc" and ci:
                 line += ("; above chance (95% CI above 50)" if ci[0] > 0.5
                          else "; not clearly above chance (95% CI reaches 50)")
-            lines.append(line + degenerate(by_key[(task, b, best)]) + ".")
+            flags = "".join(degenerate(by_key[(task, b, i)], INITS[i])
+                            for v, i in scored if v == top)
+            lines.append(line + flags + ".")
     return ["In words (test split; headline metric per task):", *lines] if lines else []
 
 

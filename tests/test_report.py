@@ -271,10 +271,17 @@ def test_words_name_ties_and_a_classifier_that_calls_everything_positive():
     a, b = cls_result("pneumonia", "r18", "muscle", 0.9), cls_result("pneumonia", "r18",
                                                                      "scratch", 0.8)
     a["test"].update(sen=1.0, spe=0.0)
-    assert words(a, b)[0].endswith("; at its threshold it calls every test image positive "
+    assert words(a, b)[0].endswith("; at its threshold MUSCLE calls every test image positive "
                                    "(Sen 100, Spe 0).")
     a["test"].update(sen=0.0, spe=1.0)
-    assert "calls every test image negative" in words(a, b)[0]
+    assert "MUSCLE calls every test image negative" in words(a, b)[0]
+    # in a tie, the words name which of the leaders is degenerate (the demo's pneumonia row)
+    b["test"].update(auc=a["test"]["auc"], sen=1.0, spe=1.0)
+    a["test"].update(sen=1.0, spe=0.0)
+    line = words(a, b)[0]
+    assert "Scratch and MUSCLE tie at AUC" in line and "Scratch calls" not in line
+    assert line.endswith("; at its threshold MUSCLE calls every test image positive "
+                         "(Sen 100, Spe 0).")
 
 
 def test_rejects_are_one_line_each_and_the_rest_is_built(built):
