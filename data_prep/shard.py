@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,6 @@ def import_ffcv() -> None:
     paid it. The table is read only from Python (``generate_code`` copies the two ints into
     locals before compiling), so a plain dict behaves the same; the swap lasts for that one
     import. Call before any other ``ffcv`` import."""
-    import sys
-
     if "ffcv.fields.rgb_image" in sys.modules:
         return
     import numba.typed
