@@ -283,12 +283,13 @@ def verdict_lines(by_key: dict) -> list[str]:
                 continue
             (top, best), name = scored[0], METRIC_NAMES[metric].split(" ")[0]
             ci = finite_ci(by_key[(task, b, best)], metric)
-            leaders = [INITS[i] for v, i in scored if v == top]
+            leaders = [i for v, i in scored if v == top]
             line = f"- {TASK_NAMES[task]}, {BACKBONES[b]}: "
             if len(scored) == 1:
                 line += f"only {INITS[best]} has a result, {name} {pct(top)}"
             elif len(leaders) > 1:
-                line += f"{', '.join(leaders[:-1])} and {leaders[-1]} tie at {name} {pct(top)}"
+                names = [INITS[i] for i in leaders]
+                line += f"{', '.join(names[:-1])} and {names[-1]} tie at {name} {pct(top)}"
             else:
                 runner, second = scored[1]
                 line += (f"{INITS[best]} scores best, {name} {pct(top)}, "
@@ -300,8 +301,7 @@ def verdict_lines(by_key: dict) -> list[str]:
             if metric == "auc" and ci:
                 line += ("; above chance (95% CI above 50)" if ci[0] > 0.5
                          else "; not clearly above chance (95% CI reaches 50)")
-            flags = "".join(degenerate(by_key[(task, b, i)], INITS[i])
-                            for v, i in scored if v == top)
+            flags = "".join(degenerate(by_key[(task, b, i)], INITS[i]) for i in leaders)
             lines.append(line + flags + ".")
     return ["In words (test split; headline metric per task):", *lines] if lines else []
 

@@ -27,10 +27,11 @@ if [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
   .venv/bin/pip install -q --no-deps -e . 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -c "import torch, torchvision, ffcv, deepspeed, pycocotools, submitit" \
     2>/dev/null || { echo "install.sh: Python packages failed to import" >&2; exit 1; }
+  # DeepSpeed compiles its CPU shared-memory collectives at the first distributed start (~50 s
+  # on 2 cores), then loads them from ~/.cache/torch_extensions: compile them here, with the
+  # install, so that the first run (the demo, the tests) does not pay for it.
+  DS_ACCELERATOR=cpu .venv/bin/python -c \
+    "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 ||
+    echo "install.sh: DeepSpeed's shm comm op did not build now; the first run will build it"
   echo "$stamp" > .venv/.installed
 fi
-# DeepSpeed compiles its CPU shared-memory collectives at the first distributed start (~50 s on
-# 2 cores), then loads them from ~/.cache/torch_extensions: compile them here, once, so that the
-# first run (the demo, the tests) does not pay for it. A no-op where the cache has them.
-DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
-  >/dev/null 2>&1 || echo "install.sh: DeepSpeed's shm comm op did not build; runs will try again"

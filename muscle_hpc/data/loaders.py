@@ -43,10 +43,7 @@ def _order_class(rank: int, world: int, shuffle: bool, drop_uneven: bool):
     Unlike FFCV's own distributed order (torch's DistributedSampler, which pads by repeating
     samples), ranks get disjoint samples; with ``drop_uneven`` the few samples that do not
     divide evenly are left out this epoch (a different few each epoch) so every rank runs
-    the same number of steps."""
-    from data_prep.shard import import_ffcv
-
-    import_ffcv()
+    the same number of steps. Called by ``ffcv_loader``, after ``import_ffcv``."""
     from ffcv.loader.loader import ORDER_MAP
     from ffcv.traversal_order.base import TraversalOrder
 
