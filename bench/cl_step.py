@@ -26,7 +26,7 @@ import time
 import torch
 
 from muscle_hpc.config import HeadsConfig
-from muscle_hpc.models.backbone import build_backbone
+from muscle_hpc.models.backbone import ARCHS, build_backbone
 from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
 from muscle_hpc.regularizers import L2SP, omega
 from muscle_hpc.tasks import TASKS
@@ -79,7 +79,7 @@ def timed_rounds(steps: dict, rounds: int, sync) -> dict[str, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.cl_step", description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet50"))
+    p.add_argument("--arch", default="resnet18", choices=ARCHS)
     p.add_argument("--size", type=size, default=(400, 250), help="W x H (default 400x250)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="timed rounds per variant")

@@ -40,10 +40,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from muscle_hpc import registry
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-TASKS = ("pneumonia", "mura", "lung", "tbx")
-INITS = ("scratch", "imagenet", "mdmoco", "muscle--", "muscle")
+TASKS = registry.TASK_NAMES
+INITS = registry.INIT_NAMES
+BACKBONE = "r18"  # the demo configs' model.arch, resnet18
 COMPARISONS = (("mdmoco", "scratch"), ("muscle", "muscle--"), ("muscle", "scratch"))
 # Fine-tune batch and epochs per task (the demo config's learning rates); label-scarce runs see
 # few images, so epochs are many and cheap.
@@ -109,9 +112,9 @@ class Plan:
         self.args, self.work = args, args.work.resolve()
         self.shards, self.runs = self.work / "shards", self.work / "runs"
         q = args.quick
-        self.moco = self.runs / "mdmoco_r18"
-        self.continual = {"muscle": self.runs / "continual_r18",
-                          "muscle--": self.runs / "continual_r18_muscle--"}
+        self.moco = registry.mdmoco_dir(self.runs, BACKBONE)
+        self.continual = {m: registry.continual_dir(self.runs, BACKBONE, m)
+                          for m in registry.CL_METHODS}
         self.ft_epochs = 1 if q else args.ft_epochs
 
     def data(self) -> list[list[str]]:
@@ -138,7 +141,7 @@ class Plan:
         q = self.args.quick
         return ["muscle_hpc.stages.continual", "--config", str(CONFIGS / "continual_demo.yaml"),
                 f"data.root={self.shards}", f"run.dir={self.continual[method]}",
-                f"cl.method={method}", f"model.init={self.moco / 'backbone_torchvision.pth'}",
+                f"cl.method={method}", f"model.init={registry.exported_backbone(self.moco)}",
                 f"cl.rounds={1 if q else self.args.cl_rounds}",
                 f"run.visit_steps={2 if q else 0}", "run.checkpoint_every_steps=100000",
                 "run.log_every_steps=10", "data.num_workers=1",
@@ -148,12 +151,11 @@ class Plan:
     def finetune(self, task: str, init: str, seed: int, fraction: float) -> list[str]:
         e = self.ft_epochs
         return ["muscle_hpc.stages.finetune", "--task", task, "--init", init,
-                "--backbone", "r18", "--config", str(CONFIGS / "finetune_demo.yaml"),
+                "--backbone", BACKBONE, "--config", str(CONFIGS / "finetune_demo.yaml"),
                 f"data.root={self.shards}", f"run.root={self.ft_root(seed, fraction)}",
-                f"pretrained.mdmoco={self.moco / 'backbone_torchvision.pth'}",
-                f"pretrained.muscle={self.continual['muscle'] / 'backbone_torchvision.pth'}",
-                f"pretrained.muscle_minus="
-                f"{self.continual['muscle--'] / 'backbone_torchvision.pth'}",
+                *(f"pretrained.{registry.INITS[i].pretrained_key}="
+                  f"{registry.exported_backbone(d)}"
+                  for i, d in (("mdmoco", self.moco), *self.continual.items())),
                 f"tasks.{task}.epochs={e}", f"tasks.{task}.lr_step_epochs={max(1, e * 2 // 3)}",
                 f"tasks.{task}.batch_size={FT_BATCH[task]}", "run.max_steps_per_epoch=0",
                 f"run.seed={seed}", f"data.seed={seed}", f"data.train_fraction={fraction}",
@@ -164,7 +166,8 @@ class Plan:
         return self.runs / f"finetune_f{fraction:g}_s{seed}"
 
     def result(self, task: str, init: str, seed: int, fraction: float) -> Path:
-        return self.ft_root(seed, fraction) / "finetune" / f"{task}_r18_{init}" / "results.json"
+        return registry.finetune_dir(self.ft_root(seed, fraction), task, BACKBONE, init) / \
+            "results.json"
 
 
 def imagenet_present(plan: Plan) -> bool:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from muscle_hpc import config, dist
 from muscle_hpc.engine import deepspeed_engine
-from muscle_hpc.models.backbone import build_backbone
+from muscle_hpc.models.backbone import ARCHS, build_backbone
 from muscle_hpc.models.moco import MoCo, bn_channels, bus_bytes, moco_collective_bytes
 
 
@@ -120,7 +120,7 @@ def run_ranks(world: int, args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.moco_step",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet50"))
+    p.add_argument("--arch", default="resnet18", choices=ARCHS)
     p.add_argument("--size", default="400x250", help="WxH of the views")
     p.add_argument("--batch", type=int, default=8, help="images per rank")
     p.add_argument("--steps", type=int, default=4, help="timed steps per round")

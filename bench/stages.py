@@ -44,9 +44,10 @@ from pathlib import Path
 
 import torch
 
+from muscle_hpc import registry
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-SHORT = {"resnet18": "r18", "resnet50": "r50"}
+SHORT = {b.arch: b.name for b in registry.BACKBONES.values()}  # resnet18 -> r18
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets (SXM parts).
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -91,7 +92,7 @@ def moco_workload(arch: str, per_gpu: int, size, count: int, device, shards=None
     from muscle_hpc.models.backbone import build_backbone
     from muscle_hpc.models.moco import MoCo
 
-    cfg = config.load(CONFIGS / f"mdmoco_{SHORT[arch]}.yaml",
+    cfg = config.load(ROOT / registry.default_config("mdmoco", SHORT[arch]),
                       _synthetic([f"data.batch_size={per_gpu}"], count, size), config.MocoConfig)
     m = cfg.model
     torch.manual_seed(0)
@@ -129,11 +130,11 @@ def task_workload(stage: str, task_name: str, arch: str, per_gpu: int, size, cou
 
     task = TASKS[task_name]
     if stage == "continual":
-        cfg = config.load(CONFIGS / f"continual_{SHORT[arch]}.yaml",
+        cfg = config.load(ROOT / registry.default_config("continual", SHORT[arch]),
                           _synthetic([f"tasks.{task_name}.batch_size={per_gpu}", "model.init=''"],
                                      count, size), config.ContinualConfig)
     else:
-        cfg = config.load(CONFIGS / "finetune.yaml",
+        cfg = config.load(ROOT / registry.default_config("finetune", SHORT[arch]),
                           _synthetic([f"tasks.{task_name}.batch_size={per_gpu}"], count, size),
                           config.FinetuneConfig)
     torch.manual_seed(0)
@@ -207,13 +208,13 @@ def measure(w: Workload, device, steps: int, warmup: int) -> dict:
             done += 1
             if done == warmup:
                 synchronize(device)
-                timer.window(w.images)
+                timer.window()
             if done == warmup + steps:
                 break
     finally:
         batches.close()
     synchronize(device)
-    fed, wait = timer.window(w.images)
+    fed, wait, _ = timer.window(w.images)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"resident": w.images / seconds, "fed": fed, "wait": wait, "peak": peak,
@@ -267,14 +268,14 @@ def timing(args) -> int:
         b = max(1, global_batch // args.world)
         return min(b, cap) if cap else b
 
-    moco_batch = load(CONFIGS / "mdmoco_r50.yaml").data.batch_size
-    cl = load(CONFIGS / "continual_r50.yaml", schema=ContinualConfig)
-    ft = load(CONFIGS / "finetune.yaml", schema=FinetuneConfig)
+    moco_batch = load(ROOT / registry.default_config("mdmoco", "r50")).data.batch_size
+    cl = load(ROOT / registry.default_config("continual", "r50"), schema=ContinualConfig)
+    ft = load(ROOT / registry.default_config("finetune", "r50"), schema=FinetuneConfig)
 
     def count(batch: int) -> int:  # images for the resident pass (one batch) and the fed one
         return batch * (args.steps + args.warmup + 1)
 
-    archs = args.arch or (["resnet18", "resnet50"] if cuda else ["resnet18"])
+    archs = args.arch or (list(registry.ARCHS) if cuda else ["resnet18"])
     task_arch = archs[-1]
     plans = [lambda a=a: moco_workload(a, per_gpu(moco_batch), size, count(per_gpu(moco_batch)),
                                        device) for a in archs]
@@ -448,20 +449,21 @@ def smoke(args) -> int:
     print(f"bench.stages --smoke: {where}, {arch}, {w}x{h}, random images (data.synthetic), "
           f"2 ranks on {s.two_rank_backend or 'cpu:gloo,cuda:nccl'}; in {folder}", flush=True)
     t0 = time.perf_counter()
-    size = [f"data.synthetic_width={w}", f"data.synthetic_height={h}"]
+    # the smoke also runs where there is no GPU (CI)
+    size = [f"data.synthetic_width={w}", f"data.synthetic_height={h}", "run.allow_cpu=true"]
 
     def moco(world):
-        return ["--config", str(CONFIGS / f"mdmoco_{SHORT[arch]}.yaml"), f"model.arch={arch}",
+        return ["--config", str(ROOT / registry.default_config("mdmoco", SHORT[arch])),
+                f"model.arch={arch}",
                 f"data.synthetic={16 * world}", *size, f"data.batch_size={4 * world}",
                 f"model.K={32 * world}", "optim.epochs=2", "run.log_every_steps=1",
                 "run.checkpoint_every_steps=3", "run.image_grid_every_steps=0",
                 "run.dir={RUN}"]
 
     def continual(world, init):
-        return ["--config", str(CONFIGS / f"continual_{SHORT[arch]}.yaml"),
+        return ["--config", str(ROOT / registry.default_config("continual", SHORT[arch])),
                 f"model.arch={arch}", f"model.init={init}", f"data.synthetic={4 * world}",
-                *size, *(f"tasks.{t}.batch_size={2 * world}" for t in
-                         ("pneumonia", "mura", "lung", "tbx")),
+                *size, *(f"tasks.{t}.batch_size={2 * world}" for t in registry.TASK_NAMES),
                 "model.rois_per_image=64", "model.test_proposals=100", "cl.rounds=1",
                 "run.log_every_steps=1", "run.checkpoint_every_steps=3", "run.dir={RUN}"]
 
@@ -472,7 +474,7 @@ def smoke(args) -> int:
                 "run.log_every_steps=1", "run.checkpoint_every_steps=2", "run.root={RUN}"]
 
     moco1 = folder / "mdmoco-1"
-    export = moco1 / "backbone_torchvision.pth"
+    export = registry.exported_backbone(moco1)
     s.run("mdmoco 1 rank", "mdmoco", 1, Smoke.dirs(moco(1), moco1))
     s.resume("mdmoco", "mdmoco", moco(2), folder / "mdmoco-2", folder / "mdmoco-2-ref", 3)
     cl1 = folder / "continual-1"
@@ -484,11 +486,11 @@ def smoke(args) -> int:
              folder / "continual-2", folder / "continual-2-ref", 3)
     ft1 = folder / "finetune-1"
     s.run("finetune lung 1 rank", "finetune", 1, Smoke.dirs(finetune(1, export), ft1))
-    name = f"lung_{SHORT[arch]}_mdmoco"
+    within = registry.finetune_dir("", "lung", SHORT[arch], "mdmoco")  # under a run root
     s.resume("finetune lung", "finetune", finetune(2, export), folder / "finetune-2",
-             folder / "finetune-2-ref", 3, within=f"finetune/{name}")
-    files = [(str(export), arch), (str(cl1 / "backbone_torchvision.pth"), arch),
-             (str(ft1 / "finetune" / name / "best.pth"), "")]
+             folder / "finetune-2-ref", 3, within=str(within))
+    files = [(str(export), arch), (str(registry.exported_backbone(cl1)), arch),
+             (str(ft1 / within / "best.pth"), "")]
     env = dict(s.env, CUDA_VISIBLE_DEVICES="")
     out = subprocess.run([sys.executable, "-c", LOAD_ON_CPU, json.dumps(files)], env=env,
                          capture_output=True, text=True, cwd=ROOT)

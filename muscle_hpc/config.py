@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,8 +23,14 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("nih", "shenzhen", "montgomery", "indiana", "boneage", "pneumonia", "mura",
-            "chestmasks", "tbx11k")
+from muscle_hpc import registry
+
+# The registry's names, as this module's readers have always imported them.
+DATASETS = registry.DATASETS
+TASK_NAMES = registry.TASK_NAMES
+KNN_TASKS = registry.KNN_TASKS
+INITS = registry.INIT_NAMES
+BACKBONES = {b.name: b.arch for b in registry.BACKBONES.values()}  # r18 -> resnet18
 
 # Values that look valid but are refused, each with its one-line reason.
 _FP16_WHY = ("fp16 is not supported: its loss scaler skips overflowing steps, which would still "
@@ -76,7 +83,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = opt("resnet50", choices=("resnet18", "resnet50"))
+    arch: str = opt("resnet50", choices=registry.ARCHS)
     dim: int = opt(128, lo=1)
     K: int = opt(65536, lo=1)
     m: float = opt(0.999, lo=0.0, hi=1.0)
@@ -95,9 +102,6 @@ class OptimConfig:
     schedule: str = opt("cosine", choices=("cosine",))
 
 
-# The task sets the kNN monitor can read: one class label per image (muscle_hpc/tasks, kind
-# "classification"; test_monitor checks the two agree).
-KNN_TASKS = ("pneumonia", "mura")
 _KNN_WHY = "{} is a {} task; the kNN monitor needs one class label per image: use {}"
 
 
@@ -115,6 +119,10 @@ class RunConfig:
     # GPU kernels that repeat bit for bit, so a resumed run equals an uninterrupted one (CPU
     # runs always do); costs speed (README, "Exact resume"). Off: cuDNN autotunes instead.
     deterministic: bool = False
+    # Train on CPU when this host has no GPU. Off: such a start is refused, since a GPU job
+    # that landed without its GPUs (no --gpus in sbatch) would otherwise train the paper's
+    # 800x500 ResNet-50 on CPU for weeks, silently. The demo and the tests turn it on.
+    allow_cpu: bool = False
     seed: int = 0
     # Representation monitors (README, "Is pre-training working?"). Every this many steps, at
     # step 0 of a new run and at the end: a weighted kNN (k, T: the InstDisc/DINO protocol) of
@@ -126,8 +134,8 @@ class RunConfig:
     monitor_every_steps: int = opt(1000, lo=0)
     monitor_tasks: list[str] = opt(
         list(KNN_TASKS), choices=KNN_TASKS,
-        refuse={"lung": _KNN_WHY.format("lung", "segmentation", ", ".join(KNN_TASKS)),
-                "tbx": _KNN_WHY.format("tbx", "detection", ", ".join(KNN_TASKS))})
+        refuse={t.name: _KNN_WHY.format(t.name, t.kind, ", ".join(KNN_TASKS))
+                for t in registry.TASKS.values() if t.name not in KNN_TASKS})
     # Images embedded per split and task: that many spread evenly over the split (the same
     # ones at every step; not its first ones, which run class by class), all if fewer.
     monitor_max_images: int = opt(1000, lo=1)
@@ -155,9 +163,20 @@ class MocoConfig:
 
 # --- the continual-learning stage ----------------------------------------------------------
 
-TASK_NAMES = ("pneumonia", "mura", "lung", "tbx")
 _CL_ZERO3_WHY = ("ZeRO stage 3 is not supported: it shards the backbone's weights, which L2-SP "
                  "reads whole on every rank; use 0-2")
+
+
+def per_task_section(name: str, entry: type, doc: str) -> type:
+    """A frozen section with one ``entry`` per registry task, in its order, each defaulting to
+    ``entry(task's default batch)``. Built rather than written out so that a new task gets its
+    config keys from its registry entry alone; the price is a class that editors and type
+    checkers see without fields (``tasks.<name>`` is read through ``getattr`` everywhere)."""
+    cls = dataclasses.make_dataclass(
+        name, [(t.name, entry, field(default_factory=functools.partial(entry, t.batch_size)))
+               for t in registry.TASKS.values()], frozen=True)
+    cls.__module__, cls.__doc__ = __name__, doc  # so that pickle finds it, and help() says
+    return cls
 
 
 @dataclass(frozen=True)
@@ -165,12 +184,7 @@ class TaskBatch:
     batch_size: int = opt(16, lo=1)  # global, over all ranks
 
 
-@dataclass(frozen=True)
-class TasksConfig:
-    pneumonia: TaskBatch = field(default_factory=lambda: TaskBatch(32))
-    mura: TaskBatch = field(default_factory=lambda: TaskBatch(32))
-    lung: TaskBatch = field(default_factory=lambda: TaskBatch(16))
-    tbx: TaskBatch = field(default_factory=lambda: TaskBatch(8))
+TasksConfig = per_task_section("TasksConfig", TaskBatch, "Each task's global batch.")
 
 
 @dataclass(frozen=True)
@@ -217,9 +231,9 @@ class HeadsConfig:
 
 @dataclass(frozen=True)
 class ClModelConfig(HeadsConfig):
-    arch: str = opt("resnet50", choices=("resnet18", "resnet50"))
-    # The MD-MoCo backbone (its backbone_torchvision.pth); empty: Kaiming init (no pre-training).
-    init: str = "runs/mdmoco_r50/backbone_torchvision.pth"
+    arch: str = opt("resnet50", choices=registry.ARCHS)
+    # The MD-MoCo backbone (its export); empty: Kaiming init (no pre-training).
+    init: str = str(registry.exported_backbone(registry.mdmoco_dir("runs", "r50")))
 
 
 @dataclass(frozen=True)
@@ -234,7 +248,7 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class ClMethodConfig:
     # muscle--: fixed task order, one plain cosine decay over the stage, no L2-SP (the ablation).
-    method: str = opt("muscle", choices=("muscle", "muscle--"))
+    method: str = opt("muscle", choices=registry.CL_METHODS)
     rounds: int = opt(10, lo=1)
     # Eq. 2, λ(α‖w - w⁰‖² + (1 - α)‖w‖²), has no ½: its gradient is 2λα(w - w⁰) + 2λ(1 - α)w.
     # λ = 0.05, α = 0.999 give 0.0999(w - w⁰) + 1e-4 w: the L2-SP paper's pull (its α = 0.1 on
@@ -256,7 +270,7 @@ class ClOptimConfig:
 
 @dataclass(frozen=True)
 class ClRunConfig:
-    dir: str = "runs/continual_r50"
+    dir: str = str(registry.continual_dir("runs", "r50"))
     checkpoint_every_steps: int = opt(500, lo=1)
     log_every_steps: int = opt(20, lo=1)
     # Steps per visit (0: one epoch of the task's training set, the paper's): demos and tests.
@@ -265,8 +279,9 @@ class ClRunConfig:
     validate: bool = True  # every task after every visit
     precision: str = opt("auto", choices=("auto", "fp32", "bf16"), refuse={"fp16": _FP16_WHY})
     zero_stage: int = opt(0, lo=0, hi=2, refuse={3: _CL_ZERO3_WHY})
-    # as RunConfig.deterministic
+    # as RunConfig.deterministic and RunConfig.allow_cpu
     deterministic: bool = False
+    allow_cpu: bool = False
     seed: int = 0
 
 
@@ -322,8 +337,6 @@ def check_continual(cfg: ContinualConfig, world_size: int) -> None:
 
 # --- the fine-tuning stage -----------------------------------------------------------------
 
-INITS = ("scratch", "imagenet", "mdmoco", "muscle--", "muscle")
-BACKBONES = {"r18": "resnet18", "r50": "resnet50"}
 _FT_ZERO3_WHY = ("ZeRO stage 3 is not supported: evaluation runs the model outside DeepSpeed's "
                  "forward, on whole weights; use 0-2")
 
@@ -336,20 +349,17 @@ class FtTask:
     lr_step_epochs: int = opt(10, lo=1)  # the LR is multiplied by optim.lr_gamma this often
 
 
-@dataclass(frozen=True)
-class FtTasksConfig:
-    pneumonia: FtTask = field(default_factory=lambda: FtTask(32))
-    mura: FtTask = field(default_factory=lambda: FtTask(32))
-    lung: FtTask = field(default_factory=lambda: FtTask(16))
-    tbx: FtTask = field(default_factory=lambda: FtTask(8))
+FtTasksConfig = per_task_section("FtTasksConfig", FtTask,
+                                 "Each task's fine-tune batch, epochs and learning rate.")
 
 
 @dataclass(frozen=True)
 class PretrainedConfig:
-    """Where each init's backbone is. ``{root}`` is ``run.root``, ``{backbone}`` r18 or r50."""
-    mdmoco: str = "{root}/mdmoco_{backbone}/backbone_torchvision.pth"
-    muscle: str = "{root}/continual_{backbone}/backbone_torchvision.pth"
-    muscle_minus: str = "{root}/continual_{backbone}_muscle--/backbone_torchvision.pth"
+    """Where each init's backbone is. ``{root}`` is ``run.root``, ``{backbone}`` r18 or r50.
+    One field per ``registry.Init.pretrained_key``; the defaults are the registry's layout."""
+    mdmoco: str = registry.pretrained_template("mdmoco")
+    muscle: str = registry.pretrained_template("muscle")
+    muscle_minus: str = registry.pretrained_template("muscle--")
     # A torchvision ImageNet state dict; empty: torchvision's file in the torch hub cache.
     imagenet: str = ""
 
@@ -376,8 +386,9 @@ class FtRunConfig:
     max_steps_per_epoch: int = opt(0, lo=0)  # 0: whole epochs (the paper's); demos and tests
     precision: str = opt("auto", choices=("auto", "fp32", "bf16"), refuse={"fp16": _FP16_WHY})
     zero_stage: int = opt(0, lo=0, hi=2, refuse={3: _FT_ZERO3_WHY})
-    # as RunConfig.deterministic
+    # as RunConfig.deterministic and RunConfig.allow_cpu
     deterministic: bool = False
+    allow_cpu: bool = False
     seed: int = 0
 
 
@@ -665,6 +676,14 @@ def check_moco(cfg: MocoConfig, world_size: int) -> None:
                           f"optim.epochs {cfg.optim.epochs}")
     if not cfg.data.datasets:
         raise ConfigError("data.datasets: must not be empty")
+
+
+def check_device(cfg, on_cuda: bool) -> None:
+    """A stage without a GPU starts only when ``run.allow_cpu`` says CPU is intended."""
+    if not on_cuda and not cfg.run.allow_cpu:
+        raise ConfigError("run.allow_cpu: no GPU (none visible here, or none requested) and "
+                          "the config does not say CPU is intended; request GPUs (sbatch or "
+                          "launch --gpus-per-node), or set run.allow_cpu=true to train on CPU")
 
 
 def deepspeed_config(cfg, world_size: int, on_cuda: bool, batch_size: int | None = None) -> dict:

@@ -1,29 +1,39 @@
-"""Blocks the stages' training loops share: the DeepSpeed engine, stopping on a signal, rolling
-checkpoints that resume bit for bit, and step timing.
+"""The one training loop of the stages, and the blocks it is made of: the DeepSpeed engine,
+stopping on a signal or a non-finite value, rolling checkpoints that resume bit for bit, and
+step timing.
 
-A stage loop is: draw a batch, set the LR from the step (``schedule.py``), forward through the
-engine, ``engine.backward``, ``engine.step``; every N steps ``RollingCheckpoint.save``; after
-every step ``StopOnSignal.agreed()``, and on a stop, save and exit. Nothing here knows which
-stage it serves.
+A stage draws its batches in its own plan (epochs, visits), sets the LR from the step
+(``schedule.py``), runs its forward and loss, and hands the loss to ``TrainLoop.train_step``
+(backward, gradient norm, optimizer step, report); ``TrainLoop.end_step`` then saves every N
+steps, and stops every rank after the same step on a signal (checkpoint first) or a NaN/Inf
+(no checkpoint). Nothing here knows which stage it serves.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
+import sys
 import time
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
-from .config import changed_keys
-from .dist import rank_world
+from . import checkpoint, provenance
+from .config import changed_keys, dump_yaml, to_dict
+from .dist import DistEnv, mean, rank_world
+from .tblog import RunLogger
+
+if TYPE_CHECKING:
+    from .runlock import RunLock
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
-
 
 
 class StopOnSignal:
@@ -45,27 +55,15 @@ class StopOnSignal:
             raise KeyboardInterrupt  # a second Ctrl-C: the user will not wait for the step
         self.signum = self.signum or signum
 
-    def agreed(self) -> int:
-        """The first signal any rank received (0: none), the same value on every rank."""
-        _, world = rank_world()
-        if world == 1:
-            return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag)
-
-    def save_or_stop(self, due: bool, save, stage: str, step: int, where) -> int:
-        """The end of every step: ``save()`` when ``due`` or a rank got a signal; then the exit
-        status to stop with (128 + signal), or 0 to go on."""
-        signum = self.agreed()
-        if signum or due:
-            save()
-        if not signum:
-            return 0
-        if rank_world()[0] == 0:
-            print(f"{stage}: stopped by signal {signum} after step {step}; checkpoint in "
-                  f"{where}", flush=True)
-        return 128 + signum
+    def agreed(self, *flags: int) -> tuple[int, ...]:
+        """(the first signal any rank received, 0: none; then each of ``flags``, the largest
+        of any rank), the same on every rank: one all-reduce of a few integers."""
+        values = (self.signum, *flags)
+        if rank_world()[1] == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(int(v) for v in t)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -246,6 +244,12 @@ class RollingCheckpoint:
         return shared, own
 
 
+class Window(NamedTuple):
+    images_per_s: float
+    data_wait: float  # the share of the wall time spent blocked on the loader
+    seconds_per_step: float
+
+
 class StepTimer:
     """Throughput and the share of wall time spent blocked on the loader, per logging window.
     Wrap the batch iterator with ``timed``; ``window`` reports and starts a new window."""
@@ -270,10 +274,190 @@ class StepTimer:
             if close is not None:
                 close()  # a loader left early stops its threads now
 
-    def window(self, images_per_step: int) -> tuple[float, float]:
-        """(images/s, fraction of the time spent waiting for data) since the last call."""
+    def window(self, images_per_step: int = 1) -> Window:
+        """The window since the last call (or since the timer started)."""
         now = time.perf_counter()
         elapsed = max(now - self.start, 1e-9)
-        out = images_per_step * self.steps / elapsed, self.wait / elapsed
+        out = Window(images_per_step * self.steps / elapsed, self.wait / elapsed,
+                     elapsed / max(self.steps, 1))
         self.start, self.wait, self.steps = now, 0.0, 0
         return out
+
+
+class StageError(Exception):
+    """A stage cannot start or go on; its message is the one line the user sees (status 2)."""
+
+
+class Start(NamedTuple):
+    """What a stage's prelude (``stages.common.started``) hands to its loop."""
+    stage: str
+    env: DistEnv
+    on_cuda: bool
+    ckpt: RollingCheckpoint
+    resumed: tuple[dict, dict] | None
+    lock: RunLock | None  # rank 0's hold on the run directory; None on the other ranks
+    ranks: list[dict]  # every rank's ``provenance.this_rank()``
+
+
+# Not 2 (a refused start) nor 128 + N (stopped by a signal, checkpointed: requeue).
+NONFINITE_EXIT = 1
+LOST_LOCK_EXIT = 3
+
+
+def duration(seconds: float) -> str:
+    """``1h02m`` / ``4m05s`` / ``17s``: an ETA in a step line."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class TrainLoop:
+    """What every stage's training loop shares, owned in one place: the step counter, the
+    resume, TensorBoard (rank 0), the rolling checkpoint, the step body (backward, gradient
+    norm, optimizer step), its report with the stage's ETA, and stopping on a signal
+    (checkpoint first) or on a NaN/Inf loss or gradient norm (no checkpoint: the last good one
+    stays). A stage keeps what is its own: its batch plan, its forward and loss, its extra
+    checkpoint state (``state``, merged into every save) and its epoch/visit hooks.
+
+    The non-finite check reads the loss and the gradient norm every step: one device sync per
+    step (the norm was read at logging steps anyway), cheap against a step of hundreds of ms,
+    and it is what lets every rank stop after the same step before a poisoned state is saved.
+    Use as a context manager: leaving restores the signal handlers and closes TensorBoard.
+
+    Args:
+        stage: the name in messages (``mdmoco``, ``continual``, ``finetune``).
+        cfg: the stage's config (``run.log_every_steps``, ``run.checkpoint_every_steps``).
+        start: the prelude's ``Start``.
+        engine, model: the DeepSpeed engine and the module whose state dict is saved.
+        layout: how the data splits into steps; saved with every checkpoint, and a resume
+            whose layout changed is refused (other shards, another step limit).
+        total: steps of the whole stage; end: where this run stops (``run.max_steps``).
+        state: the stage's own checkpoint entries, called at each save.
+    """
+
+    def __init__(self, stage: str, cfg, start: Start, engine, model, layout: dict, *,
+                 total: int, end: int, state: Callable[[], dict] = dict):
+        self.stage, self.cfg, self.engine, self.model = stage, cfg, engine, model
+        self.ckpt, self.lock, self.rank = start.ckpt, start.lock, start.env.rank
+        self.layout = layout
+        self.total, self.end, self._state = total, end, state
+        self.log_every = cfg.run.log_every_steps
+        self.checkpoint_every = cfg.run.checkpoint_every_steps
+        self.resumed = start.resumed is not None
+        self.shared = self._resume_or_start(start)
+        self.step = self.shared.get("step", 0)
+        self.saved_at = self.step if self.resumed else None
+        self.position = ""  # the stage's words for where it is: "epoch 3 ", "round 2/10 ..."
+        self.sharded = engine.zero_optimization_stage() > 0
+        self.log = RunLogger(self.ckpt.run_dir / "tb", self.rank,
+                             purge_step=self.step + 1 if self.resumed else None)
+        self.stop = StopOnSignal()
+        self.timer = StepTimer()
+        self._nonfinite = (0, 0)
+
+    def _resume_or_start(self, start: Start) -> dict:
+        """The resumed shared state, restored into the engine, the model and the RNGs; ``{}``
+        for a new run, whose directory rank 0 creates with its ``config.yaml``. Either way
+        rank 0 adds this start to ``provenance.json``: training is about to begin."""
+        resumed = start.resumed
+        for key, now in self.layout.items():
+            if resumed is not None and resumed[0][key] != now:
+                raise StageError(f"{self.ckpt.path}: {key} was {resumed[0][key]}, is {now} now "
+                                 f"(the shards or a step limit changed); undo that or use a new "
+                                 f"run directory")
+        if self.rank == 0:
+            self.ckpt.run_dir.mkdir(parents=True, exist_ok=True)
+            provenance.record(self.ckpt.run_dir, start.ranks, start.env.world_size, start.stage)
+            if resumed is None:
+                dump_yaml(self.cfg, self.ckpt.run_dir / "config.yaml")
+        if resumed is None:
+            return {}
+        shared = self.ckpt.restore_training(self.engine, resumed)
+        self.model.load_state_dict(shared["model"])
+        return shared
+
+    def __enter__(self) -> TrainLoop:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.restore()
+        self.log.close()
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+    def batches(self, batches):
+        """``batches``, timed for the report, closed when the ``with`` block is left (a loader
+        left early stops its threads). Starts a fresh timing window: the time between two
+        epochs or visits (validation) is neither data wait nor step time."""
+        self.timer.window()
+        return closing(self.timer.timed(batches))
+
+    def train_step(self, loss: torch.Tensor, lr: float, images_per_step: int,
+                   report: Callable[[], str] | None = None, loss_prefix: str = "train/") -> None:
+        """Backward, gradient norm, optimizer step, ``step += 1``; at every
+        ``run.log_every_steps``-th step the report: the loss (mean over ranks, under
+        ``loss_prefix``), LR, throughput, data wait, gradient norm and ETA to TensorBoard and
+        one line on rank 0, with the stage's ``report()`` (which logs its own scalars and
+        returns its words for the line)."""
+        engine = self.engine
+        engine.backward(loss)
+        # Under ZeRO the gradients are partitioned; its step computes the global norm.
+        norm = None if self.sharded else grad_norm(engine)
+        engine.step()
+        if norm is None:
+            norm = engine.get_global_grad_norm()
+        self.step += 1
+        self._nonfinite = (int(not math.isfinite(float(loss.detach()))),
+                           int(norm is not None and not math.isfinite(float(norm))))
+        if self.step % self.log_every:
+            return
+        mean_loss = mean(loss.detach().float())
+        window = self.timer.window(images_per_step)
+        eta = (self.end - self.step) * window.seconds_per_step
+        words = report() if report is not None else ""
+        self.log.scalars(self.step, loss_prefix, loss=mean_loss)
+        self.log.scalars(self.step, "train/", lr=lr, images_per_s=window.images_per_s,
+                         data_wait=window.data_wait, grad_norm=norm, eta_s=eta)
+        self.say(f"step {self.step}/{self.total} {self.position}loss {mean_loss:.4f} {words}"
+                 f"lr {lr:.5f} img/s {window.images_per_s:.1f} wait {window.data_wait:.0%} "
+                 f"eta {duration(eta)}")
+
+    def end_step(self, due: bool = False) -> int:
+        """After every step, on every rank: 0 to go on, else the exit status to stop with.
+        A NaN/Inf on any rank stops every rank without saving (``NONFINITE_EXIT``), and so
+        does a run directory lost to another launch (``LOST_LOCK_EXIT``); else a save every
+        ``run.checkpoint_every_steps``, when ``due``, or when a rank got a signal, which then
+        stops every rank after this same step (128 + signal)."""
+        lost = int(self.lock is not None and self.lock.lost is not None)
+        signum, loss_bad, norm_bad, lost = self.stop.agreed(*self._nonfinite, lost)
+        if lost:  # another launch took the run directory over: it is theirs now
+            if self.lock is not None:
+                print(f"{self.stage}: error: {self.lock.lost}", file=sys.stderr, flush=True)
+            return LOST_LOCK_EXIT
+        if loss_bad or norm_bad:
+            which = " and ".join(w for w, bad in (("loss", loss_bad), ("gradient norm", norm_bad))
+                                 if bad)
+            last = (f"the last checkpoint, of step {self.saved_at}, is in {self.ckpt.path}"
+                    if self.saved_at is not None else "no checkpoint was written yet")
+            if self.rank == 0:
+                print(f"{self.stage}: error: non-finite {which} at step {self.step} "
+                      f"{self.position}(NaN/Inf on a rank); stopped without saving: {last}",
+                      file=sys.stderr, flush=True)
+            return NONFINITE_EXIT
+        if signum or due or self.step % self.checkpoint_every == 0:
+            self.save()
+        if not signum:
+            return 0
+        self.say(f"{self.stage}: stopped by signal {signum} after step {self.step}; checkpoint "
+                 f"in {self.ckpt.path}")
+        return 128 + signum
+
+    def save(self) -> None:
+        shared = {"model": self.model.state_dict(), "config": to_dict(self.cfg), **self.layout,
+                  **self._state()}
+        self.ckpt.save_training(self.step, self.engine, shared)
+        self.saved_at = self.step
+        self.log.flush()

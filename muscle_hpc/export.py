@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from muscle_hpc import checkpoint
+from muscle_hpc import checkpoint, registry
 from muscle_hpc.models.backbone import ARCHS, build_backbone, export_torchvision
 
 PREFIXES = {"query": "encoder_q.", "key": "encoder_k."}
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m muscle_hpc.export",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a run directory or its checkpoint.pth")
-    p.add_argument("--out", help="output file (default: SOURCE_DIR/backbone_torchvision.pth)")
+    p.add_argument("--out", help=f"output file (default: SOURCE_DIR/{registry.EXPORTED_BACKBONE})")
     p.add_argument("--encoder", choices=tuple(PREFIXES), default="query")
     args = p.parse_args(argv)
     src = Path(args.source)
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"export: error: {path}: {reason}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else path.parent / "backbone_torchvision.pth"
+    out = Path(args.out) if args.out else registry.exported_backbone(path.parent)
     checkpoint.save(out, state)
     print(f"export: {args.encoder} encoder of {path} (step {ckpt.get('step')}) -> {out}")
     return 0

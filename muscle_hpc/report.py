@@ -49,21 +49,19 @@ from pathlib import Path
 
 import numpy as np
 
-TASKS = {  # name -> (kind, test metrics in the paper's column order)
-    "pneumonia": ("classification", ("acc", "sen", "spe", "auc")),
-    "mura": ("classification", ("acc", "sen", "spe", "auc")),
-    "lung": ("segmentation", ("dice", "miou")),
-    "tbx": ("detection", ("map", "ap_active", "ap_latent")),
-}
-TASK_NAMES = {"pneumonia": "Pneumonia", "mura": "MURA", "lung": "Lung", "tbx": "TBX"}
-INITS = {"scratch": "Scratch", "imagenet": "ImageNet", "mdmoco": "MD-MoCo",
-         "muscle--": "MUSCLE⁻⁻", "muscle": "MUSCLE"}
-CSV_INIT_NAMES = {**INITS, "muscle--": "MUSCLE--"}  # spreadsheets and terminals mangle ⁻
-BACKBONES = {"r18": "ResNet-18", "r50": "ResNet-50"}
+from muscle_hpc import registry
+
+# Rows, columns and their titles, in the registry's order (the paper's).
+TASKS = {t.name: (t.kind, t.metrics) for t in registry.TASKS.values()}  # kind, test metrics
+TASK_NAMES = {t.name: t.title for t in registry.TASKS.values()}
+INITS = {i.name: i.title for i in registry.INITS.values()}
+# ASCII for the CSV: spreadsheets and terminals mangle ⁻
+CSV_INIT_NAMES = {i: title.replace("⁻", "-") for i, title in INITS.items()}
+BACKBONES = {b.name: b.title for b in registry.BACKBONES.values()}
 METRIC_NAMES = {"acc": "Acc", "sen": "Sen", "spe": "Spe", "auc": "AUC (95% CI)", "dice": "Dice",
                 "miou": "mIoU", "map": "mAP", "ap_active": "AP_active", "ap_latent": "AP_latent"}
 CI_SHOWN = {"auc"}  # the paper prints a CI for AUC only; the CSV has all of them
-HEADLINE = {"pneumonia": "auc", "mura": "auc", "lung": "dice", "tbx": "map"}  # what "best" means
+HEADLINE = {t.name: t.headline for t in registry.TASKS.values()}  # what "best" means
 TABLES = {
     "table2": ("Table 2: pneumonia and MURA classification (test split, %; AUC with bootstrap "
                "95% CI)", ("pneumonia", "mura")),
@@ -86,7 +84,7 @@ class Result:
 
     @property
     def name(self) -> str:
-        return f"{self.task}_{self.backbone}_{self.init}"
+        return registry.finetune_name(self.task, self.backbone, self.init)
 
 
 class ReportError(Exception):
@@ -118,8 +116,9 @@ def parse_result(data, path: Path) -> Result:
     if data.get("kind", kind) != kind:
         raise ValueError(f"kind {data['kind']!r} is not {task}'s ({kind})")
     # the folder is the result's identity in the grid; a copied file must not fill another cell
-    if path.parent.name != f"{task}_{backbone}_{init}":
-        raise ValueError(f"says {task}_{backbone}_{init}, its folder is {path.parent.name}")
+    name = registry.finetune_name(task, backbone, init)
+    if path.parent.name != name:
+        raise ValueError(f"says {name}, its folder is {path.parent.name}")
     test = data.get("test")
     if not isinstance(test, dict):
         raise ValueError("no 'test' metrics")
@@ -146,9 +145,10 @@ def collect(run_dir: Path) -> tuple[list[Result], list[tuple[Path, str]]]:
     """The usable results under ``run_dir``, and (path, reason) for each file that is not."""
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a directory")
-    paths = sorted((run_dir / "finetune").glob("*/results.json"))
+    finetune = registry.finetune_root(run_dir)
+    paths = sorted(finetune.glob("*/results.json"))
     if not paths:
-        raise ReportError(f"no fine-tune results ({run_dir}/finetune/*/results.json)")
+        raise ReportError(f"no fine-tune results ({finetune}/*/results.json)")
     results, rejects = [], []
     for path in paths:
         try:
@@ -157,7 +157,7 @@ def collect(run_dir: Path) -> tuple[list[Result], list[tuple[Path, str]]]:
             rejects.append((path, one_line(e)))
     if not results:
         path, reason = rejects[0]
-        raise ReportError(f"none of the {len(rejects)} results under {run_dir}/finetune is "
+        raise ReportError(f"none of the {len(rejects)} results under {finetune} is "
                           f"usable (first: {path}: {reason})")
     return results, rejects
 

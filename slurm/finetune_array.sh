@@ -3,6 +3,8 @@
 #SBATCH --array=0-39
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
 #SBATCH --requeue
 #SBATCH --signal=B:USR2@120
@@ -18,13 +20,18 @@
 # Submit from the repository root, after the earlier stages have written their backbones under
 # run.root (the config's `pretrained` templates; slurm/pipeline.sh chains all three):
 #
-#   sbatch [--array=0-19] [--gpus-per-node 1 ...] slurm/finetune_array.sh [CONFIG] [key=value ...]
+#   sbatch [--array=0-19] [...] slurm/finetune_array.sh [CONFIG] [key=value ...]
 #   CONFIG=configs/finetune.yaml OVERRIDES="run.root=runs data.root=/data/shards" sbatch slurm/finetune_array.sh
+#   sbatch --gpus-per-node=0 --cpus-per-task=2 slurm/finetune_array.sh CONFIG run.allow_cpu=true
 #
 # --array=0-19 is the ResNet-18 half, 20-39 the ResNet-50 half; any subset works (--array=2,7).
 # Add `--check` to the arguments to have every element say what it would run, without training.
-# The defaults above ask for one task (one CPU) per element: add a GPU and the CPUs its data
-# loaders need (--gpus-per-node 1 --cpus-per-task 8) on your cluster. Arguments and OVERRIDES reach the stage as separate words, never through a shell.
+# The defaults above give each element one task on one GPU, with 8 CPUs for its data loaders
+# (data.num_workers): a GPU cluster needs no option. Where there are no GPUs (a CPU partition,
+# tools/local_slurm.sh) the request must be cancelled or Slurm refuses the job: --gpus-per-node=0
+# on the command line (or SBATCH_GPUS_PER_NODE=0 in the environment) does it, and the element
+# runs on CPU given run.allow_cpu=true; --gres=none does not. Arguments and OVERRIDES reach the
+# stage as separate words, never through a shell.
 # Before the time limit Slurm sends USR2 to this script; the element checkpoints and requeues
 # itself (its own SLURM_JOB_ID, so the other elements are left alone), at most MAX_REQUEUES
 # times, and resumes from its checkpoint.

@@ -330,7 +330,8 @@ def test_missing_task_shard_and_wrong_backbone_are_refused(task_shards, tmp_path
 def test_launch_refuses_a_bad_continual_config_before_submitting(task_shards, tmp_path, capsys):
     from muscle_hpc import launch
 
-    code = launch.main(["--stage", "cl", "--config", str(DEMO), "--nodes", "3",
+    code = launch.main(["--stage", "cl", "--config", str(DEMO), "--gpus-per-node", "0",
+                        "--nodes", "3",
                         f"data.root={task_shards}", "model.init=''", f"run.dir={tmp_path}/run"])
     assert code == 2
     assert capsys.readouterr().err == ("launch: error: tasks.pneumonia.batch_size: global batch "

@@ -12,10 +12,11 @@ def test_stop_on_signal_raises_a_flag_and_restores_handlers():
     previous = signal.getsignal(signal.SIGUSR1)
     stop = StopOnSignal()
     try:
-        assert stop.agreed() == 0
+        assert stop.agreed() == (0,)
+        assert stop.agreed(0, 1) == (0, 0, 1)  # one rank: its own flags
         os.kill(os.getpid(), signal.SIGUSR1)  # Slurm's warning before the time limit
         os.kill(os.getpid(), signal.SIGTERM)  # the first signal is the one reported
-        assert stop.agreed() == signal.SIGUSR1
+        assert stop.agreed() == (signal.SIGUSR1,)
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait
             os.kill(os.getpid(), signal.SIGINT)
     finally:
@@ -58,9 +59,11 @@ def test_step_timer_splits_waiting_from_the_rest():
     timer = StepTimer()
     for _ in timer.timed(slow_batches()):
         time.sleep(0.05)
-    images_per_s, wait = timer.window(images_per_step=10)
+    images_per_s, wait, seconds_per_step = timer.window(images_per_step=10)
     assert 0.2 < wait < 0.8  # about half the time went to waiting for batches
     assert 0 < images_per_s <= 30 / 0.3  # 3 steps of 10 images took at least 0.3 s
+    assert seconds_per_step >= 0.1  # each step waited 0.05 s and worked 0.05 s
+    assert timer.window().seconds_per_step < 0.1  # a new window, with no step in it yet
 
 
 def test_deterministic_kernels_on_and_off():

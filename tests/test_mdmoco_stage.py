@@ -59,7 +59,7 @@ def test_stop_by_signal_then_resume_equals_uninterrupted_run(shards, tmp_path):
     procs = start(world, overrides(shards, cut_dir, *args))
     victim = procs[-1]  # the signal reaches one rank only; all must stop after the same step
     for line in procs[0].stdout:
-        if line.startswith("epoch ") and int(line.split()[3].split("/")[0]) >= 5:
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 5:
             victim.send_signal(signal.SIGTERM)
             break
     codes, outs = finish(procs)

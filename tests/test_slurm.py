@@ -21,6 +21,9 @@ from muscle_hpc.tblog import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "mdmoco_demo.yaml"
+# The scripts and the launcher ask for GPUs by default; this cluster has none.
+CPU_SBATCH = ["--gpus-per-node=0"]
+CPU_LAUNCH = ["--gpus-per-node", "0"]
 
 
 def _cluster_up() -> bool:
@@ -42,7 +45,7 @@ def sbatch(log: Path, *args: str, script: str = "slurm/mdmoco.sh", config: Path 
     # the script must let Slurm, not these, define the ranks.
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1",
                LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
-    out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1",
+    out = subprocess.run(["sbatch", "--parsable", *CPU_SBATCH, "--nodes=2", "--ntasks-per-node=1",
                           "--cpus-per-task=1", f"--output={log}", script,
                           str(config), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True)
@@ -70,8 +73,8 @@ def wait_for_step(log: Path, step: int, timeout: float = 180) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         text = log.read_text() if log.exists() else ""
-        steps = [int(line.split()[3].split("/")[0]) for line in text.splitlines()
-                 if line.startswith("epoch ")]
+        steps = [int(line.split()[1].split("/")[0]) for line in text.splitlines()
+                 if line.startswith("step ")]
         if steps and max(steps) >= step:
             return
         time.sleep(0.5)
@@ -165,7 +168,8 @@ def test_a_killed_rank_fails_the_job_within_a_minute(moco_shards, tmp_path):
 def test_launch_submits_through_submitit_on_four_nodes(moco_shards, tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "muscle_hpc.launch", "--stage", "mdmoco",
-                        "--config", str(DEMO), "--nodes", "4", "--time", "10", "--wait",
+                        "--config", str(DEMO), *CPU_LAUNCH, "--nodes", "4", "--time", "10",
+                        "--wait",
                         *moco_overrides(moco_shards, tmp_path / "run", "data.batch_size=8",
                                         "optim.epochs=2")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -179,7 +183,7 @@ def test_launch_submits_through_submitit_on_four_nodes(moco_shards, tmp_path):
 def test_launch_refuses_a_bad_config_before_submitting(moco_shards, tmp_path):
     before = jobs()
     p = subprocess.run([sys.executable, "-m", "muscle_hpc.launch", "--stage", "mdmoco",
-                        "--config", str(DEMO), "--nodes", "3",
+                        "--config", str(DEMO), *CPU_LAUNCH, "--nodes", "3",
                         *moco_overrides(moco_shards, tmp_path / "run")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
@@ -194,7 +198,8 @@ def test_launch_requeues_after_the_time_limit_signal_and_resumes_exactly(moco_sh
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     run_dir = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "muscle_hpc.launch", "--stage", "mdmoco",
-                          "--config", str(DEMO), "--nodes", "2", "--time", "10", "--wait",
+                          "--config", str(DEMO), *CPU_LAUNCH, "--nodes", "2", "--time", "10",
+                          "--wait",
                           *moco_overrides(moco_shards, run_dir)],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
@@ -223,3 +228,23 @@ def test_sbatch_cl_runs_the_continual_stage_on_two_nodes(task_shards, tmp_path):
     scalars = read_scalars(run_dir / "tb")
     assert [s for s, _ in scalars["train/lr"]] == list(range(1, 9))
     assert final_model(run_dir)["step"] == 8
+
+
+def test_scripts_and_launcher_ask_for_gpus_unless_told_cpu(moco_shards, tmp_path):
+    """This cluster has no GPUs: the defaults are refused by Slurm, --gpus-per-node=0 is not."""
+    for script, tasks in (("mdmoco", 2), ("cl", 2), ("finetune_array", 1)):
+        default = subprocess.run(["sbatch", "--test-only", f"slurm/{script}.sh"], cwd=ROOT,
+                                 capture_output=True, text=True)
+        assert default.returncode == 1 and "generic resource" in default.stderr, default.stderr
+        cpu = subprocess.run(["sbatch", "--test-only", *CPU_SBATCH, "--ntasks-per-node=1",
+                              "--cpus-per-task=1", f"slurm/{script}.sh"], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert cpu.returncode == 0 and f"using {tasks} processors" in cpu.stderr, cpu.stderr
+    p = subprocess.run([sys.executable, "-m", "muscle_hpc.launch", "--stage", "mdmoco",
+                        "--config", str(DEMO),
+                        *moco_overrides(moco_shards, tmp_path / "run", "data.batch_size=16")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.splitlines()[-1] == (
+        "launch: error: sbatch refused the mdmoco job: sbatch: error: Invalid generic resource "
+        "(gres) specification (it asked for 8 GPU(s) per node; on a cluster without GPUs give "
+        "--gpus-per-node 0)"), p.stderr

@@ -1,13 +1,14 @@
 """The fine-tune grid as one Slurm job array (slurm/finetune_array.sh, launch --stage finetune)
-and the three stages chained by dependencies (slurm/pipeline.sh, launch --stage all), on the
-local 4-node cluster of tools/local_slurm.sh. The grid's own tests run without Slurm; the
-others skip without a cluster, unless MUSCLE_SLURM=1 says one was expected.
+and the whole pipeline, its three stages chained by dependencies, run end to end at tiny size
+and reported (slurm/pipeline.sh, launch without --stage), on the local 4-node cluster of
+tools/local_slurm.sh (no GPUs: the tests take the CPU path). The grid's own tests run without
+Slurm; the others skip without a cluster, unless MUSCLE_SLURM=1 says one was expected.
 """
 
+import csv
 import itertools
 import json
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -18,14 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+import yaml
 
-from muscle_hpc import config
+from muscle_hpc import config, report
 from muscle_hpc.stages import finetune
 from muscle_hpc.stages.finetune import GRID
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 IMAGENET_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-0676ba61.pth"}
+# This cluster has no GPUs: the CPU path the scripts and the launcher take when told.
+CPU_SBATCH = ["--gpus-per-node=0"]
+CPU_LAUNCH = ["--gpus-per-node", "0"]
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 # Small enough for a few seconds of training on one CPU core.
 TINY = ["tasks.pneumonia.batch_size=4", "tasks.pneumonia.epochs=2", "run.max_steps_per_epoch=2",
@@ -104,7 +109,8 @@ def job_env(torch_home: Path | None = None) -> dict:
 
 def sbatch_array(logs: Path, array: str, *args: str, env: dict, cancel: list) -> str:
     logs.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(["sbatch", "--parsable", f"--array={array}", "--cpus-per-task=1",
+    out = subprocess.run(["sbatch", "--parsable", *CPU_SBATCH, f"--array={array}",
+                          "--cpus-per-task=1",
                           f"--output={logs}/%a.log", "slurm/finetune_array.sh", *args],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     job = out.stdout.strip().split(";")[0]
@@ -153,6 +159,7 @@ def test_the_array_script_runs_each_index_on_its_own_grid_element(fake_inputs, t
     indices = [0, 6, 12, 18, 21, 27, 33, 39]
     job = sbatch_array(tmp_path / "logs", ",".join(map(str, indices)), "configs/finetune.yaml",
                        "--check", f"data.root={task_shards}", f"run.root={root}",
+                       "run.allow_cpu=true",
                        env=job_env(torch_home), cancel=cancel_after)
     states = wait_array(job, len(indices), timeout=600)
     assert set(states.values()) == {"COMPLETED"}, states
@@ -230,8 +237,8 @@ def test_launch_finetune_submits_an_array_of_the_selected_elements(fake_inputs, 
     mdmoco = template_path("mdmoco", root, "r18")
     mdmoco.parent.mkdir(parents=True)
     os.link(template_path("mdmoco", fake_inputs[0], "r18"), mdmoco)
-    args = ["--stage", "finetune", "--config", str(CONFIGS / "finetune_demo.yaml"), "--nodes",
-            "1", "--time", "10", "--tasks", "pneumonia", "--backbones", "r18",
+    args = ["--stage", "finetune", "--config", str(CONFIGS / "finetune_demo.yaml"), *CPU_LAUNCH,
+            "--nodes", "1", "--time", "10", "--tasks", "pneumonia", "--backbones", "r18",
             f"data.root={task_shards}", f"run.root={root}", *TINY]
 
     before = all_jobs()
@@ -273,86 +280,143 @@ def depends_on(job: str) -> set[str]:
     return set(re.findall(r"afterok:(\d+)", dependency))
 
 
-def assert_pipeline_wiring(ids: list[str], root: Path, command) -> None:
-    """MD-MoCo, the two continual jobs after it, the r18 fine-tune array after both, with the
-    run directories the fine-tune templates name (``command(job)``: what the job runs)."""
+def wait_pipeline(ids: list[str], timeout: float) -> dict[str, str]:
+    """{job id: state} once every job of the pipeline has ended, or one has failed (the jobs
+    after it would wait for ever)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ",".join(ids), "-o",
+                              "JobID,State"], capture_output=True, text=True).stdout
+        states = {job: (state.split() or ["PENDING"])[0]
+                  for job, _, state in (line.partition("|") for line in out.splitlines())}
+        ended = [s for s in states.values() if s in ENDED]
+        # A pending array is one line JOB_[a-b] until its elements start.
+        done = "[" not in "".join(states) and len(ended) == len(states) >= len(ids)
+        if done or any(s != "COMPLETED" for s in ended):
+            return states
+        time.sleep(2)
+    raise AssertionError(f"pipeline {ids} not done in {timeout} s")
+
+
+def assert_chained(ids: list[str]) -> None:
+    """MD-MoCo, the two continual jobs after it, the fine-tune array after both. Read while
+    they wait: Slurm forgets a dependency once it is met."""
     mdmoco, cl, cl_minus, array = ids
-    assert show_job(mdmoco)["Dependency"] == "(null)"
     assert depends_on(cl) == depends_on(cl_minus) == {mdmoco}
     assert depends_on(array) == {cl, cl_minus}
-    assert show_job(array)["ArrayTaskId"].split("%")[0] == "0-19"  # %: at most so many at once
-    init = f"model.init={template_path('mdmoco', root, 'r18')}"
-    assert f"run.dir={template_path('mdmoco', root, 'r18').parent}" in command(mdmoco)
-    for job, key in ((cl, "muscle"), (cl_minus, "muscle_minus")):
-        assert init in command(job)
-        assert f"run.dir={template_path(key, root, 'r18').parent}" in command(job)
-    assert "cl.method=muscle--" in command(cl_minus)
-    assert "cl.method=muscle " in command(cl) + " "
-    assert f"run.root={root}" in command(array)
 
 
-def sbatch_command(job: str) -> str:
-    """The script and arguments an sbatch job runs."""
-    return show_job(job)["Command"]
+# --- the whole pipeline, end to end -------------------------------------------------------
+# Every stage of both pipeline tests at its smallest: MD-MoCo 4 steps on the 34 images of
+# moco_shards, continual 2 steps per task (8 in all), one fine-tune epoch of 2 steps; one CPU
+# rank per job. EVERY_STAGE goes to all three stages. About 2 min per pipeline on 2 idle cores;
+# their timeouts allow for a loaded machine.
+EVERY_STAGE = ["run.log_every_steps=1"]
+CL_STEPS = 8
 
 
-def submitit_command(folder: Path):
-    """The stage arguments of a job submitit submitted (an array's first element)."""
-    def command(job: str, element: int = 0) -> str:
-        name = job if (folder / job / f"{job}_submitted.pkl").exists() else f"{job}_{element}"
-        with open(folder / name / f"{name}_submitted.pkl", "rb") as f:
-            return " ".join(pickle.load(f).function.argv)
-    return command
+def tiny_stages(moco_shards: Path, task_shards: Path) -> list[str]:
+    """The per-stage options of ``launch --stage all`` and ``slurm/pipeline.sh`` (the same
+    flags) for the tiny pipeline."""
+    stages = {
+        "mdmoco": [f"data.root={moco_shards}", "data.datasets=nih,shenzhen",
+                   "data.batch_size=8", "model.K=32", "optim.epochs=1", "run.max_steps=0",
+                   "run.monitor_every_steps=0"],  # moco_shards hold no task set for the kNN
+        "cl": [f"data.root={task_shards}", "cl.rounds=1", "run.visit_steps=2",
+               "run.validate=false"],  # 4 tasks' valid sets after each visit: most of its time
+        "finetune": [f"data.root={task_shards}", *TINY, "tasks.pneumonia.epochs=1"],
+    }
+    args = ["--mdmoco-config", str(CONFIGS / "mdmoco_demo.yaml"),
+            "--cl-config", str(CONFIGS / "continual_demo.yaml"),
+            "--finetune-config", str(CONFIGS / "finetune_demo.yaml")]
+    for stage, overrides in stages.items():
+        args += [arg for ov in overrides for arg in (f"--{stage}-override", ov)]
+    return [*args, *EVERY_STAGE]
 
 
-def test_pipeline_sh_chains_the_stages_with_afterok(task_shards, tmp_path, cancel_after):
+def assert_pipeline_ran(root: Path, inits: list[str]) -> None:
+    """Every stage wrote what the next one reads, the continual jobs with their own method,
+    and the report over ``root`` has a pneumonia row per fine-tuned init (and only those)."""
+    assert (template_path("mdmoco", root, "r18")).exists()
+    for key, method in (("muscle", "muscle"), ("muscle_minus", "muscle--")):
+        run_dir = template_path(key, root, "r18").parent
+        assert torch.load(run_dir / "checkpoint.pth", weights_only=True)["step"] == CL_STEPS
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["cl"]["method"] == method
+    for init in inits:
+        results = json.loads((root / "finetune" / f"pneumonia_r18_{init}" / "results.json")
+                             .read_text())
+        assert results["init_weights"] == str(template_path(finetune.PRETRAINED_KEY[init],
+                                                            root, "r18"))
+    p = subprocess.run([sys.executable, "-m", "muscle_hpc.report", str(root)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    with open(root / "report" / "table2.csv") as f:
+        rows = {(r["backbone"], r["init"]): r for r in csv.DictReader(f)}
+    assert {bb for bb, _ in rows} == {"r18"}, rows
+    assert {init for (_, init), r in rows.items() if r["pneumonia_n"]} == set(inits), rows
+    markdown = (root / "report" / "table2.md").read_text().splitlines()
+    for init, name in report.INITS.items():  # "—": no result
+        row = next(line for line in markdown if line.startswith(f"| ResNet-18 | {name} |"))
+        assert (row.split("|")[3].strip() != "—") == (init in inits), row
+    assert "r18" not in (root / "report" / "table3.csv").read_text()  # no lung or TBX run
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_sh_runs_the_whole_pipeline_then_the_report(moco_shards, task_shards, tmp_path,
+                                                            cancel_after):
     root = tmp_path / "run"
-    one_cpu = "--nodes=1 --ntasks-per-node=1 --cpus-per-task=1"
-    # Held: wiring is what is checked here (the whole pipeline takes too long for a test).
-    env = dict(job_env(), MUSCLE_SBATCH=f"--hold --output={tmp_path}/%x-%j.out",
-               MDMOCO_SBATCH=one_cpu, CL_SBATCH=one_cpu)
+    # The job scripts ask for GPUs; SBATCH_GPUS_PER_NODE=0 (read by sbatch) is the CPU path.
+    env = dict(job_env(), SBATCH_GPUS_PER_NODE="0",
+               MUSCLE_SBATCH=f"--nodes=1 --ntasks-per-node=1 --cpus-per-task=1 "
+                             f"--output={tmp_path}/%x-%j.out")
+    index = GRID.index(("pneumonia", "muscle--", "r18"))
     p = subprocess.run(["bash", "slurm/pipeline.sh", "--backbone", "r18", "--root", str(root),
-                        "--data-root", str(task_shards),
-                        "--mdmoco-config", "configs/mdmoco_demo.yaml",
-                        "--cl-config", "configs/continual_demo.yaml",
-                        "--finetune-config", "configs/finetune_demo.yaml",
-                        "--cl-override", "run.visit_steps=2", "run.log_every_steps=1"],
+                        "--array", str(index), *tiny_stages(moco_shards, task_shards)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     ids = re.findall(r" (?:job|array) (\d+)", p.stdout)
     cancel_after.extend(ids)
     assert p.returncode == 0 and len(ids) == 4, p.stdout + p.stderr
-    assert_pipeline_wiring(ids, root, sbatch_command)
-    assert {GRID[i][2] for i in range(20)} == {"r18"}  # the array's indices 0-19
-    assert "run.visit_steps=2" in sbatch_command(ids[1])
-    assert "run.visit_steps" not in sbatch_command(ids[0])
+    assert_chained(ids)
+    states = wait_pipeline(ids, timeout=540)
+    logs = "".join(f.read_text()[-2000:] for f in sorted(tmp_path.glob("*.out")))
+    assert states == dict.fromkeys([*ids[:3], f"{ids[3]}_{index}"], "COMPLETED"), logs
+    assert_pipeline_ran(root, ["muscle--"])
 
 
-def test_launch_all_checks_every_stage_then_chains_them(moco_shards, task_shards, fake_inputs,
-                                                        tmp_path, cancel_after):
+@pytest.mark.timeout(600)
+def test_launch_without_stage_runs_the_whole_pipeline_then_the_report(
+        moco_shards, task_shards, tmp_path, cancel_after):
     root = tmp_path / "run"
-    args = ["--stage", "all", "--backbone", "r18", "--root", str(root), "--time", "10",
-            "--mdmoco-config", str(CONFIGS / "mdmoco_demo.yaml"),
-            "--cl-config", str(CONFIGS / "continual_demo.yaml"),
-            "--finetune-config", str(CONFIGS / "finetune_demo.yaml"),
-            "--mdmoco-override", f"data.root={moco_shards}",
-            "--mdmoco-override", "data.datasets=nih,shenzhen",
-            "--mdmoco-override", "data.batch_size=8", "--mdmoco-override", "model.K=32",
-            "--mdmoco-override", "run.monitor_every_steps=0",  # no task sets in moco_shards
-            "--cl-override", f"data.root={task_shards}",
-            "--finetune-override", f"data.root={task_shards}", "run.log_every_steps=1"]
+    args = ["--backbone", "r18", "--root", str(root), "--time", "10", *CPU_LAUNCH,
+            "--tasks", "pneumonia", *tiny_stages(moco_shards, task_shards)]
 
-    before = all_jobs()
+    before = all_jobs()  # every stage is checked before anything is submitted
     p = launch(*args, env=job_env(tmp_path / "no_torch_home"), cancel=cancel_after)
     assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stdout + p.stderr
     assert "pretrained.imagenet: no ImageNet resnet18 weights" in p.stderr
-    assert all_jobs() <= before and not root.exists()  # nothing submitted
+    assert all_jobs() <= before and not root.exists()
 
-    p = launch(*args, env=job_env(fake_inputs[1]), cancel=cancel_after)
-    ids = submitted_ids(p.stdout)
-    assert p.returncode == 0 and len(ids) == 4, p.stdout + p.stderr
-    assert "finetune array" in p.stdout and "(20 element(s))" in p.stdout
-    command = submitit_command(root / "submitit")
-    assert_pipeline_wiring(ids, root, command)
-    elements = [command(ids[3], i).split() for i in range(20)]  # the grid's r18 half
-    assert {tuple(a[a.index(flag) + 1] for flag in ("--task", "--init", "--backbone"))
-            for a in elements} == set(GRID[:20])
+    inits = ["mdmoco", "muscle"]
+    proc = subprocess.Popen([sys.executable, "-m", "muscle_hpc.launch", *args, "--inits",
+                             ",".join(inits), "--wait"], cwd=ROOT, env=job_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = ""
+        for line in proc.stdout:  # the submissions, read while the jobs wait on each other
+            out += line
+            if len(submitted_ids(out)) == 4:
+                break
+        ids = submitted_ids(out)
+        cancel_after.extend(ids)
+        assert out.splitlines()[0] == (
+            f"launch: no --stage given: running the whole pipeline (all) for r18 under {root}/ "
+            f"with {CONFIGS / 'mdmoco_demo.yaml'}, {CONFIGS / 'continual_demo.yaml'}, "
+            f"{CONFIGS / 'finetune_demo.yaml'}; on CPU"), out
+        assert len(ids) == 4 and "finetune array" in out and "(2 element(s))" in out, out
+        assert_chained(ids)
+        rest, _ = proc.communicate(timeout=540)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + rest
+    assert "finished (2 elements)" in rest
+    assert_pipeline_ran(root, inits)

@@ -21,10 +21,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..datasets import NAMES  # a writer per converter plug-in, in its order
 from . import anatomy as A
 
-NAMES = ("nih", "shenzhen", "montgomery", "indiana", "boneage", "pneumonia", "mura",
-         "chestmasks", "tbx11k")
 FOLDERS = {"nih": "ChestX-ray14", "shenzhen": "ChinaSet_AllFiles", "montgomery": "MontgomerySet",
            "indiana": "OpenI", "boneage": "rsna-bone-age", "pneumonia": "chest_xray",
            "mura": "MURA-v1.1", "chestmasks": "Lung Segmentation", "tbx11k": "TBX11K"}

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import DATASETS
+from .. import registry
 from .loaders import TaskLoader, TwoViewLoader
 from .shards import ShardError, open_shard, pretrain_shards, read_manifest
 
-TASKS = (("pneumonia", "classification"), ("mura", "classification"),
-         ("chestmasks", "segmentation"), ("tbx11k", "detection"))
+# (dataset, kind) of each task set, once per set, in the tasks' order.
+TASKS = tuple(dict.fromkeys((t.dataset, t.kind) for t in registry.TASKS.values()))
 
 
 def _timed(loader) -> tuple[int, int, float, object]:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
     try:
-        present = [d for d in DATASETS if (args.data / d / "manifest.json").is_file()]
+        present = [d for d in registry.DATASETS if (args.data / d / "manifest.json").is_file()]
         if not present:
             raise ShardError(f"no converted dataset in {args.data}")
         print(f"{'dataset':<11} {'train':>6} {'valid':>6} {'test':>6} {'extra':>6} {'rejects':>8}"

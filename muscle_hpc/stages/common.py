@@ -1,19 +1,25 @@
-"""What every stage's entry point does the same way: its command line, its one-line errors,
-reading a pre-trained backbone, and going on from a rolling checkpoint."""
+"""What every stage's entry point does the same way: its command line, its one-line errors, its
+prelude (checkpoint, rendezvous, lock, provenance), reading a pre-trained backbone."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torchvision
 
-from muscle_hpc import checkpoint, config, dist
+from muscle_hpc import checkpoint, config, dist, provenance, runlock
 from muscle_hpc.config import ConfigError
-from muscle_hpc.engine import select_kernels
+from muscle_hpc.data.shards import ShardError
+from muscle_hpc.engine import RollingCheckpoint, StageError, Start, select_kernels
 from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
+
+T = TypeVar("T")
 
 
 def parse_args(stage: str, doc: str, argv, example: str, *, config_default=None,
@@ -34,36 +40,72 @@ def fail(stage: str, message: str) -> int:
     return 2
 
 
-def join(stage: str, env, deterministic: bool) -> None:
+def main(stage: str, body: Callable[[], int]) -> int:
+    """``body()``, the stage's start and run; a refused start (config, shards, checkpoint, GPU,
+    run-directory lock) is one line on stderr and exit status 2, never a traceback."""
+    try:
+        return body()
+    except (ConfigError, ShardError, StageError) as e:
+        return fail(stage, str(e))
+
+
+@contextmanager
+def started(stage: str, cfg, env: dist.DistEnv, on_cuda: bool, run_dir: Path,
+            may_change: tuple[str, ...]) -> Iterator[Start]:
+    """The prelude every stage runs once its config and inputs are checked: a start without a
+    GPU refused unless ``run.allow_cpu``, the run directory's rolling checkpoint read and
+    checked against ``cfg`` (keys starting with one of ``may_change`` may differ) before any
+    rendezvous, the GPU kernels chosen (``run.deterministic``), the process group joined, the
+    run directory locked by rank 0 (``runlock``: refused while another live run holds it, on
+    every rank, so all stop at once instead of waiting in a collective for a rank 0 that
+    left), and every rank's host and GPU gathered for the provenance record. Leaving it
+    releases the lock and the process group."""
+    config.check_device(cfg, on_cuda)
+    ckpt = RollingCheckpoint(run_dir, env.rank, env.world_size)
+    try:
+        resumed = ckpt.load(config.to_dict(cfg), may_change)
+    except ValueError as e:
+        raise StageError(str(e)) from None
+    join(env, cfg.run.deterministic)
+    lock, new_dir = None, not run_dir.exists()
+    try:
+        lock = agreed(lambda: runlock.acquire(run_dir, log=lambda s: print(s, flush=True))
+                      if env.rank == 0 else None)
+        if lock is not None:
+            lock.keep_alive()
+        ranks = dist.gather_objects([provenance.this_rank()])
+        yield Start(stage, env, on_cuda, ckpt, resumed, lock, ranks)
+    finally:
+        if lock is not None:
+            lock.release()
+            if new_dir:  # a start refused after the lock leaves no empty run directory behind
+                with suppress(OSError):
+                    run_dir.rmdir()
+        dist.shutdown()
+
+
+def agreed(action: Callable[[], T]) -> T:
+    """``action()`` on every rank; when it refuses (``ValueError``, e.g. a lock held by another
+    run) on any rank, every rank raises that rank's one line as a ``StageError``."""
+    result, refused = None, ""
+    try:
+        result = action()
+    except ValueError as e:
+        refused = str(e)
+    refusals = [r for r in dist.gather_objects([refused]) if r]
+    if refusals:
+        raise StageError(refusals[0])
+    return result
+
+
+def join(env, deterministic: bool) -> None:
     """Choose the GPU kernels (``run.deterministic``) and join the process group; a rank that
-    cannot tell its GPU stops the stage with one line and status 2."""
+    cannot tell its GPU refuses the start (``StageError``)."""
     select_kernels(deterministic)
     try:
         dist.init_distributed(env)
     except dist.DeviceError as e:
-        raise SystemExit(fail(stage, str(e))) from None
-
-
-def resume_or_start(stage: str, ckpt, resumed, engine, model, layout: dict, cfg) -> dict:
-    """The shared state of ``ckpt`` (a ``RollingCheckpoint``) that training goes on from:
-    for a resumed run, restored into ``engine``, ``model`` and the RNGs once ``layout`` (how the
-    data splits into steps, saved with every checkpoint) is found unchanged; ``{}`` for a new
-    run, whose directory rank 0 creates with its ``config.yaml``. A changed layout (other shards,
-    another step limit) cannot go on from the checkpoint: the stage exits with status 2 and one
-    line."""
-    if not resumed:
-        if ckpt.rank == 0:
-            ckpt.run_dir.mkdir(parents=True, exist_ok=True)
-            config.dump_yaml(cfg, ckpt.run_dir / "config.yaml")
-        return {}
-    for key, now in layout.items():
-        if resumed[0][key] != now:
-            raise SystemExit(fail(stage, f"{ckpt.path}: {key} was {resumed[0][key]}, is {now} "
-                                         f"now (the shards or a step limit changed); undo that "
-                                         f"or use a new run directory"))
-    shared = ckpt.restore_training(engine, resumed)
-    model.load_state_dict(shared["model"])
-    return shared
+        raise StageError(str(e)) from None
 
 
 def backbone_weights(path: str, arch: str, key: str, missing_hint: str) -> dict:

@@ -19,21 +19,19 @@ from __future__ import annotations
 import json
 import sys
 import zlib
-from contextlib import closing
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from muscle_hpc import checkpoint, config, dist, schedule
+from muscle_hpc import checkpoint, config, dist, registry, schedule
 from muscle_hpc.data.loaders import task_loader
-from muscle_hpc.data.shards import ShardError, open_shard
+from muscle_hpc.data.shards import open_shard
 from muscle_hpc.engine import (
-    RollingCheckpoint,
-    StepTimer,
-    StopOnSignal,
+    StageError,
+    TrainLoop,
     base_optimizer,
     deepspeed_engine,
-    grad_norm,
     reset_optimizer_state,
 )
 from muscle_hpc.evaluate import evaluate
@@ -43,17 +41,12 @@ from muscle_hpc.models.norm import sync_batchnorm
 from muscle_hpc.regularizers import L2SP
 from muscle_hpc.stages import common
 from muscle_hpc.tasks import TASKS
-from muscle_hpc.tblog import RunLogger
 
 RESUMABLE_CHANGES = ("run.", "data.num_workers")
 
 
 def parse_args(argv):
     return common.parse_args("continual", __doc__, argv, "cl.rounds=5")
-
-
-def fail(message: str) -> int:
-    return common.fail("continual", message)
 
 
 def init_weights(cfg) -> dict | None:
@@ -66,11 +59,12 @@ def init_weights(cfg) -> dict | None:
 
 
 def prepare(config_path, overrides, world_size: int, on_cuda: bool):
-    """Config, shards (``{task: {split: Shard}}``) and initial backbone weights, checked for
-    ``world_size`` ranks before any process group or Slurm job exists."""
+    """Config, shards (``{task: {split: Shard}}``), initial backbone weights and the DeepSpeed
+    config, checked for ``world_size`` ranks before any process group or Slurm job exists."""
     cfg = config.load(config_path, overrides, config.ContinualConfig)
     config.check_continual(cfg, world_size)
-    config.deepspeed_config(cfg, world_size, on_cuda, batch_size=max_batch(cfg))
+    ds_config = config.deepspeed_config(cfg, world_size, on_cuda,
+                                        batch_size=max(cfg.batch_size(t) for t in cfg.data.tasks))
     shards = {}
     for name in cfg.data.tasks:
         task = TASKS[name]
@@ -81,29 +75,19 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool):
                         for s in ("train", "valid")}
         for shard in shards[name].values():
             task.check(shard)
-    return cfg, shards, init_weights(cfg)
-
-
-def max_batch(cfg) -> int:
-    return max(cfg.batch_size(t) for t in cfg.data.tasks)
+    return cfg, shards, init_weights(cfg), ds_config
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = dist.dist_env()
-    on_cuda = torch.cuda.is_available()
-    try:
-        cfg, shards, init = prepare(args.config, args.overrides, env.world_size, on_cuda)
-    except (config.ConfigError, ShardError) as e:
-        return fail(str(e))
-    ds_config = config.deepspeed_config(cfg, env.world_size, on_cuda, batch_size=max_batch(cfg))
-    ckpt = RollingCheckpoint(Path(cfg.run.dir), env.rank, env.world_size)
-    try:
-        resumed = ckpt.load(config.to_dict(cfg), RESUMABLE_CHANGES)
-    except ValueError as e:
-        return fail(str(e))
-    common.join("continual", env, cfg.run.deterministic)
-    try:
+    return common.main("continual", lambda: run(args))
+
+
+def run(args) -> int:
+    env, on_cuda = dist.dist_env(), torch.cuda.is_available()
+    cfg, shards, init, ds_config = prepare(args.config, args.overrides, env.world_size, on_cuda)
+    with common.started("continual", cfg, env, on_cuda, Path(cfg.run.dir),
+                        RESUMABLE_CHANGES) as start:
         def loader(t, split):
             return task_loader(shards[t][split], cfg.batch_size(t) // env.world_size,
                                TASKS[t], cfg.data, train=split == "train",
@@ -111,9 +95,7 @@ def main(argv=None) -> int:
 
         loaders = {t: loader(t, "train") for t in cfg.data.tasks}
         val = {t: loader(t, "valid") for t in cfg.data.tasks} if cfg.run.validate else {}
-        return train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda)
-    finally:
-        dist.shutdown()
+        return train(cfg, start, loaders, val, init, ds_config)
 
 
 def plan(cfg, loaders) -> list[dict]:
@@ -128,9 +110,8 @@ def plan(cfg, loaders) -> list[dict]:
     return visits
 
 
-def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> int:
-    run_dir, rank, tasks = ckpt.run_dir, env.rank, cfg.data.tasks
-    device = dist.train_device()
+def train(cfg, start, loaders, val, init, ds_config) -> int:
+    tasks, device, on_cuda = cfg.data.tasks, dist.train_device(), start.on_cuda
     bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
     torch.manual_seed(cfg.run.seed)
     trunk = build_backbone(cfg.model.arch)
@@ -139,7 +120,7 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
     channels = trunk_channels(cfg.model.arch)
     heads = {t: TASKS[t].head(channels, cfg.model) for t in tasks}
     net = MultiTaskNet(trunk, heads).to(device)
-    if env.world_size > 1 and cfg.model.sync_bn:
+    if start.env.world_size > 1 and cfg.model.sync_bn:
         sync_batchnorm(net, on_cuda)
     wd = cfg.optim.weight_decay
     # Each group's LR and weight decay are set before every step (set_lr).
@@ -147,57 +128,49 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
     groups += [{"params": list(net.heads[t].parameters()), "role": t} for t in tasks]
     engine = deepspeed_engine(net, groups, ds_config, momentum=cfg.optim.momentum,
                               weight_decay=wd)
-    sharded = engine.zero_optimization_stage() > 0
     # MUSCLE--'s anchor (λ = 0) pulls nothing; it measures the drift the ablation lets happen.
     l2sp = L2SP(base_optimizer(engine), cfg.cl.l2sp_alpha,
-                cfg.cl.l2sp_weight if cfg.muscle else 0.0, partitioned=sharded)
+                cfg.cl.l2sp_weight if cfg.muscle else 0.0,
+                partitioned=engine.zero_optimization_stage() > 0)
     # Under MUSCLE, eq. 2's (1 - α)‖w‖² is the backbone's weight decay.
     decay = {"backbone": l2sp.weight_decay if cfg.muscle else wd, **{t: wd for t in tasks}}
 
     spread = dist.spread([len(loaders[t]) for t in tasks])
     if any(lo != hi for lo, hi in spread):
-        raise SystemExit(fail(f"ranks disagree on steps per epoch ({spread}): the loader must "
-                              f"give every rank as many"))
+        raise StageError(f"ranks disagree on steps per epoch ({spread}): the loader must give "
+                         f"every rank as many")
     visits = plan(cfg, loaders)
     # Every rank derives the plan alone (no broadcast); nodes with another numpy could draw
     # other orders and then deadlock in mismatched collectives, so compare once.
     (lo, hi), = dist.spread([zlib.crc32(json.dumps(visits).encode())])
     if lo != hi:
-        raise SystemExit(fail("ranks computed different visit orders (different numpy "
-                              "versions on the nodes?)"))
+        raise StageError("ranks computed different visit orders (different numpy versions on "
+                         "the nodes?)")
     total = sum(v["steps"] for v in visits)
+    end = min(total, cfg.run.max_steps or total)
     steps_of = {t: min(len(loaders[t]), cfg.run.visit_steps or len(loaders[t])) for t in tasks}
-    layout = {"steps_of": steps_of}
-    shared = common.resume_or_start("continual", ckpt, resumed, engine, net, layout, cfg)
-    step, matrix, ended = shared.get("step", 0), shared.get("matrix", []), shared.get("ended", [])
-    if rank == 0:
-        print(f"continual: {cfg.cl.method}, {env.world_size} rank(s), {len(visits)} visits "
-              f"({cfg.cl.rounds} rounds x {len(tasks)} tasks), {total} steps, "
-              f"{'resuming at step ' + str(step) if resumed else 'new run'} in {run_dir}",
-              flush=True)
-        for t in tasks:
-            if cfg.data.synthetic:
-                break
-            unused = getattr(TASKS[t], "unused_categories", lambda _: [])(loaders[t].shard)
-            if unused:
-                print(f"continual: {t}: boxes of {', '.join(unused)} are not learned or "
-                      f"scored (not one of {', '.join(TASKS[t].classes.values())})", flush=True)
-
-    saved_at = [step if resumed else -1]
-
-    def save():
-        saved_at[0] = step
-        shared = {"model": net.state_dict(), "config": config.to_dict(cfg),
-                  **layout, "matrix": matrix, "ended": ended}
-        ckpt.save_training(step, engine, shared)  # the anchor is in the optimizer state
-        log.flush()
+    matrix, ended = [], []
+    # the anchor is in the optimizer state
+    loop = TrainLoop("continual", cfg, start, engine, net, {"steps_of": steps_of},
+                     total=total, end=end, state=lambda: {"matrix": matrix, "ended": ended})
+    matrix += loop.shared.get("matrix", [])
+    ended += loop.shared.get("ended", [])
+    loop.say(f"continual: {cfg.cl.method}, {start.env.world_size} rank(s), {len(visits)} visits "
+             f"({cfg.cl.rounds} rounds x {len(tasks)} tasks), {total} steps, "
+             f"{'resuming at step ' + str(loop.step) if loop.resumed else 'new run'} in "
+             f"{start.ckpt.run_dir}")
+    for t in [] if cfg.data.synthetic else tasks:
+        unused = getattr(TASKS[t], "unused_categories", lambda _: [])(loaders[t].shard)
+        if unused:
+            loop.say(f"continual: {t}: boxes of {', '.join(unused)} are not learned or scored "
+                     f"(not one of {', '.join(TASKS[t].classes.values())})")
 
     def set_lr(visit, task):
         if cfg.muscle:  # eq. 1 within the visit
-            lr = schedule.cyclic_cosine(step - visit["start"], cfg.optim.period_visits *
+            lr = schedule.cyclic_cosine(loop.step - visit["start"], cfg.optim.period_visits *
                                         visit["steps"], cfg.optim.lr_max, cfg.optim.lr_min)
         else:
-            lr = schedule.cosine(step, total, cfg.optim.lr_max, final_lr=cfg.optim.lr_min)
+            lr = schedule.cosine(loop.step, total, cfg.optim.lr_max, final_lr=cfg.optim.lr_min)
         for g in engine.optimizer.param_groups:
             active = g["role"] in ("backbone", task)
             g["lr"] = lr if active else 0.0
@@ -205,102 +178,81 @@ def train(cfg, env, loaders, val, init, ds_config, ckpt, resumed, on_cuda) -> in
             g["weight_decay"] = decay[g["role"]] if active else 0.0
         return lr
 
-    log = RunLogger(run_dir / "tb", rank, purge_step=step + 1 if resumed else None)
-    stop = StopOnSignal()
-    timer = StepTimer()
-
-    def report(task, lr, loss, norm, batch_size):
-        loss = dist.mean(loss.detach().float())
+    def report(index: int, visit: dict) -> str:
         parts = l2sp.parts() if cfg.muscle else None
         penalty = parts["pull"] + parts["decay"] if parts else None
-        images_per_s, wait = timer.window(batch_size)
-        log.scalars(step, "train/", lr=lr, l2sp=penalty, images_per_s=images_per_s,
-                    data_wait=wait, grad_norm=norm)
-        log.scalars(step, f"train/{task}/", loss=loss)
-        if rank == 0:
-            print(f"step {step}/{total} {task} loss {loss:.4f} "
-                  + (f"l2sp {penalty:.4f} " if cfg.muscle else "")
-                  + f"lr {lr:.5f} img/s {images_per_s:.1f} wait {wait:.0%}", flush=True)
+        loop.log.scalars(loop.step, "train/", l2sp=penalty, round=visit["round"] + 1,
+                         visit=index + 1)
+        return f"l2sp {penalty:.4f} " if cfg.muscle else ""
 
     def end_visit(index, visit):
         """How far the visit moved the backbone from its anchor, and eq. 2's two terms."""
         parts = l2sp.parts() if cfg.muscle else {"drift": l2sp.norms()[0]}
         ended.append({"visit": index, "round": visit["round"], "task": visit["task"],
-                      "step": step, **parts})
-        log.scalars(index + 1, "visit/", **parts)
-        if rank == 0:
-            checkpoint.save_json(run_dir / "visits.json", ended)
-            print(f"continual: visit {index + 1} ({visit['task']}) ended: backbone drift "
-                  f"|w - w0| {parts['drift']:.4f}" + (
-                      f", L2-SP pull {parts['pull']:.4g}, decay {parts['decay']:.4g}"
-                      if cfg.muscle else ""), flush=True)
+                      "step": loop.step, **parts})
+        loop.log.scalars(index + 1, "visit/", **parts)
+        if start.env.rank == 0:
+            checkpoint.save_json(start.ckpt.run_dir / "visits.json", ended)
+        loop.say(f"continual: visit {index + 1} ({visit['task']}) ended: backbone drift "
+                 f"|w - w0| {parts['drift']:.4f}" + (
+                     f", L2-SP pull {parts['pull']:.4g}, decay {parts['decay']:.4g}"
+                     if cfg.muscle else ""))
 
     def validate(index, visit):
-        row = {"visit": index, "round": visit["round"], "trained": visit["task"], "step": step}
+        row = {"visit": index, "round": visit["round"], "trained": visit["task"],
+               "step": loop.step}
         for t in val:
             row[t] = evaluate(net, TASKS[t], val[t], device, cfg.eval, bf16)
-            log.scalars(step, f"val/{t}/", **row[t])
-            log.scalars(index + 1, "forgetting/", **{t: row[t][TASKS[t].headline]})
+            loop.log.scalars(loop.step, f"val/{t}/", **row[t])
+            loop.log.scalars(index + 1, "forgetting/", **{t: row[t][TASKS[t].headline]})
         matrix.append(row)
-        if rank == 0:
-            log.text("val/matrix", matrix_markdown(matrix, val), index + 1)
-            checkpoint.save_json(run_dir / "validation.json", matrix)
-            print(f"continual: after visit {index + 1} ({visit['task']}): " + ", ".join(
-                f"{t} {TASKS[t].headline} {row[t][TASKS[t].headline]:.3f}" for t in val),
-                flush=True)
+        if start.env.rank == 0:
+            loop.log.text("val/matrix", matrix_markdown(matrix, val), index + 1)
+            checkpoint.save_json(start.ckpt.run_dir / "validation.json", matrix)
+        loop.say(f"continual: after visit {index + 1} ({visit['task']}): " + ", ".join(
+            f"{t} {TASKS[t].headline} {row[t][TASKS[t].headline]:.3f}" for t in val))
 
-    end = min(total, cfg.run.max_steps or total)
-    try:
+    with loop:
         for index, visit in enumerate(visits):
             task, first = TASKS[visit["task"]], visit["start"]
             last = first + visit["steps"]
-            if first < end and step < last:
+            if first < end and loop.step < last:
                 net.train()
                 for name, head in net.heads.items():
                     head.requires_grad_(name == task.name)
-                if step == first:  # a new visit; a resumed one keeps its momentum and anchor
+                if loop.step == first:  # a new visit; a resumed one keeps momentum and anchor
                     reset_optimizer_state(engine)
                     l2sp.set_anchor()
-                timer.window(1)  # a fresh window: validation time is not data wait
-                batches = timer.timed(loaders[task.name].epoch_batches(visit["round"],
-                                                                       step - first))
-                with closing(batches):
+                loop.position = (f"round {visit['round'] + 1}/{cfg.cl.rounds} visit "
+                                 f"{index + 1}/{len(visits)} {task.name} ")
+                batches = loaders[task.name].epoch_batches(visit["round"], loop.step - first)
+                with loop.batches(batches) as batches:
                     for batch in batches:
                         lr = set_lr(visit, task.name)
                         images = batch["image"].to(device, non_blocking=True)
                         loss = engine(task.name, images, task.targets(batch, device))
-                        engine.backward(loss)  # eq. 2's gradient is added in the step
-                        logging_now = (step + 1) % cfg.run.log_every_steps == 0
-                        norm = grad_norm(engine) if logging_now and not sharded else None
-                        engine.step()
-                        step += 1
-                        if logging_now:
-                            report(task.name, lr, loss,
-                                   engine.get_global_grad_norm() if norm is None else norm,
-                                   cfg.batch_size(task.name))
-                        code = stop.save_or_stop(step % cfg.run.checkpoint_every_steps == 0,
-                                                 save, "continual", step, ckpt.path)
+                        # eq. 2's gradient is added in the optimizer step
+                        loop.train_step(loss, lr, cfg.batch_size(task.name),
+                                        partial(report, index, visit), f"train/{task.name}/")
+                        code = loop.end_step()
                         if code:
                             return code
-                        if step in (last, end):
+                        if loop.step in (last, end):
                             break
-            if step == last and len(ended) == index:
+            if loop.step == last and len(ended) == index:
                 end_visit(index, visit)
                 if val:
                     validate(index, visit)
-                save()
-            if step >= end:
+                loop.save()
+            if loop.step >= end:
                 break
-        if saved_at[0] != step:
-            save()
-    finally:
-        stop.restore()
-        log.close()
-    if rank == 0:
-        checkpoint.save(run_dir / "backbone_torchvision.pth", export_torchvision(net.backbone))
-        print(f"continual: {'done' if step == total else 'reached run.max_steps'}, {step} of "
-              f"{total} steps; torchvision backbone in {run_dir / 'backbone_torchvision.pth'}",
-              flush=True)
+        if loop.saved_at != loop.step:
+            loop.save()
+    if start.env.rank == 0:
+        path = registry.exported_backbone(start.ckpt.run_dir)
+        checkpoint.save(path, export_torchvision(net.backbone))
+        loop.say(f"continual: {'done' if loop.step == total else 'reached run.max_steps'}, "
+                 f"{loop.step} of {total} steps; torchvision backbone in {path}")
     return 0
 
 

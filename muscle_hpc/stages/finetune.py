@@ -28,30 +28,23 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from muscle_hpc import checkpoint, config, dist, schedule
+from muscle_hpc import checkpoint, config, dist, registry, schedule
 from muscle_hpc.data.loaders import subset_size, task_loader
-from muscle_hpc.data.shards import ShardError, open_shard
-from muscle_hpc.engine import (
-    RollingCheckpoint,
-    StepTimer,
-    StopOnSignal,
-    deepspeed_engine,
-    grad_norm,
-)
+from muscle_hpc.data.shards import open_shard
+from muscle_hpc.engine import StageError, TrainLoop, deepspeed_engine
 from muscle_hpc.evaluate import evaluate, evaluate_records
 from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
 from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
 from muscle_hpc.models.norm import sync_batchnorm
 from muscle_hpc.stages import common
 from muscle_hpc.tasks import TASKS
-from muscle_hpc.tblog import RunLogger
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune.yaml"
 RESUMABLE_CHANGES = ("run.", "data.num_workers", "eval.")
-GRID = [(t, i, b) for b in config.BACKBONES for t in config.TASK_NAMES for i in config.INITS]
-PRETRAINED_KEY = {"mdmoco": "mdmoco", "muscle": "muscle", "muscle--": "muscle_minus"}
-MADE_BY = {"mdmoco": "the MD-MoCo stage", "muscle": "the continual stage",
-           "muscle--": "the continual stage with cl.method=muscle--"}
+GRID = list(registry.GRID)
+# The inits that earlier stages write under run.root: their pretrained.<key>, their maker.
+PRETRAINED_KEY = {i.name: i.pretrained_key for i in registry.INITS.values() if i.made_by}
+MADE_BY = {i.name: i.made_by for i in registry.INITS.values() if i.made_by}
 
 
 class Selection(NamedTuple):
@@ -61,17 +54,17 @@ class Selection(NamedTuple):
 
     @property
     def arch(self) -> str:
-        return config.BACKBONES[self.backbone]
+        return registry.BACKBONES[self.backbone].arch
 
     @property
     def name(self) -> str:
-        return f"{self.task}_{self.backbone}_{self.init}"
+        return registry.finetune_name(self.task, self.backbone, self.init)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--task", choices=config.TASK_NAMES)
-    p.add_argument("--init", choices=config.INITS)
-    p.add_argument("--backbone", choices=tuple(config.BACKBONES))
+    p.add_argument("--task", choices=registry.TASK_NAMES)
+    p.add_argument("--init", choices=registry.INIT_NAMES)
+    p.add_argument("--backbone", choices=registry.BACKBONE_NAMES)
     p.add_argument("--grid-index", type=int, metavar="N",
                    help=f"element N of the grid (0-{len(GRID) - 1}; see --list) instead of "
                         f"--task/--init/--backbone: what a Slurm array index selects")
@@ -101,12 +94,8 @@ def selection(args) -> Selection:
     return Selection(*flags)
 
 
-def fail(message: str) -> int:
-    return common.fail("finetune", message)
-
-
 def output_dir(cfg, sel: Selection) -> Path:
-    return Path(cfg.run.root) / "finetune" / sel.name
+    return registry.finetune_dir(cfg.run.root, sel.task, sel.backbone, sel.init)
 
 
 def init_path(cfg, sel: Selection) -> str | None:
@@ -124,12 +113,14 @@ def init_path(cfg, sel: Selection) -> str | None:
 
 def prepare(config_path, overrides, world_size: int, on_cuda: bool, sel: Selection,
             produced_later: bool = False):
-    """Config, shards (``{split: Shard}``), the init's path and weights, checked for
-    ``world_size`` ranks before any process group or Slurm job exists. ``produced_later``: the
-    earlier stages' backbones are outputs of jobs not yet run; check only what exists now."""
+    """Config, shards (``{split: Shard}``), the init's path and weights, and the DeepSpeed
+    config, checked for ``world_size`` ranks before any process group or Slurm job exists.
+    ``produced_later``: the earlier stages' backbones are outputs of jobs not yet run; check
+    only what exists now."""
     cfg = config.load(config_path, overrides, config.FinetuneConfig)
     config.check_finetune(cfg, sel.task, world_size)
-    config.deepspeed_config(cfg, world_size, on_cuda, batch_size=cfg.task(sel.task).batch_size)
+    ds_config = config.deepspeed_config(cfg, world_size, on_cuda,
+                                        batch_size=cfg.task(sel.task).batch_size)
     task = TASKS[sel.task]
     shards = dict.fromkeys(("train", "valid", "test"))
     if not cfg.data.synthetic:
@@ -148,7 +139,7 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool, sel: Selecti
         key = f"pretrained.{PRETRAINED_KEY.get(sel.init, 'imagenet')}"
         hint = f"run {MADE_BY[sel.init]} first" if sel.init in MADE_BY else "see its docs"
         weights = common.backbone_weights(path, sel.arch, key, hint)
-    return cfg, shards, path, weights
+    return cfg, shards, path, weights, ds_config
 
 
 def main(argv=None) -> int:
@@ -157,37 +148,27 @@ def main(argv=None) -> int:
         for i, (t, init, b) in enumerate(GRID):
             print(f"{i:2d} {t:9s} {init:8s} {b}")
         return 0
-    env = dist.dist_env()
-    on_cuda = torch.cuda.is_available()
-    try:
-        sel = selection(args)
-        cfg, shards, path, init = prepare(args.config, args.overrides, env.world_size, on_cuda,
-                                          sel)
-    except (config.ConfigError, ShardError) as e:
-        return fail(str(e))
+    return common.main("finetune", lambda: run(args))
+
+
+def run(args) -> int:
+    env, on_cuda = dist.dist_env(), torch.cuda.is_available()
+    sel = selection(args)
+    cfg, shards, path, init, ds_config = prepare(args.config, args.overrides, env.world_size,
+                                                 on_cuda, sel)
     out = output_dir(cfg, sel)
     if args.check:
         where = f"index {GRID.index(tuple(sel))}: " if args.grid_index is not None else ""
         print(f"finetune: {where}task {sel.task}, init {sel.init} ({path or 'Kaiming'}), "
               f"backbone {sel.backbone}, {env.world_size} rank(s), output {out}", flush=True)
         return 0
-    ds_config = config.deepspeed_config(cfg, env.world_size, on_cuda,
-                                        batch_size=cfg.task(sel.task).batch_size)
-    ckpt = RollingCheckpoint(out, env.rank, env.world_size)
-    try:
-        resumed = ckpt.load(config.to_dict(cfg), RESUMABLE_CHANGES)
-    except ValueError as e:
-        return fail(str(e))
-    common.join("finetune", env, cfg.run.deterministic)
-    try:
+    with common.started("finetune", cfg, env, on_cuda, out, RESUMABLE_CHANGES) as start:
         per_rank = cfg.task(sel.task).batch_size // env.world_size
         loaders = {split: task_loader(shard, per_rank, TASKS[sel.task], cfg.data,
                                       train=split == "train", device=dist.train_device(),
                                       fraction=cfg.data.train_fraction if split == "train" else 1)
                    for split, shard in shards.items()}
-        return train(cfg, env, sel, loaders, (path, init), ds_config, ckpt, resumed, on_cuda)
-    finally:
-        dist.shutdown()
+        return train(cfg, start, sel, loaders, (path, init), ds_config)
 
 
 def better(score: float, best: dict | None) -> bool:
@@ -197,9 +178,9 @@ def better(score: float, best: dict | None) -> bool:
     return not math.isnan(score) and (math.isnan(best["score"]) or score > best["score"])
 
 
-def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> int:
-    out, rank, task, tcfg = ckpt.run_dir, env.rank, TASKS[sel.task], cfg.task(sel.task)
-    device = dist.train_device()
+def train(cfg, start, sel, loaders, init, ds_config) -> int:
+    out, rank, task, tcfg = start.ckpt.run_dir, start.env.rank, TASKS[sel.task], cfg.task(sel.task)
+    device, on_cuda = dist.train_device(), start.on_cuda
     bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
     torch.manual_seed(cfg.run.seed)
     trunk = build_backbone(sel.arch)
@@ -208,86 +189,62 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
         load_imagenet_into(trunk, init_state)
     channels = trunk_channels(sel.arch)
     net = MultiTaskNet(trunk, {task.name: task.head(channels, cfg.model)}).to(device)
-    if env.world_size > 1 and cfg.model.sync_bn:
+    if start.env.world_size > 1 and cfg.model.sync_bn:
         sync_batchnorm(net, on_cuda)
     engine = deepspeed_engine(net, [{"params": list(net.parameters())}], ds_config,
                               momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
     (lo, hi), = dist.spread([len(loaders["train"])])
     if lo != hi:
-        raise SystemExit(fail(f"ranks disagree on steps per epoch ({lo} vs {hi})"))
+        raise StageError(f"ranks disagree on steps per epoch ({lo} vs {hi})")
     per_epoch = min(lo, cfg.run.max_steps_per_epoch or lo)
     total = tcfg.epochs * per_epoch
-    layout = {"per_epoch": per_epoch}
-    shared = common.resume_or_start("finetune", ckpt, resumed, engine, net, layout, cfg)
-    step, history, best = shared.get("step", 0), shared.get("history", []), shared.get("best")
-    if rank == 0:
-        print(f"finetune: {sel.task} from {sel.init} ({init_file or 'Kaiming init'}), "
-              f"{sel.arch}, {env.world_size} rank(s), {tcfg.epochs} epochs x {per_epoch} steps, "
-              f"{'resuming at step ' + str(step) if resumed else 'new run'} in {out}", flush=True)
-        unused = [] if cfg.data.synthetic else getattr(
-            task, "unused_categories", lambda _: [])(loaders["train"].shard)
-        if unused:
-            print(f"finetune: {task.name}: boxes of {', '.join(unused)} are not learned or "
-                  f"scored (not one of {', '.join(task.classes.values())})", flush=True)
+    history, best = [], None
+    loop = TrainLoop("finetune", cfg, start, engine, net, {"per_epoch": per_epoch},
+                     total=total, end=total, state=lambda: {"history": history, "best": best})
+    history += loop.shared.get("history", [])
+    best = loop.shared.get("best")
+    loop.say(f"finetune: {sel.task} from {sel.init} ({init_file or 'Kaiming init'}), "
+             f"{sel.arch}, {start.env.world_size} rank(s), {tcfg.epochs} epochs x {per_epoch} "
+             f"steps, {'resuming at step ' + str(loop.step) if loop.resumed else 'new run'} in "
+             f"{out}")
+    unused = [] if cfg.data.synthetic else getattr(
+        task, "unused_categories", lambda _: [])(loaders["train"].shard)
+    if unused:
+        loop.say(f"finetune: {task.name}: boxes of {', '.join(unused)} are not learned or "
+                 f"scored (not one of {', '.join(task.classes.values())})")
 
-    def save():
-        ckpt.save_training(step, engine, {"model": net.state_dict(), "config": config.to_dict(cfg),
-                                          **layout, "history": history, "best": best})
-        log.flush()
-
-    log = RunLogger(out / "tb", rank, purge_step=step + 1 if resumed else None)
-    stop, timer = StopOnSignal(), StepTimer()
-    sharded = engine.zero_optimization_stage() > 0
-    try:
+    with loop:
         for epoch in range(tcfg.epochs):
             first, last = epoch * per_epoch, (epoch + 1) * per_epoch
             lr = tcfg.lr * cfg.optim.lr_gamma ** (epoch // tcfg.lr_step_epochs)
-            if step < last:
+            if loop.step < last:
                 schedule.set_lr(engine.optimizer, lr)
                 net.train()
-                timer.window(1)
-                batches = timer.timed(loaders["train"].epoch_batches(epoch, step - first))
-                try:
+                loop.position = f"epoch {epoch} "
+                batches = loaders["train"].epoch_batches(epoch, loop.step - first)
+                with loop.batches(batches) as batches:
                     for batch in batches:
                         images = batch["image"].to(device, non_blocking=True)
                         loss = engine(task.name, images, task.targets(batch, device))
-                        engine.backward(loss)
-                        logging_now = (step + 1) % cfg.run.log_every_steps == 0
-                        norm = grad_norm(engine) if logging_now and not sharded else None
-                        engine.step()
-                        step += 1
-                        if logging_now:
-                            loss = dist.mean(loss.detach().float())
-                            images_per_s, wait = timer.window(tcfg.batch_size)
-                            log.scalars(step, "train/", loss=loss, lr=lr,
-                                        images_per_s=images_per_s, data_wait=wait,
-                                        grad_norm=engine.get_global_grad_norm()
-                                        if norm is None else norm)
-                            if rank == 0:
-                                print(f"step {step}/{total} epoch {epoch} loss {loss:.4f} "
-                                      f"lr {lr:.5f} img/s {images_per_s:.1f}", flush=True)
-                        code = stop.save_or_stop(step % cfg.run.checkpoint_every_steps == 0,
-                                                 save, "finetune", step, ckpt.path)
+                        loop.train_step(loss, lr, tcfg.batch_size)
+                        code = loop.end_step()
                         if code:
                             return code
-                        if step == last:
+                        if loop.step == last:
                             break
-                finally:
-                    batches.close()
             if len(history) == epoch:  # not yet validated (also after a kill right here)
                 scores = evaluate(net, task, loaders["valid"], device, cfg.eval, bf16)
-                history.append({"epoch": epoch, "step": step, **scores})
-                log.scalars(step, "valid/", **scores)
+                history.append({"epoch": epoch, "step": loop.step, **scores})
+                loop.log.scalars(loop.step, "valid/", **scores)
                 if better(scores[task.headline], best):
                     best = {"epoch": epoch, "score": scores[task.headline], "valid": scores}
                     if rank == 0:
                         checkpoint.save(out / "best.pth", net.state_dict())
-                if rank == 0:
-                    print(f"finetune: epoch {epoch} valid " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in scores.items()) +
-                        (" (best)" if best["epoch"] == epoch else ""), flush=True)
-                save()
+                loop.say(f"finetune: epoch {epoch} valid " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in scores.items()) +
+                    (" (best)" if best["epoch"] == epoch else ""))
+                loop.save()
         dist.barrier()
         net.load_state_dict(checkpoint.load(out / "best.pth"))
         keeper = (SampleKeeper(cfg.eval.samples, cfg.data.mean, cfg.data.std)
@@ -302,18 +259,15 @@ def train(cfg, env, sel, loaders, init, ds_config, ckpt, resumed, on_cuda) -> in
                        "test": {**scores, "n": len(records)}, **extra,
                        "init_weights": init_file, "history": history}
             checkpoint.save_json(out / "results.json", results)
-            log.scalars(step, "test/", **{k: v for k, v in scores.items()
-                                          if isinstance(v, float)})
-            log.text("test/results", "```\n" + json.dumps(results["test"], indent=1) + "\n```",
-                     step)
+            loop.log.scalars(loop.step, "test/", **{k: v for k, v in scores.items()
+                                                    if isinstance(v, float)})
+            loop.log.text("test/results", "```\n" + json.dumps(results["test"], indent=1) +
+                          "\n```", loop.step)
             if keeper is not None and keeper.kept["images"]:
                 keeper.save(out / "samples.npz")
-            print(f"finetune: {sel.name} test " + ", ".join(
-                f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)) +
-                f" (best epoch {best['epoch']}); {out / 'results.json'}", flush=True)
-    finally:
-        stop.restore()
-        log.close()
+        loop.say(f"finetune: {sel.name} test " + ", ".join(
+            f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)) +
+            f" (best epoch {best['epoch']}); {out / 'results.json'}")
     return 0
 
 

@@ -1,0 +1,233 @@
+"""The one place that says which datasets, tasks, inits and backbones there are, and where each
+stage's run lives under a run root.
+
+Config (choices, defaults, per-task sections), report (rows, columns, titles), the loaders'
+summary, the launcher, the fine-tune grid and the sbatch pipeline all read this module;
+``tests/test_registry.py`` fails when a copy it cannot read from here (YAMLs, data_prep's
+plug-ins, the task plug-ins, the scripts' comments) disagrees with it.
+
+Trade-offs:
+
+- Datasets are data_prep's list (``data_prep.datasets.NAMES``), not a second one: a dataset
+  exists once its converter does, and reading it here follows the data's direction (converter
+  -> shard -> loader); data_prep never imports muscle_hpc.
+- Tasks are named here rather than collected from ``muscle_hpc.tasks``: the plug-ins build
+  heads and metrics (torch, ~2 s to import), while the launcher, config and the shell scripts
+  need these names in milliseconds. The plug-ins keep the behaviour (head, targets, metrics);
+  an entry here carries only what light readers need (shard, kind, report columns, default
+  batch), and the test checks that plug-ins and entries agree.
+- Standard library only, so ``python -m muscle_hpc.registry`` runs on a login node with any
+  python3, before (or without) the training stack is installed.
+
+Run layout under a run root ``ROOT``, backbone ``BB`` (r18, r50)::
+
+    ROOT/mdmoco_BB/                    MD-MoCo; its export backbone_torchvision.pth
+    ROOT/continual_BB/                 MUSCLE (cl.method=muscle), from MD-MoCo's export
+    ROOT/continual_BB_muscle--/        MUSCLE⁻⁻ (cl.method=muscle--), the same
+    ROOT/finetune/TASK_BB_INIT/        one fine-tune of the grid
+
+For shell scripts, ``python -m muscle_hpc.registry layout --root ROOT --backbone BB`` prints
+that layout (and the backbone's default configs and grid indices) as ``KEY=VALUE`` lines:
+the value is the rest of the line, verbatim, so a script splits on the first ``=`` and never
+evaluates anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.datasets import NAMES
+
+
+@dataclass(frozen=True)
+class Task:
+    """What readers other than the stages need to know of a task (``muscle_hpc.tasks`` holds
+    the rest). ``metrics``: its test metrics in the paper's column order; ``headline``: the one
+    that picks the best epoch and init; ``batch_size``: the default global batch of the
+    continual and fine-tune stages (memory differs by kind: a detector's images cost most)."""
+
+    name: str
+    dataset: str
+    kind: str  # classification | segmentation | detection
+    title: str
+    metrics: tuple[str, ...]
+    headline: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Init:
+    """A fine-tune starting point. ``pretrained_key``: the ``pretrained.<key>`` field of the
+    fine-tune config that names its file (the init's own name is not an identifier for
+    ``muscle--``); ``made_by``: the stage that writes it under the run root, for inits that
+    this pipeline produces."""
+
+    name: str
+    title: str
+    pretrained_key: str | None = None
+    made_by: str | None = None
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str  # what --backbone, run directories and results.json say
+    arch: str  # torchvision's builder, model.arch
+    title: str
+
+
+# Every dataset, in data_prep's order: MD-MoCo's pre-training sets (the paper's all nine).
+DATASETS: tuple[str, ...] = NAMES
+# In the order of the grid, of the continual stage's fixed (MUSCLE⁻⁻) visits and of the report.
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("pneumonia", "pneumonia", "classification", "Pneumonia", ("acc", "sen", "spe", "auc"),
+         "auc", 32),
+    Task("mura", "mura", "classification", "MURA", ("acc", "sen", "spe", "auc"), "auc", 32),
+    Task("lung", "chestmasks", "segmentation", "Lung", ("dice", "miou"), "dice", 16),
+    Task("tbx", "tbx11k", "detection", "TBX", ("map", "ap_active", "ap_latent"), "map", 8),
+)}
+# In the paper's row order (Tables 2-3).
+INITS: dict[str, Init] = {i.name: i for i in (
+    Init("scratch", "Scratch"),
+    Init("imagenet", "ImageNet", "imagenet"),
+    Init("mdmoco", "MD-MoCo", "mdmoco", "the MD-MoCo stage"),
+    Init("muscle--", "MUSCLE⁻⁻", "muscle_minus", "the continual stage with cl.method=muscle--"),
+    Init("muscle", "MUSCLE", "muscle", "the continual stage"),
+)}
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (
+    Backbone("r18", "resnet18", "ResNet-18"),
+    Backbone("r50", "resnet50", "ResNet-50"),
+)}
+
+TASK_NAMES = tuple(TASKS)
+INIT_NAMES = tuple(INITS)
+BACKBONE_NAMES = tuple(BACKBONES)
+ARCHS = tuple(b.arch for b in BACKBONES.values())
+# The kNN monitor votes one class label per image: the classification tasks.
+KNN_TASKS = tuple(t.name for t in TASKS.values() if t.kind == "classification")
+# The continual stage's methods; the fine-tune inits of the same names start from their exports.
+CL_METHODS = ("muscle", "muscle--")
+
+# The fine-tune grid, (task, init, backbone) by array index: backbone-major, then task, then
+# init, so each backbone's elements are one contiguous range of Slurm array indices.
+GRID: tuple[tuple[str, str, str], ...] = tuple(
+    (t, i, b) for b in BACKBONE_NAMES for t in TASK_NAMES for i in INIT_NAMES)
+
+EXPORTED_BACKBONE = "backbone_torchvision.pth"  # a stage's torchvision state dict, in its run dir
+
+
+def grid_index(task: str, init: str, backbone: str) -> int:
+    """``backbone * len(TASKS) * len(INITS) + task * len(INITS) + init``, each by its
+    position in this module's order (slurm/finetune_array.sh states it with the numbers)."""
+    return ((BACKBONE_NAMES.index(backbone) * len(TASKS) + TASK_NAMES.index(task)) * len(INITS)
+            + INIT_NAMES.index(init))
+
+
+def grid_indices(backbone: str) -> range:
+    """The array indices of ``backbone``'s part of the grid."""
+    per_backbone = len(TASKS) * len(INITS)
+    first = BACKBONE_NAMES.index(backbone) * per_backbone
+    return range(first, first + per_backbone)
+
+
+# --- the run layout: pure naming, no check of the names, so that templates can be built by
+# passing "{root}" and "{backbone}" through (see pretrained_template).
+
+def mdmoco_dir(root: str | Path, backbone: str) -> Path:
+    return Path(root) / f"mdmoco_{backbone}"
+
+
+def continual_dir(root: str | Path, backbone: str, method: str = "muscle") -> Path:
+    """MUSCLE's run directory, or with ``method`` another method's, named after it."""
+    suffix = "" if method == "muscle" else f"_{method}"
+    return Path(root) / f"continual_{backbone}{suffix}"
+
+
+def finetune_root(root: str | Path) -> Path:
+    return Path(root) / "finetune"
+
+
+def finetune_name(task: str, backbone: str, init: str) -> str:
+    return f"{task}_{backbone}_{init}"
+
+
+def finetune_dir(root: str | Path, task: str, backbone: str, init: str) -> Path:
+    return finetune_root(root) / finetune_name(task, backbone, init)
+
+
+def exported_backbone(run_dir: str | Path) -> Path:
+    return Path(run_dir) / EXPORTED_BACKBONE
+
+
+def init_run_dir(root: str | Path, backbone: str, init: str) -> Path:
+    """The run directory whose export the fine-tune ``init`` starts from (an init the pipeline
+    makes: see ``Init.made_by``)."""
+    if init == "mdmoco":
+        return mdmoco_dir(root, backbone)
+    if init in CL_METHODS:
+        return continual_dir(root, backbone, init)
+    raise ValueError(f"{init!r} is not made under the run root (one of mdmoco, "
+                     f"{', '.join(CL_METHODS)})")
+
+
+def pretrained_template(init: str) -> str:
+    """The fine-tune config's default ``pretrained.<key>`` for ``init``, with the ``{root}``
+    and ``{backbone}`` placeholders the stage fills from ``run.root`` and ``--backbone``."""
+    return str(exported_backbone(init_run_dir("{root}", "{backbone}", init)))
+
+
+def default_config(stage: str, backbone: str) -> str:
+    """The config a stage of the pipeline uses for ``backbone`` unless told otherwise, relative
+    to the repository root. ``stage``: mdmoco, continual or finetune (one file for both)."""
+    if stage == "finetune":
+        return "configs/finetune.yaml"
+    if stage not in ("mdmoco", "continual"):
+        raise ValueError(f"stage {stage!r} is not one of mdmoco, continual, finetune")
+    return f"configs/{stage}_{backbone}.yaml"
+
+
+def layout(root: str | Path, backbone: str) -> dict[str, str]:
+    """What ``slurm/pipeline.sh`` needs for one backbone under ``root``: its run directories,
+    MD-MoCo's export (the continual stage's ``model.init``), the fine-tune root, the default
+    configs and the backbone's fine-tune array indices."""
+    indices = grid_indices(backbone)
+    return {
+        "MDMOCO_DIR": str(mdmoco_dir(root, backbone)),
+        "MDMOCO_EXPORT": str(exported_backbone(mdmoco_dir(root, backbone))),
+        "MUSCLE_DIR": str(continual_dir(root, backbone, "muscle")),
+        "MUSCLE_MINUS_DIR": str(continual_dir(root, backbone, "muscle--")),
+        "FINETUNE_ROOT": str(finetune_root(root)),
+        "FINETUNE_ARRAY": f"{indices.start}-{indices.stop - 1}",
+        "FINETUNE_ELEMENTS": str(len(indices)),
+        "MDMOCO_CONFIG": default_config("mdmoco", backbone),
+        "CL_CONFIG": default_config("continual", backbone),
+        "FINETUNE_CONFIG": default_config("finetune", backbone),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m muscle_hpc.registry",
+                                description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    lay = sub.add_parser("layout", help="one backbone's run layout as KEY=VALUE lines")
+    lay.add_argument("--root", default="runs")
+    lay.add_argument("--backbone", default="r50")
+    args = p.parse_args(argv)
+    # One line on stderr, no usage: the shell scripts pass it on as their own error.
+    if args.backbone not in BACKBONES:
+        print(f"registry: error: --backbone: {args.backbone} is not one of "
+              f"{', '.join(BACKBONE_NAMES)}", file=sys.stderr)
+        return 2
+    if "\n" in args.root:
+        print("registry: error: --root: a line break in a path would end its line",
+              file=sys.stderr)
+        return 2
+    for key, value in layout(args.root, args.backbone).items():
+        print(f"{key}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
