@@ -111,14 +111,16 @@ def deepspeed_engine(model: torch.nn.Module, params, ds_config: dict, *, momentu
 
 def grad_norm(engine) -> float:
     """The global L2 norm of the gradients of the step about to be taken, after the gradient
-    all-reduce. Call between ``engine.backward`` and ``engine.step``. ZeRO 1/2 compute it in
-    their step (``engine.get_global_grad_norm()`` afterwards); without ZeRO the gradients are
-    whole on every rank and are read here."""
+    all-reduce (0 when no parameter has one). Call between ``engine.backward`` and
+    ``engine.step``. ZeRO 1/2 compute it in their step (``engine.get_global_grad_norm()``
+    afterwards); without ZeRO the gradients are whole on every rank and are read here. Read at
+    every step (the non-finite check), so the per-tensor norms are one ``_foreach`` call rather
+    than a kernel per parameter."""
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     if not grads:
-        return float("nan")
-    return float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(g.float()) for g in grads])))
+        return 0.0
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 def optimizer_state(engine) -> dict:
