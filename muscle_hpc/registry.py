@@ -42,20 +42,72 @@ from pathlib import Path
 from data_prep.datasets import NAMES
 
 
+KINDS = ("classification", "multilabel", "regression", "segmentation", "detection")
+# A kind's headline metric unless a task names another: what picks the best epoch and init.
+HEADLINES = {"classification": "auc", "multilabel": "auc", "regression": "mae",
+             "segmentation": "dice", "detection": "map"}
+# Headline metrics where less is better (errors); every other metric is a score.
+LOWER_IS_BETTER = frozenset({"mae", "rmse"})
+
+
+def task_metrics(kind: str, classes: tuple[str, ...]) -> tuple[str, ...]:
+    """A task's test metrics, in its report columns' order, from its kind and class names
+    (``muscle_hpc.metrics`` returns these keys):
+
+    - classification, two classes: acc, sen, spe (of class 1, the finding), auc; more classes:
+      acc, auc (one-vs-rest, macro), then sen_C and spe_C of each class C;
+    - multilabel: auc (the mean over findings), then auc_C of each finding;
+    - regression: mae, rmse (in the target's unit);
+    - segmentation: dice and miou; with more than one foreground class, dice is their mean,
+      then dice_C of each (``classes[0]`` is the background);
+    - detection: map (the mean over box classes), then ap_C of each.
+    """
+    if kind == "classification":
+        if len(classes) == 2:
+            return ("acc", "sen", "spe", "auc")
+        return ("acc", "auc", *(f"{m}_{c}" for c in classes for m in ("sen", "spe")))
+    if kind == "multilabel":
+        return ("auc", *(f"auc_{c}" for c in classes))
+    if kind == "regression":
+        return ("mae", "rmse")
+    if kind == "segmentation":
+        return ("dice", "miou", *((f"dice_{c}" for c in classes[1:]) if len(classes) > 2 else ()))
+    if kind == "detection":
+        return ("map", *(f"ap_{c}" for c in classes))
+    raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+
+
 @dataclass(frozen=True)
 class Task:
-    """What readers other than the stages need to know of a task (``muscle_hpc.tasks`` holds
-    the rest). ``metrics``: its test metrics in the paper's column order; ``headline``: the one
-    that picks the best epoch and init; ``batch_size``: the default global batch of the
-    continual and fine-tune stages (memory differs by kind: a detector's images cost most)."""
+    """A task definition: the same keys a user's task has under ``tasks.<name>`` of a fine-tune
+    config (the four below are the paper's). ``dataset``: the converted dataset whose shards it
+    reads; ``classes``: class names in label order (segmentation: background first; detection:
+    the box classes, detector class k+1 = ``classes[k]``; regression: none); ``box_categories``:
+    detection only, the shard's box category id of each class (default 1..K: a box category not
+    listed is not learned); ``target``: regression only, the shard field it predicts;
+    ``batch_size``: the default global batch of the continual and fine-tune stages (memory
+    differs by kind: a detector's images cost most)."""
 
     name: str
     dataset: str
-    kind: str  # classification | segmentation | detection
+    kind: str
     title: str
-    metrics: tuple[str, ...]
-    headline: str
-    batch_size: int
+    classes: tuple[str, ...]
+    batch_size: int = 16
+    headline: str = ""  # empty: the kind's (HEADLINES)
+    box_categories: tuple[int, ...] = ()
+    target: str = "value"
+
+    def __post_init__(self):
+        if not self.headline:
+            object.__setattr__(self, "headline", HEADLINES.get(self.kind, ""))
+        if self.kind == "detection" and not self.box_categories:
+            object.__setattr__(self, "box_categories", tuple(range(1, len(self.classes) + 1)))
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Its test metrics in the report's column order (``task_metrics``)."""
+        return task_metrics(self.kind, self.classes)
 
 
 @dataclass(frozen=True)
@@ -82,11 +134,12 @@ class Backbone:
 DATASETS: tuple[str, ...] = NAMES
 # In the order of the grid, of the continual stage's fixed (MUSCLE⁻⁻) visits and of the report.
 TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("pneumonia", "pneumonia", "classification", "Pneumonia", ("acc", "sen", "spe", "auc"),
-         "auc", 32),
-    Task("mura", "mura", "classification", "MURA", ("acc", "sen", "spe", "auc"), "auc", 32),
-    Task("lung", "chestmasks", "segmentation", "Lung", ("dice", "miou"), "dice", 16),
-    Task("tbx", "tbx11k", "detection", "TBX", ("map", "ap_active", "ap_latent"), "map", 8),
+    Task("pneumonia", "pneumonia", "classification", "Pneumonia", ("normal", "pneumonia"), 32),
+    Task("mura", "mura", "classification", "MURA", ("negative", "positive"), 32),
+    Task("lung", "chestmasks", "segmentation", "Lung", ("background", "lung"), 16),
+    # TBX11K's third category (PulmonaryTuberculosis: activity undetermined) is neither class
+    # the paper scores: not learned, not evaluated, and the stages say so at start.
+    Task("tbx", "tbx11k", "detection", "TBX", ("active", "latent"), 8, box_categories=(1, 2)),
 )}
 # In the paper's row order (Tables 2-3).
 INITS: dict[str, Init] = {i.name: i for i in (

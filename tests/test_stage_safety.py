@@ -46,8 +46,12 @@ def test_a_second_launch_on_a_run_directory_in_use_is_refused_and_a_killed_ones_
             break
     lock = json.loads((out_dir(tmp_path) / "run.lock").read_text())
     assert lock["pid"] == holder[0].pid and lock["host"] == socket.gethostname()
+    # Paused (its lock stays fresh for 15 minutes), the holder leaves the 2 cores to the second
+    # launch, whose start would otherwise compete with two training ranks.
+    for p in holder:
+        p.send_signal(signal.SIGSTOP)
 
-    codes, outs = finish_ranks(start_ranks("finetune", 2, args), timeout=120)
+    codes, outs = finish_ranks(start_ranks("finetune", 2, args), timeout=300)
     assert codes == [2, 2], outs
     for out in outs:
         refusal = [line for line in out.splitlines() if "error" in line]
