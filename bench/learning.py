@@ -10,7 +10,7 @@ all nine training sets, the continual stage as MUSCLE and as MUSCLE-- from the M
 (each task visited for whole epochs, every task validated after every visit), then the
 fine-tune stage for every task x init x seed x training fraction: Scratch, MD-MoCo, MUSCLE--,
 MUSCLE, and ImageNet when torchvision's weights are in the torch hub cache. A fraction below 1
-trains on that share of each task's training split (``data.train_fraction``; the same subset
+trains on that share of each task's training split (the stage's ``--fraction``; the same subset
 for every init of a seed), the label-scarce setting where pre-training shows (MoCo-CXR).
 
 Prints, per task and fraction, the headline test metric (AUC, Dice, mAP) as mean and standard
@@ -151,14 +151,14 @@ class Plan:
     def finetune(self, task: str, init: str, seed: int, fraction: float) -> list[str]:
         e = self.ft_epochs
         return ["muscle_hpc.stages.finetune", "--task", task, "--init", init,
-                "--backbone", BACKBONE, "--config", str(CONFIGS / "finetune_demo.yaml"),
+                "--backbone", BACKBONE, "--fraction", f"{fraction:g}", "--config", str(CONFIGS / "finetune_demo.yaml"),
                 f"data.root={self.shards}", f"run.root={self.ft_root(seed, fraction)}",
                 *(f"pretrained.{registry.INITS[i].pretrained_key}="
                   f"{registry.exported_backbone(d)}"
                   for i, d in (("mdmoco", self.moco), *self.continual.items())),
                 f"tasks.{task}.epochs={e}", f"tasks.{task}.lr_step_epochs={max(1, e * 2 // 3)}",
                 f"tasks.{task}.batch_size={FT_BATCH[task]}", "run.max_steps_per_epoch=0",
-                f"run.seed={seed}", f"data.seed={seed}", f"data.train_fraction={fraction}",
+                f"run.seed={seed}", f"data.seed={seed}",
                 "eval.bootstrap=0", "eval.samples=0", "data.num_workers=1",
                 "run.checkpoint_every_steps=100000", "run.log_every_steps=50"]
 
@@ -166,8 +166,8 @@ class Plan:
         return self.runs / f"finetune_f{fraction:g}_s{seed}"
 
     def result(self, task: str, init: str, seed: int, fraction: float) -> Path:
-        return registry.finetune_dir(self.ft_root(seed, fraction), task, BACKBONE, init) / \
-            "results.json"
+        return registry.finetune_dir(self.ft_root(seed, fraction), task, BACKBONE, init,
+                                     fraction=fraction) / "results.json"
 
 
 def imagenet_present(plan: Plan) -> bool:

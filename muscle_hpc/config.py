@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ TASK_NAMES = registry.TASK_NAMES
 KNN_TASKS = registry.KNN_TASKS
 INITS = registry.INIT_NAMES
 BACKBONES = {b.name: b.arch for b in registry.BACKBONES.values()}  # r18 -> resnet18
+
+# What a name that becomes a directory may be (a task of the user's).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 # Values that look valid but are refused, each with its one-line reason.
 _FP16_WHY = ("fp16 is not supported: its loss scaler skips overflowing steps, which would still "
@@ -203,14 +207,6 @@ class TaskDataConfig:
 
 
 @dataclass(frozen=True)
-class FtDataConfig(TaskDataConfig):
-    # Train on this fraction of the training split: a random subset drawn with data.seed, the
-    # same for every init (label-scarce evaluation, as MoCo-CXR's 1-10 % settings). Valid and
-    # test stay whole. 1: the paper's (all of it).
-    train_fraction: float = opt(1.0, gt=0.0, hi=1.0)
-
-
-@dataclass(frozen=True)
 class ClDataConfig(TaskDataConfig):
     tasks: list[str] = opt(list(TASK_NAMES), choices=TASK_NAMES)  # MUSCLE⁻⁻ visits this order
 
@@ -343,14 +339,71 @@ _FT_ZERO3_WHY = ("ZeRO stage 3 is not supported: evaluation runs the model outsi
 
 @dataclass(frozen=True)
 class FtTask:
+    """One task of the fine-tune stage: how it trains, and, for a task that is not one of the
+    paper's four, what it is (its *definition*: the keys of ``registry.Task``). A paper task
+    takes its definition from the registry; any key given here replaces the registry's."""
     batch_size: int = opt(16, lo=1)  # global, over all ranks
     epochs: int = opt(20, lo=1)
     lr: float = opt(0.01, gt=0.0)
     lr_step_epochs: int = opt(10, lo=1)  # the LR is multiplied by optim.lr_gamma this often
+    # The definition (registry.Task): the converted dataset it reads, its kind and classes.
+    dataset: str = ""
+    kind: str = opt("", choices=("", *registry.KINDS))
+    classes: list[str] | None = None  # label order; segmentation: background first
+    title: str = ""  # the report's name for it (default: the task's name)
+    headline: str = ""  # the metric that selects the best epoch (default: the kind's)
+    box_categories: list[int] | None = None  # detection: the shard category id of each class
+    target: str = ""  # regression: the shard field it predicts (default: value)
 
 
-FtTasksConfig = per_task_section("FtTasksConfig", FtTask,
-                                 "Each task's fine-tune batch, epochs and learning rate.")
+def _default_ft_tasks() -> dict[str, FtTask]:
+    return {t.name: FtTask(batch_size=t.batch_size) for t in registry.TASKS.values()}
+
+
+_DEFINITION_KEYS = ("dataset", "kind", "classes", "title", "headline", "box_categories",
+                    "target")
+
+
+def task_definition(name: str, entry: FtTask) -> registry.Task:
+    """``tasks.<name>`` as a ``registry.Task``: the paper's definition with the keys the entry
+    sets, or the entry's own for a new task. Raises ``ConfigError`` on one that is incomplete
+    or contradicts itself (a kind without its classes, a headline the kind does not report)."""
+    given = {k: getattr(entry, k) for k in _DEFINITION_KEYS if getattr(entry, k)}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    key = f"tasks.{name}"
+    if not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"{key}: a task name is letters, digits, '_' and '-' (it names run "
+                          f"directories), not {name!r}")
+    if name in registry.TASKS:
+        defn = dataclasses.replace(registry.TASKS[name], batch_size=entry.batch_size, **given)
+    else:
+        missing = [k for k in ("dataset", "kind") if k not in given]
+        if missing:
+            raise ConfigError(f"{key}: not one of the paper's tasks "
+                              f"({', '.join(registry.TASK_NAMES)}), so it needs "
+                              f"{' and '.join(missing)} (see the README, your own data)")
+        defn = registry.Task(name=name, title=given.pop("title", name),
+                             classes=given.pop("classes", ()), batch_size=entry.batch_size,
+                             **given)
+    least = {"classification": 2, "multilabel": 1, "regression": 0, "segmentation": 2,
+             "detection": 1}[defn.kind]
+    if len(defn.classes) < least:
+        raise ConfigError(f"{key}.classes: a {defn.kind} task needs at least {least} "
+                          f"(segmentation: the background first), got {list(defn.classes)}")
+    if defn.kind == "regression" and defn.classes:
+        raise ConfigError(f"{key}.classes: a regression task has none (it predicts the "
+                          f"shard field {defn.target!r})")
+    if len(set(defn.classes)) != len(defn.classes) or any(
+            not c or "/" in c or "\n" in c for c in defn.classes):
+        raise ConfigError(f"{key}.classes: names must be distinct, non-empty, without '/': "
+                          f"{list(defn.classes)}")
+    if defn.kind == "detection" and len(defn.box_categories) != len(defn.classes):
+        raise ConfigError(f"{key}.box_categories: one shard category id per class "
+                          f"({len(defn.classes)}), got {list(defn.box_categories)}")
+    if defn.headline not in defn.metrics:
+        raise ConfigError(f"{key}.headline: {defn.headline!r} is not one of its metrics "
+                          f"({', '.join(defn.metrics)})")
+    return defn
 
 
 @dataclass(frozen=True)
@@ -392,26 +445,57 @@ class FtRunConfig:
     seed: int = 0
 
 
+PROTOCOLS = ("finetune", "linear")
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The fine-tune grid (``--list``, ``--grid-index``, the Slurm array): every combination,
+    backbone-major, then protocol, fraction, task, init. The defaults are the paper's 40 runs.
+    ``protocols``: ``finetune`` trains the whole network; ``linear`` is the linear probe (the
+    backbone frozen with its batch-norm statistics, only the head trained: MoCo's test of a
+    representation). ``fractions``: the share of each training split used (patient-grouped,
+    nested, the same for every init: 0.01 is part of 0.1)."""
+    tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES))
+    inits: list[str] = opt(list(INITS), choices=INITS)
+    backbones: list[str] = opt(list(BACKBONES), choices=tuple(BACKBONES))
+    protocols: list[str] = opt(["finetune"], choices=PROTOCOLS)
+    fractions: list[float] = opt([1.0], gt=0.0, hi=1.0)
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
-    data: FtDataConfig = field(default_factory=FtDataConfig)
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
     model: HeadsConfig = field(default_factory=HeadsConfig)
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
-    tasks: FtTasksConfig = field(default_factory=FtTasksConfig)
+    tasks: dict[str, FtTask] = field(default_factory=_default_ft_tasks)
+    grid: GridConfig = field(default_factory=GridConfig)
     optim: FtOptimConfig = field(default_factory=FtOptimConfig)
     eval: FtEvalConfig = field(default_factory=FtEvalConfig)
     run: FtRunConfig = field(default_factory=FtRunConfig)
 
     def task(self, name: str) -> FtTask:
-        return getattr(self.tasks, name)
+        return self.tasks[name]
+
+    def definition(self, name: str) -> registry.Task:
+        return task_definition(name, self.tasks[name])
 
 
-def check_finetune(cfg: FinetuneConfig, task: str, world_size: int) -> None:
-    """What a loaded fine-tune config must also satisfy for ``task`` on ``world_size`` ranks."""
+def check_finetune(cfg: FinetuneConfig, task: str | None = None, world_size: int = 1) -> None:
+    """What a loaded fine-tune config must also satisfy: every task defined and the grid's
+    tasks among them, and for ``task`` on ``world_size`` ranks, its batch."""
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
-    check_task_batch(f"tasks.{task}.batch_size", cfg.task(task).batch_size, world_size,
-                     cfg.model.sync_bn)
+    for name in cfg.tasks:
+        cfg.definition(name)
+    for key, names in (("grid.tasks", cfg.grid.tasks), ("--task", [task] if task else [])):
+        unknown = [t for t in names if t not in cfg.tasks]
+        if unknown:
+            raise ConfigError(f"{key}: {unknown[0]!r} is not a task of this config "
+                              f"({', '.join(cfg.tasks)}; define it under tasks)")
+    if task:
+        check_task_batch(f"tasks.{task}.batch_size", cfg.task(task).batch_size, world_size,
+                         cfg.model.sync_bn)
 
 
 def expand_path(key: str, template: str, **values: str) -> str:
@@ -426,28 +510,49 @@ def expand_path(key: str, template: str, **values: str) -> str:
 # --- loading -------------------------------------------------------------------------------
 
 def load(path: str | Path | None, overrides: list[str] = (), schema: type = MocoConfig):
-    """``schema`` filled from the YAML at ``path`` (``None``: defaults only), then overrides."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: config file not found") from None
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: YAML syntax error{_where(e)}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections, "
-                              f"not {type(data).__name__}")
+    """``schema`` filled from the YAML at ``path`` (``None``: defaults only), then overrides.
+    A file may start from another: ``base: finetune.yaml`` (relative to the file) reads that
+    one first and lays this one's sections over it, key by key."""
+    data = {} if path is None else _read(Path(path), ())
     for item in overrides:
         _apply_override(data, item, schema)
     return _build(schema, data, "")
+
+
+def _read(p: Path, including: tuple[Path, ...]) -> dict:
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found"
+                          + (f" (the base of {including[-1]})" if including else "")) from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: YAML syntax error{_where(e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections, "
+                          f"not {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{p}: base: expected the path of a config file, got {base!r}")
+    base_path = p.parent / base
+    if base_path.resolve() in {q.resolve() for q in (*including, p)}:
+        raise ConfigError(f"{p}: base: {base} includes itself")
+    return _merged(_read(base_path, (*including, p)), data)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else v
+    return out
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> MocoConfig:
@@ -486,8 +591,17 @@ def _where(e: yaml.YAMLError) -> str:
     return f"{at}: {problem}"
 
 
+def _entries(tp) -> type | None:
+    """The entry schema of a mapping section (``dict[str, Schema]``: entries named by the
+    user, such as ``tasks.my_task``), else None."""
+    if typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+        return typing.get_args(tp)[1]
+    return None
+
+
 def _keys(schema: type, prefix: str = "") -> list[str]:
-    """Every dotted key of ``schema``, sections included."""
+    """Every dotted key of ``schema``, sections included (a mapping section's: those of its
+    default entries, for suggestions)."""
     out = []
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
@@ -495,13 +609,28 @@ def _keys(schema: type, prefix: str = "") -> list[str]:
         out.append(key)
         if dataclasses.is_dataclass(hints[f.name]):
             out += _keys(hints[f.name], key + ".")
+        elif _entries(hints[f.name]) and f.default_factory is not dataclasses.MISSING:
+            for name in f.default_factory():
+                out += [f"{key}.{name}", *_keys(_entries(hints[f.name]), f"{key}.{name}.")]
     return out
 
 
 def _leaf_type(schema: type, key: str):
-    for name in key.split("."):
-        schema = typing.get_type_hints(schema)[name]
-    return schema
+    """The type of ``key``'s value (a section's schema for a section), or None if ``schema``
+    has no such key; any name is an entry of a mapping section."""
+    tp, parts = schema, key.split(".")
+    for part in parts:
+        entry = _entries(tp)
+        if entry is not None:  # ``part`` names an entry
+            tp = entry
+            continue
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
 
 
 def _unknown(key: str, schema: type) -> ConfigError:
@@ -520,17 +649,18 @@ def _apply_override(data: dict, item: str, schema: type) -> None:
     key = key.strip()
     if not eq or not key:
         raise ConfigError(f"{item!r}: an override must be key=value, e.g. model.K=4096")
-    if key not in _keys(schema):
+    leaf = _leaf_type(schema, key)
+    if leaf is None:
         raise _unknown(key, schema)
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        if _leaf_type(schema, key) is not str:
+        if leaf is not str:
             raise ConfigError(f"{key}: value {text!r} is not valid YAML{_where(e)}") from None
         value = text  # a path template such as {root}/x.pth is not YAML, and need not be
-    if isinstance(value, dict) and _leaf_type(schema, key) is str:
+    if isinstance(value, dict) and leaf is str:
         value = text
-    *sections, leaf = key.split(".")
+    *sections, name = key.split(".")
     node = data
     for depth, s in enumerate(sections):
         nxt = node.setdefault(s, {})
@@ -540,10 +670,12 @@ def _apply_override(data: dict, item: str, schema: type) -> None:
             raise ConfigError(f"{'.'.join(sections[:depth + 1])}: expected a section (mapping), "
                               f"got {type(nxt).__name__}")
         node = nxt
-    node[leaf] = value
+    node[name] = value
 
 
-def _build(schema: type, data: Any, prefix: str, root: type | None = None):
+def _build(schema: type, data: Any, prefix: str, root: type | None = None, base=None):
+    """``schema`` from ``data``; a key ``data`` lacks takes ``base``'s value (a default
+    entry of a mapping section), else the field's default."""
     root = root or schema  # unknown keys are matched against the whole tree
     if data is None:
         data = {}
@@ -559,15 +691,36 @@ def _build(schema: type, data: Any, prefix: str, root: type | None = None):
     for f in dataclasses.fields(schema):
         key = prefix + f.name
         if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if base is not None:
+                values[f.name] = getattr(base, f.name)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{key}: missing (no default)")
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             values[f.name] = _build(tp, data[f.name], key + ".", root)
+        elif _entries(tp):
+            values[f.name] = _build_entries(_entries(tp), data[f.name], key, root,
+                                            f.default_factory())
         else:
             values[f.name] = _check(key, _convert(key, tp, data[f.name]), f.metadata)
     return schema(**values)
+
+
+def _build_entries(entry: type, data: Any, key: str, root: type, defaults: dict) -> dict:
+    """A mapping section: its default entries, each updated by the YAML's keys for it, then
+    the YAML's new entries in its order."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: expected a mapping of names to sections, "
+                          f"got {type(data).__name__}")
+    out = dict(defaults)
+    for name, section in data.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"{key}: entry names are strings, got {name!r}")
+        out[name] = _build(entry, section, f"{key}.{name}.", root, defaults.get(name))
+    return out
 
 
 def _type_name(tp) -> str:

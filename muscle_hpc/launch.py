@@ -10,8 +10,9 @@
     options: [--nodes N] [--gpus-per-node G] [--cpus-per-task C] [--partition P] [--account A]
         [--time MIN] [--max-requeues R] [--folder DIR] [--wait]
 
-``--stage finetune`` submits one Slurm job array, one element per (task, init, backbone) of the
-grid that the filters keep (default: all 40). ``--stage all`` submits the whole pipeline for one
+``--stage finetune`` submits one Slurm job array, one element per element of the config's grid
+(task, init, backbone, protocol, fraction: its ``grid`` section) that the filters keep (default:
+all; the paper's 40 with the default grid). ``--stage all`` submits the whole pipeline for one
 backbone under ``--root``: MD-MoCo (``ROOT/mdmoco_BB``), then MUSCLE and MUSCLE⁻⁻
 (``ROOT/continual_BB``, ``ROOT/continual_BB_muscle--``, both from MD-MoCo's backbone) with
 ``--dependency=afterok`` on it, then the fine-tune array (``run.root=ROOT``, on
@@ -132,7 +133,7 @@ def default_gpus(stage: str) -> int:
 
 
 def parse_args(argv):
-    from muscle_hpc.registry import BACKBONE_NAMES, INIT_NAMES, TASK_NAMES
+    from muscle_hpc.registry import BACKBONE_NAMES, INIT_NAMES
 
     p = argparse.ArgumentParser(prog="python -m muscle_hpc.launch",
                                 description=__doc__.split("\n\n")[0])
@@ -153,8 +154,10 @@ def parse_args(argv):
     p.add_argument("--folder", help="submitit's logs (default: RUN_DIR/submitit, "
                                     "run.root/submitit for finetune, ROOT/submitit for all)")
     p.add_argument("--wait", action="store_true", help="wait for the jobs and report the result")
-    g = p.add_argument_group("finetune: which grid elements (comma lists; default all)")
-    g.add_argument("--tasks", type=comma_list(TASK_NAMES))
+    g = p.add_argument_group("finetune: which elements of the config's grid (comma lists; "
+                             "default all)")
+    g.add_argument("--tasks", type=lambda text: [t for t in text.split(",") if t],
+                   help="tasks of the config (default: its grid.tasks)")
     g.add_argument("--inits", type=comma_list(INIT_NAMES))
     g.add_argument("--backbones", type=comma_list(BACKBONE_NAMES),
                    help="not with --stage all (see --backbone)")
@@ -194,7 +197,7 @@ def parse_args(argv):
             p.error(f"{only_all} is for --stage all")
         if args.stage != "finetune" and given("tasks", "inits", "backbones"):
             p.error(f"{given('tasks', 'inits', 'backbones')} is for --stage finetune or all")
-    defaults = dict(tasks=list(TASK_NAMES), inits=list(INIT_NAMES),
+    defaults = dict(inits=list(INIT_NAMES),
                     backbones=list(BACKBONE_NAMES),
                     backbone="r50", root="runs", finetune_nodes=1)
     for name, value in defaults.items():
@@ -216,18 +219,24 @@ def finetune_argvs(args, config_path, overrides, world, on_cuda, backbones,
     from muscle_hpc.data.shards import ShardError
     from muscle_hpc.stages import finetune
 
+    cfg = finetune.load(config_path, overrides)
+    unknown = [t for t in args.tasks or () if t not in cfg.tasks]
+    if unknown:
+        raise config.ConfigError(f"--tasks: {unknown[0]} is not a task of {config_path} "
+                                 f"({', '.join(cfg.tasks)})")
     argvs = []
-    for sel in map(finetune.Selection._make, finetune.GRID):
-        if sel.task not in args.tasks or sel.init not in args.inits or \
+    for sel in finetune.grid(cfg):
+        if (args.tasks and sel.task not in args.tasks) or sel.init not in args.inits or \
                 sel.backbone not in backbones:
             continue
         try:
-            cfg = finetune.prepare(config_path, overrides, world, on_cuda, sel, produced_later)[0]
+            finetune.prepare(cfg, world, on_cuda, sel, produced_later)
             config.check_device(cfg, on_cuda)
         except (config.ConfigError, ShardError) as e:
             raise type(e)(f"finetune {sel.name}: {e}") from None
         argvs.append(["--config", str(config_path), "--task", sel.task, "--init", sel.init,
-                      "--backbone", sel.backbone, *overrides])
+                      "--backbone", sel.backbone, "--protocol", sel.protocol,
+                      "--fraction", f"{sel.fraction:g}", *overrides])
     return argvs
 
 

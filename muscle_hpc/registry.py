@@ -41,7 +41,6 @@ from pathlib import Path
 
 from data_prep.datasets import NAMES
 
-
 KINDS = ("classification", "multilabel", "regression", "segmentation", "detection")
 # A kind's headline metric unless a task names another: what picks the best epoch and init.
 HEADLINES = {"classification": "auc", "multilabel": "auc", "regression": "mae",
@@ -202,12 +201,17 @@ def finetune_root(root: str | Path) -> Path:
     return Path(root) / "finetune"
 
 
-def finetune_name(task: str, backbone: str, init: str) -> str:
-    return f"{task}_{backbone}_{init}"
+def finetune_name(task: str, backbone: str, init: str, protocol: str = "finetune",
+                  fraction: float = 1.0) -> str:
+    """``TASK_BB_INIT``, then ``_linear`` for a linear probe and ``_Npct`` for a fraction of
+    the training split (``mura_r18_mdmoco_linear_10pct``): the paper's runs keep their names."""
+    return (f"{task}_{backbone}_{init}" + ("" if protocol == "finetune" else f"_{protocol}")
+            + ("" if fraction == 1 else f"_{fraction * 100:g}pct"))
 
 
-def finetune_dir(root: str | Path, task: str, backbone: str, init: str) -> Path:
-    return finetune_root(root) / finetune_name(task, backbone, init)
+def finetune_dir(root: str | Path, task: str, backbone: str, init: str,
+                 protocol: str = "finetune", fraction: float = 1.0) -> Path:
+    return finetune_root(root) / finetune_name(task, backbone, init, protocol, fraction)
 
 
 def exported_backbone(run_dir: str | Path) -> Path:

@@ -22,7 +22,7 @@ def test_a_fraction_smaller_than_a_batch_stops_before_any_training(tmp_path):
                            "0.01", "--tasks", "lung", "--work", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
-    assert "data.train_fraction: 0.01 of the 24 lung training images is 1" in proc.stderr
+    assert "--fraction: 0.01 of the 24 lung training images is 1" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 

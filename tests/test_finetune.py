@@ -34,14 +34,35 @@ def save_backbone(path, arch="resnet18"):
     return path
 
 
+def paper_grid():
+    return [tuple(sel)[:3] for sel in finetune.grid(finetune.load(finetune.DEFAULT_CONFIG, []))]
+
+
 def test_grid_covers_every_task_init_backbone_once(capsys):
-    assert len(finetune.GRID) == 40 == len(set(finetune.GRID))
-    assert set(finetune.GRID) == set(itertools.product(config.TASK_NAMES, config.INITS,
-                                                       config.BACKBONES))
+    grid = paper_grid()
+    assert len(grid) == 40 == len(set(grid))
+    assert set(grid) == set(itertools.product(config.TASK_NAMES, config.INITS,
+                                              config.BACKBONES))
     assert finetune.main(["--list"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [tuple(line.split()[1:]) for line in lines] == finetune.GRID
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert [tuple(line.split()[1:4]) for line in lines] == grid
     assert [int(line.split()[0]) for line in lines] == list(range(40))
+
+
+def test_protocols_and_fractions_are_axes_of_the_grid(capsys):
+    axes = ["grid.tasks=[mura,lung]", "grid.inits=[scratch,mdmoco]", "grid.backbones=[r18,r50]",
+            "grid.protocols=[finetune,linear]", "grid.fractions=[0.01,0.1,1]"]
+    grid = finetune.grid(finetune.load(None, axes))
+    assert len(grid) == len(set(grid)) == 2 * 2 * 2 * 2 * 3
+    assert grid[0] == ("mura", "scratch", "r18", "finetune", 0.01)
+    assert grid[len(grid) // 2].backbone == "r50"  # backbone-major: one array range each
+    assert len({sel.name for sel in grid}) == len(grid)  # each its own run directory
+    assert finetune.Selection("mura", "mdmoco", "r18", "linear", 0.1).name == \
+        "mura_r18_mdmoco_linear_10pct"
+    assert finetune.main(["--list", *axes]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == ["# r18: --array=0-23", "# r50: --array=24-47"]
+    assert out[3].split() == ["3", "lung", "mdmoco", "r18", "finetune", "0.01"]
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -57,7 +78,7 @@ def test_a_bad_selection_is_one_line(argv, says, capsys):
 
 def test_grid_index_selects_its_element_and_finds_the_earlier_stages_backbone(
         task_shards, tmp_path, capsys):
-    index = finetune.GRID.index(("mura", "muscle--", "r18"))
+    index = paper_grid().index(("mura", "muscle--", "r18"))
     args = ["--grid-index", str(index), "--check", f"data.root={task_shards}",
             f"run.root={tmp_path}"]
     assert finetune.main(args) == 2
@@ -101,9 +122,10 @@ def test_imagenet_weights_come_from_the_torch_hub_cache_or_say_where_to_put_them
     (["run.zero_stage=3"], "ZeRO stage 3 is not supported"),
     (["tasks.lung.batch_size=1"], "a global batch of 1; batch norm needs at least 2 images"),
     (["pretrained.mdmoco={root}/{arch}.pth"], "has a placeholder other than"),
-    (["data.train_fraction=0.1"], "data.train_fraction: 0.1 of the 24 lung training images is 3, "
-                                  "less than one batch of 16"),
-    (["data.train_fraction=0"], "data.train_fraction: must be > 0"),
+    (["--fraction", "0.1"], "--fraction: 0.1 of the 24 lung training images is "),
+    (["--fraction", "0"], "--fraction: must be in (0, 1], got 0.0"),
+    (["tasks.lung.kind=detection"], "tasks.lung.headline: 'dice' is not one of its metrics"),
+    (["tasks.lung.classes=[lung]"], "tasks.lung.classes: a segmentation task needs at least 2"),
 ])
 def test_bad_config_fails_in_one_line(task_shards, tmp_path, capsys, extra, says):
     args = ["--task", "lung", "--init", "mdmoco", "--backbone", "r18", "--check",

@@ -140,11 +140,12 @@ def test_config_choices_defaults_and_sections_are_the_registry():
     assert choices(config.ModelConfig, "arch") == choices(config.ClModelConfig, "arch") == \
         registry.ARCHS
     assert choices(config.ClMethodConfig, "method") == registry.CL_METHODS
-    for section in (config.TasksConfig, config.FtTasksConfig):
-        assert [f.name for f in dataclasses.fields(section)] == list(registry.TASK_NAMES)
+    assert [f.name for f in dataclasses.fields(config.TasksConfig)] == list(registry.TASK_NAMES)
     cl, ft = config.ContinualConfig(), config.FinetuneConfig()
+    assert list(ft.tasks) == ft.grid.tasks == list(registry.TASK_NAMES)
     for task in registry.TASKS.values():
         assert cl.batch_size(task.name) == ft.task(task.name).batch_size == task.batch_size
+        assert ft.definition(task.name) == task  # a paper task is its registry definition
     keys = {i.pretrained_key for i in registry.INITS.values() if i.pretrained_key}
     assert {f.name for f in dataclasses.fields(config.PretrainedConfig)} == keys
     for init in (i for i in registry.INITS.values() if i.made_by):
@@ -188,8 +189,9 @@ def test_launch_choices_and_defaults_are_the_registry(capsys):
     from muscle_hpc import launch
 
     args = launch.parse_args(["--stage", "finetune", "--config", "x.yaml"])
+    # tasks: None is the config's grid.tasks (its own tasks may be any)
     assert (args.tasks, args.inits, args.backbones) == \
-        (list(registry.TASK_NAMES), list(registry.INIT_NAMES), list(registry.BACKBONE_NAMES))
+        (None, list(registry.INIT_NAMES), list(registry.BACKBONE_NAMES))
     with pytest.raises(SystemExit):
         launch.parse_args(["--stage", "all", "--backbone", "r34"])
     assert "invalid choice: 'r34'" in capsys.readouterr().err
@@ -235,7 +237,8 @@ def test_launch_all_gives_each_fine_tune_element_one_gpu(tmp_path):
 def test_the_finetune_stage_reads_the_grid_and_the_layout(tmp_path, capsys):
     from muscle_hpc.stages import finetune
 
-    assert finetune.GRID == list(registry.GRID)
+    assert [tuple(sel)[:3] for sel in finetune.grid(finetune.load(None, []))] == \
+        list(registry.GRID)
     cfg = config.load(CONFIGS / "finetune.yaml", [f"run.root={tmp_path}"],
                       config.FinetuneConfig)
     for task, init, bb in registry.GRID:

@@ -372,15 +372,30 @@ def task_loader(shard: Shard | None, batch_size: int, task, data_cfg, *, train: 
 
 
 def subset_size(count: int, fraction: float) -> int:
-    """How many of ``count`` samples a training ``fraction`` keeps: ``ceil``, at least one."""
+    """How many of ``count`` samples a training ``fraction`` asks for: ``ceil``, at least one."""
     return max(1, math.ceil(fraction * count))
 
 
-def subset(count: int, fraction: float, seed: int) -> np.ndarray:
-    """``subset_size`` sample indices out of ``count``, sorted, drawn by ``seed`` alone: every
-    init and every rank of a run gets the same subset."""
-    n = subset_size(count, fraction)
-    return np.sort(np.random.default_rng([seed, 0x5CA4CE]).choice(count, n, replace=False))
+def subset(count: int, fraction: float, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """The sample indices a training ``fraction`` keeps, sorted: whole groups (patients), in
+    an order drawn by ``seed`` alone, until ``subset_size`` samples are reached. So every init
+    and rank of a run gets the same subset, and the subsets of one seed are nested (1 % lies
+    in 10 %: each is a prefix of one group order). ``groups``: each sample's group (the
+    converter's ``SPLIT.groups.npy``); None: every sample its own. A subset may exceed its
+    size by the last patient's other images; it never splits a patient."""
+    groups = np.arange(count) if groups is None else np.asarray(groups)
+    names, inverse = np.unique(groups, return_inverse=True)
+    order = np.random.default_rng([seed, 0x5CA4CE]).permutation(len(names))
+    sizes = np.bincount(inverse, minlength=len(names))[order]
+    taken = int(np.searchsorted(np.cumsum(sizes), subset_size(count, fraction))) + 1
+    return np.flatnonzero(np.isin(inverse, order[:taken]))
+
+
+def train_subset(shard: Shard, fraction: float, seed: int) -> np.ndarray:
+    """``subset`` of ``shard`` by its patients (every index when ``fraction`` is 1)."""
+    if fraction >= 1:
+        return np.arange(shard.count)
+    return subset(shard.count, fraction, seed, shard.groups())
 
 
 TASK_FIELDS = {
@@ -399,8 +414,8 @@ class TaskLoader:
     ``train=True`` shuffles per epoch and flips horizontally (mask and boxes with the image);
     otherwise order is fixed, nothing is flipped and the last partial batch is kept.
     ``device``: where the batches will be copied; a CUDA device pins image and mask.
-    ``fraction`` < 1: only that fraction of the split, a random subset fixed by ``seed``
-    (``subset``), for label-scarce training.
+    ``fraction`` < 1: only that fraction of the split, whole patients drawn by ``seed``
+    (``train_subset``), for label-scarce training; ``examples``: the images used.
     """
 
     def __init__(self, shard: Shard, batch_size: int, kind: str, *, train: bool,
@@ -415,7 +430,8 @@ class TaskLoader:
         self.mean, self.std, self.num_workers = mean, std, num_workers
         self.prefetch_depth, self.device = prefetch_depth, device
         self.width, self.height = shard.size
-        self.indices = None if fraction >= 1 else subset(shard.count, fraction, seed)
+        self.indices = None if fraction >= 1 else train_subset(shard, fraction, seed)
+        self.examples = shard.count if self.indices is None else len(self.indices)
         if self.indices is not None and train and len(self.indices) < batch_size * self.world:
             raise ValueError(f"a fraction {fraction} of {shard.dataset}/{shard.split} is "
                              f"{len(self.indices)} images, less than one batch of "

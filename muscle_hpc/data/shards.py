@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 # MD-MoCo reads the training sets (the paper's 169,257 images of Table 1), never a task set's
 # valid/test images; ``extra`` (images that belong to no task, e.g. TBX11K's healthy, sick and
 # test folders) only when asked.
@@ -29,6 +31,18 @@ class Shard:
     @property
     def fields(self) -> dict:
         return self.manifest["fields"]
+
+    def groups(self) -> np.ndarray | None:
+        """Each sample's group (patient) as an integer, in shard order, from the converter's
+        ``SPLIT.groups.npy``; None for a shard converted before there was one."""
+        name = self.manifest["splits"][self.split].get("groups")
+        if name is None:
+            return None
+        groups = np.load(self.path.parent / name, allow_pickle=False)
+        if groups.shape != (self.count,):
+            raise ShardError(f"{self.dataset}/{self.split}: {name} holds {groups.shape} groups "
+                             f"for {self.count} images (convert it again)")
+        return groups
 
 
 def read_manifest(data_root: Path, dataset: str) -> dict:

@@ -28,8 +28,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from muscle_hpc import checkpoint, config, dist, registry, schedule
-from muscle_hpc.data.loaders import subset_size, task_loader
+from muscle_hpc import checkpoint, config, dist, registry, schedule, tasks
+from muscle_hpc.data.loaders import task_loader, train_subset
 from muscle_hpc.data.shards import open_shard
 from muscle_hpc.engine import StageError, TrainLoop, deepspeed_engine
 from muscle_hpc.evaluate import evaluate, evaluate_records
@@ -37,11 +37,10 @@ from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
 from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
 from muscle_hpc.models.norm import sync_batchnorm
 from muscle_hpc.stages import common
-from muscle_hpc.tasks import TASKS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune.yaml"
 RESUMABLE_CHANGES = ("run.", "data.num_workers", "eval.")
-GRID = list(registry.GRID)
+LOWER_IS_BETTER = registry.LOWER_IS_BETTER
 # The inits that earlier stages write under run.root: their pretrained.<key>, their maker.
 PRETRAINED_KEY = {i.name: i.pretrained_key for i in registry.INITS.values() if i.made_by}
 MADE_BY = {i.name: i.made_by for i in registry.INITS.values() if i.made_by}
@@ -51,6 +50,8 @@ class Selection(NamedTuple):
     task: str
     init: str
     backbone: str
+    protocol: str = "finetune"
+    fraction: float = 1.0
 
     @property
     def arch(self) -> str:
@@ -58,16 +59,34 @@ class Selection(NamedTuple):
 
     @property
     def name(self) -> str:
-        return registry.finetune_name(self.task, self.backbone, self.init)
+        return registry.finetune_name(self.task, self.backbone, self.init, self.protocol,
+                                      self.fraction)
+
+
+def grid(cfg) -> list[Selection]:
+    """The config's grid (``grid`` section), in array-index order: backbone-major, then
+    protocol, fraction, task, init (the paper's defaults give ``registry.GRID``)."""
+    g = cfg.grid
+    return [Selection(t, i, b, p, f) for b in g.backbones for p in g.protocols
+            for f in g.fractions for t in g.tasks for i in g.inits]
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--task", choices=registry.TASK_NAMES)
+    p.add_argument("--task", help="a task of the config: the paper's "
+                                  f"({', '.join(registry.TASK_NAMES)}) or one under tasks")
     p.add_argument("--init", choices=registry.INIT_NAMES)
     p.add_argument("--backbone", choices=registry.BACKBONE_NAMES)
+    p.add_argument("--protocol", choices=config.PROTOCOLS, default="finetune",
+                   help="finetune: train the whole network (default); linear: a linear probe, "
+                        "the backbone frozen (batch-norm statistics too), only the head trained")
+    p.add_argument("--fraction", type=float, default=1.0, metavar="F",
+                   help="train on this share of the training split, 0 < F <= 1 (a seeded, "
+                        "patient-grouped subset, the same for every init; nested: 0.01 lies "
+                        "in 0.1); valid and test stay whole")
     p.add_argument("--grid-index", type=int, metavar="N",
-                   help=f"element N of the grid (0-{len(GRID) - 1}; see --list) instead of "
-                        f"--task/--init/--backbone: what a Slurm array index selects")
+                   help="element N of the config's grid (see --list) instead of --task, "
+                        "--init, --backbone, --protocol, --fraction: what a Slurm array index "
+                        "selects")
     p.add_argument("--list", action="store_true", help="print the grid and exit")
     p.add_argument("--check", action="store_true",
                    help="resolve the config, shards and initial weights, say what would run")
@@ -78,24 +97,29 @@ def parse_args(argv):
                              config_default=str(DEFAULT_CONFIG), add_arguments=add_arguments)
 
 
-def selection(args) -> Selection:
-    """The (task, init, backbone) the arguments name. Raises ``ConfigError``."""
+def selection(args, cfg) -> Selection:
+    """What the arguments name, in ``cfg``'s grid for ``--grid-index``. Raises
+    ``ConfigError``."""
     flags = (args.task, args.init, args.backbone)
     if args.grid_index is not None:
-        if any(flags):
-            raise config.ConfigError("--grid-index selects task, init and backbone; do not also "
-                                     "give --task/--init/--backbone")
-        if not 0 <= args.grid_index < len(GRID):
+        elements = grid(cfg)
+        if any(flags) or args.protocol != "finetune" or args.fraction != 1:
+            raise config.ConfigError("--grid-index selects task, init, backbone, protocol and "
+                                     "fraction; do not also give them")
+        if not 0 <= args.grid_index < len(elements):
             raise config.ConfigError(f"--grid-index: {args.grid_index} is not in "
-                                     f"0-{len(GRID) - 1} (see --list)")
-        return Selection(*GRID[args.grid_index])
+                                     f"0-{len(elements) - 1} (see --list)")
+        return elements[args.grid_index]
     if not all(flags):
         raise config.ConfigError("give --task, --init and --backbone, or --grid-index")
-    return Selection(*flags)
+    if not 0 < args.fraction <= 1:
+        raise config.ConfigError(f"--fraction: must be in (0, 1], got {args.fraction}")
+    return Selection(*flags, args.protocol, args.fraction)
 
 
 def output_dir(cfg, sel: Selection) -> Path:
-    return registry.finetune_dir(cfg.run.root, sel.task, sel.backbone, sel.init)
+    return registry.finetune_dir(cfg.run.root, sel.task, sel.backbone, sel.init, sel.protocol,
+                                 sel.fraction)
 
 
 def init_path(cfg, sel: Selection) -> str | None:
@@ -111,75 +135,94 @@ def init_path(cfg, sel: Selection) -> str | None:
                               root=cfg.run.root, backbone=sel.backbone)
 
 
-def prepare(config_path, overrides, world_size: int, on_cuda: bool, sel: Selection,
-            produced_later: bool = False):
-    """Config, shards (``{split: Shard}``), the init's path and weights, and the DeepSpeed
-    config, checked for ``world_size`` ranks before any process group or Slurm job exists.
-    ``produced_later``: the earlier stages' backbones are outputs of jobs not yet run; check
-    only what exists now."""
+def load(config_path, overrides):
+    """The fine-tune config, its tasks' definitions and its grid checked. Raises
+    ``ConfigError``."""
     cfg = config.load(config_path, overrides, config.FinetuneConfig)
+    config.check_finetune(cfg)
+    return cfg
+
+
+def prepare(cfg, world_size: int, on_cuda: bool, sel: Selection, produced_later: bool = False):
+    """The task, its shards (``{split: Shard}``), the init's path and weights, and the
+    DeepSpeed config, checked for ``world_size`` ranks before any process group or Slurm job
+    exists. ``produced_later``: the earlier stages' backbones are outputs of jobs not yet run;
+    check only what exists now."""
     config.check_finetune(cfg, sel.task, world_size)
-    ds_config = config.deepspeed_config(cfg, world_size, on_cuda,
-                                        batch_size=cfg.task(sel.task).batch_size)
-    task = TASKS[sel.task]
+    batch = cfg.task(sel.task).batch_size
+    ds_config = config.deepspeed_config(cfg, world_size, on_cuda, batch_size=batch)
+    task = tasks.build(cfg.definition(sel.task))
     shards = dict.fromkeys(("train", "valid", "test"))
     if not cfg.data.synthetic:
         shards = {s: open_shard(Path(cfg.data.root), task.dataset, s) for s in shards}
         for shard in shards.values():
             task.check(shard)
-        kept = subset_size(shards["train"].count, cfg.data.train_fraction)
-        if cfg.data.train_fraction < 1 and kept < cfg.task(sel.task).batch_size:
+        kept = len(train_subset(shards["train"], sel.fraction, cfg.data.seed))
+        if sel.fraction < 1 and kept < batch:
             raise config.ConfigError(
-                f"data.train_fraction: {cfg.data.train_fraction} of the {shards['train'].count} "
-                f"{sel.task} training images is {kept}, less than one batch of "
-                f"{cfg.task(sel.task).batch_size}")
+                f"--fraction: {sel.fraction:g} of the {shards['train'].count} {sel.task} "
+                f"training images is {kept}, less than one batch of {batch}")
     path = init_path(cfg, sel)
     weights = None
     if path and not (produced_later and sel.init in MADE_BY):
         key = f"pretrained.{PRETRAINED_KEY.get(sel.init, 'imagenet')}"
         hint = f"run {MADE_BY[sel.init]} first" if sel.init in MADE_BY else "see its docs"
         weights = common.backbone_weights(path, sel.arch, key, hint)
-    return cfg, shards, path, weights, ds_config
+    return task, shards, path, weights, ds_config
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.list:
-        for i, (t, init, b) in enumerate(GRID):
-            print(f"{i:2d} {t:9s} {init:8s} {b}")
-        return 0
-    return common.main("finetune", lambda: run(args))
+    return common.main("finetune", lambda: print_grid(args) if args.list else run(args))
+
+
+def print_grid(args) -> int:
+    elements = grid(load(args.config, args.overrides))
+    for i, sel in enumerate(elements):
+        print(f"{i:3d} {sel.task:12s} {sel.init:8s} {sel.backbone:4s} {sel.protocol:8s} "
+              f"{sel.fraction:g}")
+    for bb in dict.fromkeys(sel.backbone for sel in elements):
+        indices = [i for i, sel in enumerate(elements) if sel.backbone == bb]
+        print(f"# {bb}: --array={indices[0]}-{indices[-1]}")
+    return 0
 
 
 def run(args) -> int:
     env, on_cuda = dist.dist_env(), torch.cuda.is_available()
-    sel = selection(args)
-    cfg, shards, path, init, ds_config = prepare(args.config, args.overrides, env.world_size,
-                                                 on_cuda, sel)
+    cfg = load(args.config, args.overrides)
+    sel = selection(args, cfg)
+    task, shards, path, init, ds_config = prepare(cfg, env.world_size, on_cuda, sel)
     out = output_dir(cfg, sel)
     if args.check:
-        where = f"index {GRID.index(tuple(sel))}: " if args.grid_index is not None else ""
+        where = f"index {args.grid_index}: " if args.grid_index is not None else ""
         print(f"finetune: {where}task {sel.task}, init {sel.init} ({path or 'Kaiming'}), "
-              f"backbone {sel.backbone}, {env.world_size} rank(s), output {out}", flush=True)
+              f"backbone {sel.backbone}, {sel.protocol}, fraction {sel.fraction:g}, "
+              f"{env.world_size} rank(s), output {out}", flush=True)
         return 0
     with common.started("finetune", cfg, env, on_cuda, out, RESUMABLE_CHANGES) as start:
         per_rank = cfg.task(sel.task).batch_size // env.world_size
-        loaders = {split: task_loader(shard, per_rank, TASKS[sel.task], cfg.data,
-                                      train=split == "train", device=dist.train_device(),
-                                      fraction=cfg.data.train_fraction if split == "train" else 1)
+        loaders = {split: task_loader(shard, per_rank, task, cfg.data, train=split == "train",
+                                      device=dist.train_device(),
+                                      fraction=sel.fraction if split == "train" else 1)
                    for split, shard in shards.items()}
-        return train(cfg, start, sel, loaders, (path, init), ds_config)
+        return train(cfg, start, sel, task, loaders, (path, init), ds_config)
 
 
-def better(score: float, best: dict | None) -> bool:
-    """Model selection: higher is better, and any number beats NaN (an undefined AUC)."""
+def better(score: float, best: dict | None, lower: bool = False) -> bool:
+    """Model selection: higher is better (``lower``: an error such as MAE, lower is), and any
+    number beats NaN (an undefined AUC)."""
     if best is None:
         return True
-    return not math.isnan(score) and (math.isnan(best["score"]) or score > best["score"])
+    if math.isnan(score):
+        return False
+    return math.isnan(best["score"]) or (score < best["score"] if lower else
+                                         score > best["score"])
 
 
-def train(cfg, start, sel, loaders, init, ds_config) -> int:
-    out, rank, task, tcfg = start.ckpt.run_dir, start.env.rank, TASKS[sel.task], cfg.task(sel.task)
+def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
+    out, rank, tcfg = start.ckpt.run_dir, start.env.rank, cfg.task(sel.task)
+    linear = sel.protocol == "linear"
+    n_train = cfg.data.synthetic or loaders["train"].examples  # over all ranks
     device, on_cuda = dist.train_device(), start.on_cuda
     bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
     torch.manual_seed(cfg.run.seed)
@@ -189,9 +232,12 @@ def train(cfg, start, sel, loaders, init, ds_config) -> int:
         load_imagenet_into(trunk, init_state)
     channels = trunk_channels(sel.arch)
     net = MultiTaskNet(trunk, {task.name: task.head(channels, cfg.model)}).to(device)
-    if start.env.world_size > 1 and cfg.model.sync_bn:
+    if linear:  # the probe: no gradient, no weight decay, no batch statistics reach it
+        net.backbone.requires_grad_(False)
+    elif start.env.world_size > 1 and cfg.model.sync_bn:
         sync_batchnorm(net, on_cuda)
-    engine = deepspeed_engine(net, [{"params": list(net.parameters())}], ds_config,
+    trained = [p for p in net.parameters() if p.requires_grad]
+    engine = deepspeed_engine(net, [{"params": trained}], ds_config,
                               momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
     (lo, hi), = dist.spread([len(loaders["train"])])
@@ -205,7 +251,10 @@ def train(cfg, start, sel, loaders, init, ds_config) -> int:
     history += loop.shared.get("history", [])
     best = loop.shared.get("best")
     loop.say(f"finetune: {sel.task} from {sel.init} ({init_file or 'Kaiming init'}), "
-             f"{sel.arch}, {start.env.world_size} rank(s), {tcfg.epochs} epochs x {per_epoch} "
+             f"{sel.arch}, {'linear probe' if linear else 'whole network'}, "
+             f"{n_train} training images"
+             f"{f' ({sel.fraction:g} of the split)' if sel.fraction < 1 else ''}, "
+             f"{start.env.world_size} rank(s), {tcfg.epochs} epochs x {per_epoch} "
              f"steps, {'resuming at step ' + str(loop.step) if loop.resumed else 'new run'} in "
              f"{out}")
     unused = [] if cfg.data.synthetic else getattr(
@@ -221,6 +270,8 @@ def train(cfg, start, sel, loaders, init, ds_config) -> int:
             if loop.step < last:
                 schedule.set_lr(engine.optimizer, lr)
                 net.train()
+                if linear:
+                    net.backbone.eval()
                 loop.position = f"epoch {epoch} "
                 batches = loaders["train"].epoch_batches(epoch, loop.step - first)
                 with loop.batches(batches) as batches:
@@ -237,7 +288,7 @@ def train(cfg, start, sel, loaders, init, ds_config) -> int:
                 scores = evaluate(net, task, loaders["valid"], device, cfg.eval, bf16)
                 history.append({"epoch": epoch, "step": loop.step, **scores})
                 loop.log.scalars(loop.step, "valid/", **scores)
-                if better(scores[task.headline], best):
+                if better(scores[task.headline], best, task.headline in LOWER_IS_BETTER):
                     best = {"epoch": epoch, "score": scores[task.headline], "valid": scores}
                     if rank == 0:
                         checkpoint.save(out / "best.pth", net.state_dict())
@@ -254,7 +305,8 @@ def train(cfg, start, sel, loaders, init, ds_config) -> int:
         if rank == 0:
             results = {"task": sel.task, "kind": task.kind, "init": sel.init,
                        "backbone": sel.backbone, "arch": sel.arch, "best_epoch": best["epoch"],
-                       "epochs": tcfg.epochs, "train_fraction": cfg.data.train_fraction,
+                       "epochs": tcfg.epochs, "protocol": sel.protocol,
+                       "train_fraction": sel.fraction, "train_images": n_train,
                        "selected_by": task.headline, "valid": best["valid"],
                        "test": {**scores, "n": len(records)}, **extra,
                        "init_weights": init_file, "history": history}
