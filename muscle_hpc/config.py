@@ -445,7 +445,7 @@ class FtRunConfig:
     seed: int = 0
 
 
-PROTOCOLS = ("finetune", "linear")
+PROTOCOLS = registry.PROTOCOLS
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ HEADLINES = {"classification": "auc", "multilabel": "auc", "regression": "mae",
              "segmentation": "dice", "detection": "map"}
 # Headline metrics where less is better (errors); every other metric is a score.
 LOWER_IS_BETTER = frozenset({"mae", "rmse"})
+# How the fine-tune stage trains: the whole network, or a linear probe of a frozen backbone.
+PROTOCOLS = ("finetune", "linear")
 
 
 def task_metrics(kind: str, classes: tuple[str, ...]) -> tuple[str, ...]:

@@ -51,17 +51,36 @@ import numpy as np
 
 from muscle_hpc import registry
 
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the report needs of a task: the paper's from the registry, any other from its
+    results.json (the definition the stage ran it with)."""
+    kind: str
+    metrics: tuple[str, ...]
+    title: str
+    headline: str
+
+
+PAPER_TASKS = {t.name: TaskInfo(t.kind, t.metrics, t.title, t.headline)
+               for t in registry.TASKS.values()}
 # Rows, columns and their titles, in the registry's order (the paper's).
-TASKS = {t.name: (t.kind, t.metrics) for t in registry.TASKS.values()}  # kind, test metrics
-TASK_NAMES = {t.name: t.title for t in registry.TASKS.values()}
+TASKS = {name: (t.kind, t.metrics) for name, t in PAPER_TASKS.items()}  # kind, test metrics
+TASK_NAMES = {name: t.title for name, t in PAPER_TASKS.items()}
 INITS = {i.name: i.title for i in registry.INITS.values()}
 # ASCII for the CSV: spreadsheets and terminals mangle ⁻
 CSV_INIT_NAMES = {i: title.replace("⁻", "-") for i, title in INITS.items()}
 BACKBONES = {b.name: b.title for b in registry.BACKBONES.values()}
 METRIC_NAMES = {"acc": "Acc", "sen": "Sen", "spe": "Spe", "auc": "AUC (95% CI)", "dice": "Dice",
-                "miou": "mIoU", "map": "mAP", "ap_active": "AP_active", "ap_latent": "AP_latent"}
+                "miou": "mIoU", "map": "mAP", "ap_active": "AP_active", "ap_latent": "AP_latent",
+                "mae": "MAE", "rmse": "RMSE"}
 CI_SHOWN = {"auc"}  # the paper prints a CI for AUC only; the CSV has all of them
 HEADLINE = {t.name: t.headline for t in registry.TASKS.values()}  # what "best" means
+# Metrics in the target's own unit (regression errors), printed as they are, not as percents.
+IN_UNITS = frozenset({"mae", "rmse"})
+# The paper's tables are of whole-network fine-tunes on all training labels; any other
+# (protocol, training fraction) gets tables of its own.
+PAPER_SETTING = ("finetune", 1.0)
 TABLES = {
     "table2": ("Table 2: pneumonia and MURA classification (test split, %; AUC with bootstrap "
                "95% CI)", ("pneumonia", "mura")),
@@ -81,10 +100,21 @@ class Result:
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     n: int | None = None
     roc: object = None  # as read; checked when plotted, a bad curve costs only its plot
+    info: TaskInfo | None = None  # None: the paper task's
+    protocol: str = "finetune"
+    fraction: float = 1.0
+
+    def __post_init__(self):
+        self.info = self.info or PAPER_TASKS[self.task]
 
     @property
     def name(self) -> str:
-        return registry.finetune_name(self.task, self.backbone, self.init)
+        return registry.finetune_name(self.task, self.backbone, self.init, self.protocol,
+                                      self.fraction)
+
+    @property
+    def setting(self) -> tuple[str, float]:
+        return self.protocol, self.fraction
 
 
 class ReportError(Exception):
@@ -106,24 +136,32 @@ def parse_result(data, path: Path) -> Result:
     """The result in ``data`` (a loaded results.json); ValueError says what is wrong with it."""
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
-    for key, known in (("task", TASKS), ("backbone", BACKBONES), ("init", INITS)):
+    for key, known in (("task", None), ("backbone", BACKBONES), ("init", INITS),
+                       ("protocol", registry.PROTOCOLS)):
         if key not in data:
+            if key == "protocol":  # written before the linear probe existed
+                continue
             raise ValueError(f"no '{key}'")
-        if data[key] not in known:
+        if not isinstance(data[key], str) or (known is not None and data[key] not in known):
             raise ValueError(f"unknown {key} {data[key]!r}")
     task, backbone, init = data["task"], data["backbone"], data["init"]
-    kind, metrics = TASKS[task]
-    if data.get("kind", kind) != kind:
-        raise ValueError(f"kind {data['kind']!r} is not {task}'s ({kind})")
+    protocol = data.get("protocol", "finetune")
+    fraction = as_number(data.get("train_fraction", 1.0), "train_fraction")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction {fraction} is not in (0, 1]")
+    info = PAPER_TASKS.get(task) or own_task(data)
+    if data.get("kind", info.kind) != info.kind:
+        raise ValueError(f"kind {data['kind']!r} is not {task}'s ({info.kind})")
     # the folder is the result's identity in the grid; a copied file must not fill another cell
-    name = registry.finetune_name(task, backbone, init)
+    name = registry.finetune_name(task, backbone, init, protocol, fraction)
     if path.parent.name != name:
         raise ValueError(f"says {name}, its folder is {path.parent.name}")
     test = data.get("test")
     if not isinstance(test, dict):
         raise ValueError("no 'test' metrics")
-    result = Result(task, backbone, init, path, {}, roc=data.get("roc"))
-    for m in metrics:
+    result = Result(task, backbone, init, path, {}, roc=data.get("roc"), info=info,
+                    protocol=protocol, fraction=fraction)
+    for m in info.metrics:
         if m not in test:
             raise ValueError(f"no 'test.{m}'")
         result.test[m] = as_number(test[m], f"test.{m}")
@@ -135,6 +173,22 @@ def parse_result(data, path: Path) -> Result:
     if isinstance(test.get("n"), int) and not isinstance(test["n"], bool):
         result.n = test["n"]
     return result
+
+
+def own_task(data: dict) -> TaskInfo:
+    """A task of the user's, as its results.json defines it (kind, classes, title, headline:
+    what the stage ran it with)."""
+    kind, classes = data.get("kind"), data.get("classes", [])
+    if kind not in registry.KINDS:
+        raise ValueError(f"unknown task {data['task']!r} without a known 'kind' ({kind!r})")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"'classes' is {classes!r}, not a list of names")
+    metrics = registry.task_metrics(kind, tuple(classes))
+    headline = data.get("selected_by", registry.HEADLINES[kind])
+    if headline not in metrics:
+        raise ValueError(f"selected_by {headline!r} is not one of its metrics")
+    title = data.get("title") if isinstance(data.get("title"), str) else data["task"]
+    return TaskInfo(kind, metrics, title, headline)
 
 
 def one_line(error: Exception) -> str:
@@ -165,19 +219,33 @@ def collect(run_dir: Path) -> tuple[list[Result], list[tuple[Path, str]]]:
 # ---------------------------------------------------------------- tables
 
 
-def pct(value: float) -> str:
-    return f"{100 * value:.2f}" if math.isfinite(value) else "n/a"
+def pct(value: float, metric: str = "") -> str:
+    """A metric as printed: percent with 2 decimals, an error (MAE) in its own unit."""
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{value:.2f}" if metric in IN_UNITS else f"{100 * value:.2f}"
 
 
 def cell(result: Result | None, metric: str) -> str:
     if result is None:
         return MISSING
-    text = pct(result.test[metric])
+    text = pct(result.test[metric], metric)
     if metric in CI_SHOWN and metric in result.ci and text != "n/a":
         lo, hi = result.ci[metric]
         bounds = f"{pct(lo)}–{pct(hi)}" if math.isfinite(lo) and math.isfinite(hi) else "n/a"
         text += f" ({bounds})"
     return text
+
+
+def infos(by_key: dict) -> dict[str, TaskInfo]:
+    """Each task's info: the paper's four, and every other task that has a result here."""
+    return {**PAPER_TASKS, **{t: r.info for (t, _, _), r in by_key.items()}}
+
+
+def metric_name(metric: str) -> str:
+    head, _, cls = metric.partition("_")
+    return METRIC_NAMES.get(metric) or (f"{METRIC_NAMES.get(head, head).split(' ')[0]} {cls}"
+                                        if cls else metric)
 
 
 def table_rows(tasks, by_key: dict) -> list[tuple[str, str]]:
@@ -187,13 +255,14 @@ def table_rows(tasks, by_key: dict) -> list[tuple[str, str]]:
 
 
 def markdown_table(title: str, tasks, by_key: dict) -> str:
-    header = ["Backbone", "Pre-training"] + [f"{TASK_NAMES[t]} {METRIC_NAMES[m]}"
-                                             for t in tasks for m in TASKS[t][1]]
+    info = infos(by_key)
+    header = ["Backbone", "Pre-training"] + [f"{info[t].title} {metric_name(m)}"
+                                             for t in tasks for m in info[t].metrics]
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for b, i in table_rows(tasks, by_key):
         cells = [BACKBONES[b], INITS[i]] + [cell(by_key.get((t, b, i)), m)
-                                            for t in tasks for m in TASKS[t][1]]
+                                            for t in tasks for m in info[t].metrics]
         lines.append("| " + " | ".join(cells) + " |")
     if len(lines) == 4:
         lines.append("")
@@ -201,13 +270,12 @@ def markdown_table(title: str, tasks, by_key: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def csv_columns(tasks) -> list[str]:
+def csv_columns(tasks, info: dict[str, TaskInfo]) -> list[str]:
     cols = ["backbone", "init", "backbone_name", "init_name"]
     for t in tasks:
-        kind, metrics = TASKS[t]
-        for m in metrics:
+        for m in info[t].metrics:
             cols.append(f"{t}_{m}")
-            if kind == "classification":
+            if info[t].kind in ("classification", "multilabel", "regression"):  # bootstrapped
                 cols += [f"{t}_{m}_lo", f"{t}_{m}_hi"]
         cols.append(f"{t}_n")
     return cols
@@ -225,7 +293,9 @@ def csv_values(result: Result) -> dict[str, str]:
 
 def csv_table(tasks, by_key: dict) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, csv_columns(tasks), restval="", lineterminator="\n")
+    columns = csv_columns(tasks, infos(by_key))
+    writer = csv.DictWriter(buf, columns, restval="", lineterminator="\n",
+                            extrasaction="ignore")
     writer.writeheader()
     for b, i in table_rows(tasks, by_key):
         row = {"backbone": b, "init": i, "backbone_name": BACKBONES[b],
@@ -235,6 +305,48 @@ def csv_table(tasks, by_key: dict) -> str:
                 row.update(csv_values(by_key[(t, b, i)]))
         writer.writerow(row)
     return buf.getvalue()
+
+
+def setting_names(setting: tuple[str, float]) -> tuple[str, str]:
+    """A (protocol, training fraction) setting's file-name suffix and title words: ("", "")
+    for the paper's, ("_linear_10pct", "linear probe, 10% of the training labels")."""
+    protocol, fraction = setting
+    suffix = registry.finetune_name("", "", "", protocol, fraction)[2:]
+    words = [w for w in ("linear probe (frozen backbone)" if protocol == "linear" else "",
+                         f"{fraction * 100:g}% of the training labels" if fraction < 1 else "")
+             if w]
+    return suffix, ", ".join(words)
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str  # the file stem
+    title: str
+    tasks: tuple[str, ...]
+    by_key: dict  # (task, backbone, init) -> Result, of one setting
+
+
+def tables_of(by_setting: dict) -> list[Table]:
+    """The paper's two tables (always), the same two for every other setting with results of
+    their tasks, and one table per task of the user's per setting it has results in."""
+    out = []
+    order = sorted(by_setting, key=lambda s: (s != PAPER_SETTING, registry.PROTOCOLS.index(s[0]),
+                                              -s[1]))
+    for setting in order if PAPER_SETTING in by_setting else [PAPER_SETTING, *order]:
+        by_key = by_setting.get(setting, {})
+        suffix, words = setting_names(setting)
+        present = {t for t, _, _ in by_key}
+        for name, (title, tasks) in TABLES.items():
+            if setting == PAPER_SETTING or present & set(tasks):
+                out.append(Table(name + suffix, title + (f"; {words}" if words else ""), tasks,
+                                 by_key))
+        for task in sorted(present - set(PAPER_TASKS)):
+            info = next(r.info for (t, _, _), r in by_key.items() if t == task)
+            unit = "; MAE, RMSE in the target's unit" if info.kind == "regression" else ""
+            out.append(Table(f"table_{task}{suffix}",
+                             f"{info.title}: {info.kind} (test split, %{unit})"
+                             + (f"; {words}" if words else ""), (task,), by_key))
+    return out
 
 
 def missing_line(by_key: dict) -> str:
@@ -267,43 +379,50 @@ def finite_ci(result: Result, metric: str) -> tuple[float, float] | None:
     return ci if ci and all(map(math.isfinite, ci)) else None
 
 
-def verdict_lines(by_key: dict) -> list[str]:
+def verdict_lines(by_key: dict, tasks=None, heading: str = "") -> list[str]:
     """The tables in words: per task and backbone, which init scores best on the task's
-    headline metric and by how much over the runner-up. A lead is called clear only when both
-    have a bootstrap 95% CI (AUC) and the CIs do not overlap, and an AUC above chance only when
-    its CI is; Dice and mAP have no CI here, so their leads are given as measured, without a
-    claim either way."""
-    lines = []
-    for task, metric in HEADLINE.items():
+    headline metric and by how much over the runner-up (an error such as MAE: the lowest). A
+    lead is called clear only when both have a bootstrap 95% CI and the CIs do not overlap, and
+    an AUC above chance only when its CI is; Dice and mAP have no CI here, so their leads are
+    given as measured, without a claim either way. ``tasks``: those to speak of (default: the
+    paper's); ``heading``: what setting these results are of."""
+    lines, info = [], infos(by_key)
+    for task in tasks or HEADLINE:
+        metric, lower = info[task].headline, info[task].headline in registry.LOWER_IS_BETTER
         for b in BACKBONES:
             scored = sorted(((r.test[metric], i) for i in INITS
                              if (r := by_key.get((task, b, i))) and math.isfinite(r.test[metric])),
-                            key=lambda vi: -vi[0])
+                            key=lambda vi: vi[0] if lower else -vi[0])
             if not scored:
                 continue
-            (top, best), name = scored[0], METRIC_NAMES[metric].split(" ")[0]
+            (top, best), name = scored[0], metric_name(metric).split(" ")[0]
             ci = finite_ci(by_key[(task, b, best)], metric)
             leaders = [i for v, i in scored if v == top]
-            line = f"- {TASK_NAMES[task]}, {BACKBONES[b]}: "
+            line = f"- {info[task].title}, {BACKBONES[b]}: "
             if len(scored) == 1:
-                line += f"only {INITS[best]} has a result, {name} {pct(top)}"
+                line += f"only {INITS[best]} has a result, {name} {pct(top, metric)}"
             elif len(leaders) > 1:
                 names = [INITS[i] for i in leaders]
-                line += f"{', '.join(names[:-1])} and {names[-1]} tie at {name} {pct(top)}"
+                line += (f"{', '.join(names[:-1])} and {names[-1]} tie at {name} "
+                         f"{pct(top, metric)}")
             else:
                 runner, second = scored[1]
-                line += (f"{INITS[best]} scores best, {name} {pct(top)}, "
-                         f"{100 * (top - runner):.2f} points over {INITS[second]}")
+                gap = (f"{runner - top:.2f} lower than" if lower else
+                       f"{100 * (top - runner):.2f} points over")
+                line += (f"{INITS[best]} scores best, {name} {pct(top, metric)}, "
+                         f"{gap} {INITS[second]}")
                 ci_second = finite_ci(by_key[(task, b, second)], metric)
                 if ci and ci_second:
-                    line += (" (clear: their 95% CIs do not overlap)" if ci[0] > ci_second[1]
+                    apart = ci[1] < ci_second[0] if lower else ci[0] > ci_second[1]
+                    line += (" (clear: their 95% CIs do not overlap)" if apart
                              else " (within their 95% CIs: not a clear win)")
             if metric == "auc" and ci:
                 line += ("; above chance (95% CI above 50)" if ci[0] > 0.5
                          else "; not clearly above chance (95% CI reaches 50)")
             flags = "".join(degenerate(by_key[(task, b, i)], INITS[i]) for i in leaders)
             lines.append(line + flags + ".")
-    return ["In words (test split; headline metric per task):", *lines] if lines else []
+    return [f"In words{heading} (test split; headline metric per task):", *lines] \
+        if lines else []
 
 
 # ---------------------------------------------------------------- figures
@@ -343,8 +462,10 @@ def roc_figure(task: str, backbone: str, results: list[Result]) -> bytes:
     for r in results:
         fpr, tpr = roc_arrays(r.roc)
         ax.plot(fpr, tpr, label=f"{INITS[r.init]} (AUC {pct(r.test['auc'])})")
+    words = setting_names(results[0].setting)[1]
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 − specificity", ylabel="sensitivity",
-           title=f"{TASK_NAMES[task]} ROC, {BACKBONES[backbone]} (test split)")
+           title=f"{results[0].info.title} ROC, {BACKBONES[backbone]} (test split"
+                 f"{'; ' + words if words else ''})")
     ax.set_aspect("equal")
     ax.legend(loc="lower right")
     return png_bytes(fig)
@@ -390,8 +511,9 @@ def overlay_figure(result: Result, images, masks, preds) -> bytes:
         ax.imshow(overlay_rgb(images[k], masks[k], preds[k]), interpolation="nearest")
         ax.set_title(f"#{k} Dice {pct(dice(masks[k], preds[k]))}", fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"Lung, {BACKBONES[result.backbone]}, {INITS[result.init]}: "
-                 "green = ground truth outline, red = prediction", fontsize=10)
+    fig.suptitle(f"{result.info.title}, {BACKBONES[result.backbone]}, {INITS[result.init]}: "
+                 "green = ground truth outline, red = prediction (any foreground class)",
+                 fontsize=10)
     return png_bytes(fig)
 
 
@@ -410,31 +532,30 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 def write_figures(out: Path, results: list[Result], notes: list[str]) -> list[str]:
     """The ROC and overlay PNGs; returns their names. What cannot be drawn becomes a note."""
     written = []
-    for t, (kind, _) in TASKS.items():
-        if kind != "classification":
-            continue
-        for b in BACKBONES:
-            curves = []
-            for r in sorted((r for r in results if (r.task, r.backbone) == (t, b)),
-                            key=lambda r: list(INITS).index(r.init)):
-                if roc_arrays(r.roc) is None:
-                    notes.append(f"no ROC curve: {r.path} has no usable 'roc' (fpr, tpr)")
-                else:
-                    curves.append(r)
-            if curves:
-                name = f"roc_{t}_{b}.png"
-                write_atomic(out / name, roc_figure(t, b, curves))
-                written.append(name)
+    # one ROC figure per binary classification task, backbone and setting
+    binary = [r for r in results if r.info.kind == "classification" and "sen" in r.info.metrics]
+    for t, b, setting in dict.fromkeys((r.task, r.backbone, r.setting) for r in binary):
+        curves = []
+        for r in sorted((r for r in binary if (r.task, r.backbone, r.setting) == (t, b, setting)),
+                        key=lambda r: list(INITS).index(r.init)):
+            if roc_arrays(r.roc) is None:
+                notes.append(f"no ROC curve: {r.path} has no usable 'roc' (fpr, tpr)")
+            else:
+                curves.append(r)
+        if curves:
+            name = f"roc_{t}_{b}{setting_names(setting)[0]}.png"
+            write_atomic(out / name, roc_figure(t, b, curves))
+            written.append(name)
     for r in results:
         samples = r.path.parent / "samples.npz"
-        if TASKS[r.task][0] != "segmentation" or not samples.is_file():
+        if r.info.kind != "segmentation" or not samples.is_file():
             continue
         try:
             arrays = load_samples(samples)
         except Exception as e:  # a broken zip, a missing array, a bad shape: not the report's end
             notes.append(f"no overlay: {samples}: {one_line(e)}")
             continue
-        name = f"overlay_{r.task}_{r.backbone}_{r.init}.png"
+        name = f"overlay_{r.name}.png"
         write_atomic(out / name, overlay_figure(r, *arrays))
         written.append(name)
     # a figure of a result that has since gone would pass for a current one
@@ -454,14 +575,16 @@ def write_tensorboard(tb_dir: Path, tables: dict[str, str], results: list[Result
     with SummaryWriter(str(tmp)) as writer:
         for tag, markdown in tables.items():
             writer.add_text(tag, markdown, 0)
-    domains = {"task": list(TASKS), "init": list(INITS), "backbone": list(BACKBONES)}
+    domains = {"task": list(dict.fromkeys([*TASKS, *(r.task for r in results)])),
+               "init": list(INITS), "backbone": list(BACKBONES),
+               "protocol": list(registry.PROTOCOLS)}
     # TensorBoard takes the HParams columns from one session's experiment summary, picked at
     # random; SummaryWriter.add_hparams would declare only that session's task's metrics, so
     # every session here declares all of them (the body of add_hparams otherwise)
-    every_metric = {f"hparam/{m}": 0.0 for t in dict.fromkeys(r.task for r in results)
-                    for m in TASKS[t][1]}
+    every_metric = {f"hparam/{m}": 0.0 for r in results for m in r.info.metrics}
     for r in results:
-        hp = {"task": r.task, "init": r.init, "backbone": r.backbone}
+        hp = {"task": r.task, "init": r.init, "backbone": r.backbone, "protocol": r.protocol,
+              "fraction": r.fraction}
         metrics = {f"hparam/{m}": v for m, v in r.test.items() if math.isfinite(v)}
         experiment, _, _ = hparams(hp, every_metric, domains)
         _, start, end = hparams(hp, metrics, domains)
@@ -480,16 +603,22 @@ def write_tensorboard(tb_dir: Path, tables: dict[str, str], results: list[Result
 def build_report(results: list[Result], rejects: list[tuple[Path, str]], out: Path) -> str:
     """Writes everything into ``out``; returns the report's text (tables, rejects, missing)."""
     out.mkdir(parents=True, exist_ok=True)
-    by_key = {(r.task, r.backbone, r.init): r for r in results}
+    by_setting: dict[tuple[str, float], dict] = {}
+    for r in results:
+        by_setting.setdefault(r.setting, {})[(r.task, r.backbone, r.init)] = r
+    by_key = by_setting.get(PAPER_SETTING, {})
     tables = {}
-    for name, (title, tasks) in TABLES.items():
-        tables[name] = markdown_table(title, tasks, by_key)
-        write_atomic(out / f"{name}.csv", csv_table(tasks, by_key))
-        write_atomic(out / f"{name}.md", tables[name])
+    for table in tables_of(by_setting):
+        tables[table.name] = markdown_table(table.title, table.tasks, table.by_key)
+        write_atomic(out / f"{table.name}.csv", csv_table(table.tasks, table.by_key))
+        write_atomic(out / f"{table.name}.md", tables[table.name])
+    for stale in [*out.glob("table*.md"), *out.glob("table*.csv")]:  # of results now gone
+        if stale.stem not in tables:
+            stale.unlink()
     notes: list[str] = []
     write_figures(out, results, notes)
     write_tensorboard(out / "tb", tables, results)
-    lines = [tables["table2"], tables["table3"]]
+    lines = list(tables.values())
     if rejects:
         lines.append(f"Rejected {len(rejects)} result file(s):")
         lines += [f"- reject: {path}: {reason}" for path, reason in rejects]
@@ -497,9 +626,12 @@ def build_report(results: list[Result], rejects: list[tuple[Path, str]], out: Pa
     if notes:
         lines += [f"- {note}" for note in notes] + [""]
     lines.append(missing_line(by_key))
-    words = verdict_lines(by_key)
-    if words:
-        lines += ["", *words]
+    for setting, results_here in by_setting.items():
+        own = sorted({t for t, _, _ in results_here} - set(PAPER_TASKS))
+        words = setting_names(setting)[1]
+        said = verdict_lines(results_here, [*HEADLINE, *own], f", {words}" if words else "")
+        if said:
+            lines += ["", *said]
     text = "\n".join(lines) + "\n"
     write_atomic(out / "report.md", text)
     return text

@@ -399,12 +399,15 @@ def test_tensorboard_has_one_hparams_session_per_result(built):
         content = acc.PluginTagToContent("hparams")
         start = metadata.parse_session_start_info_plugin_data(
             content[metadata.SESSION_START_INFO_TAG])
-        assert {k: v.string_value for k, v in start.hparams.items()} == {
-            "task": data["task"], "init": data["init"], "backbone": data["backbone"]}
+        assert {k: v.string_value for k, v in start.hparams.items() if k != "fraction"} == {
+            "task": data["task"], "init": data["init"], "backbone": data["backbone"],
+            "protocol": "finetune"}
+        assert start.hparams["fraction"].number_value == 1.0
         experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
         # every session declares every metric, whichever one TensorBoard reads the columns from
         assert {m.name.tag for m in experiment.metric_infos} == every_metric
-        assert {h.name for h in experiment.hparam_infos} == {"task", "init", "backbone"}
+        assert {h.name for h in experiment.hparam_infos} == {"task", "init", "backbone",
+                                                             "protocol", "fraction"}
         finite = {f"hparam/{m}": v for m in report.TASKS[data["task"]][1]
                   if math.isfinite(v := data["test"][m])}
         assert set(acc.Tags()["scalars"]) == set(finite)  # NaN metrics are left out
@@ -467,3 +470,63 @@ def test_rerun_replaces_output_and_drops_stale_figures(tmp_path, capsys):
     assert not (out / "tb" / "pneumonia_r50_imagenet").exists()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no tmp left
     assert "Missing 35 of 40 results" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- tasks of the user's, settings
+
+
+def own_result(task, kind, classes, init, test, **extra):
+    """A results.json of a task defined in the user's config, as the stage writes it."""
+    return {"task": task, "kind": kind, "title": task.capitalize(), "classes": classes,
+            "init": init, "backbone": "r18", "selected_by": extra.pop("selected_by", "auc"),
+            "test": test, **extra}
+
+
+def test_a_task_of_the_users_and_a_probe_at_10pct_get_tables_of_their_own(tmp_path):
+    knee = {"scratch": 0.61, "muscle": 0.83}
+    for init, auc in knee.items():
+        test = {"acc": auc - 0.1, "auc": auc, "auc_ci": [auc - 0.05, auc + 0.05], "n": 30,
+                **{f"{m}_{c}": 0.5 for c in ("none", "mild", "severe") for m in ("sen", "spe")}}
+        write_result(tmp_path, own_result("knee", "classification", ["none", "mild", "severe"],
+                                          init, test))
+    for init, mae in (("scratch", 14.5), ("mdmoco", 9.25)):
+        write_result(tmp_path, own_result("age", "regression", [], init,
+                                          {"mae": mae, "rmse": mae + 3, "n": 20},
+                                          selected_by="mae"))
+    probe = cls_result("pneumonia", "r18", "mdmoco", 0.7)
+    probe.update(protocol="linear", train_fraction=0.1)
+    write_result(tmp_path, probe, "pneumonia_r18_mdmoco_linear_10pct")
+    write_result(tmp_path, PNEU_R18_SCRATCH)
+    out = tmp_path / "report"
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert report.main([str(tmp_path)]) == 0
+    text = stdout.getvalue()
+    names = sorted(p.stem for p in out.glob("table*.md"))
+    assert names == ["table2", "table2_linear_10pct", "table3", "table_age", "table_knee"]
+
+    rows = {r["init"]: r for r in csv.DictReader(open(out / "table_knee.csv"))}
+    assert float(rows["muscle"]["knee_auc"]) == 0.83 and rows["muscle"]["knee_n"] == "30"
+    assert float(rows["muscle"]["knee_auc_lo"]) == 0.83 - 0.05  # as written, to the bit
+    assert "| ResNet-18 | MUSCLE | 73.00 | 83.00 (78.00–88.00) | 50.00" in \
+        (out / "table_knee.md").read_text()
+    age = (out / "table_age.md").read_text()
+    assert "MAE, RMSE in the target's unit" in age and "| ResNet-18 | MD-MoCo | 9.25 | 12.25 |" in age
+    probe_table = (out / "table2_linear_10pct.md").read_text()
+    assert "linear probe (frozen backbone), 10% of the training labels" in probe_table
+    assert "| ResNet-18 | MD-MoCo | 71.23 |" in probe_table
+    assert "| ResNet-18 | Scratch | 61.23 |" in (out / "table2.md").read_text()  # not mixed
+    assert "- Knee, ResNet-18: MUSCLE scores best, AUC 83.00, 22.00 points over Scratch " \
+           "(clear: their 95% CIs do not overlap)" in text
+    assert "- Age, ResNet-18: MD-MoCo scores best, MAE 9.25, 5.25 lower than Scratch." in text
+    assert "In words, linear probe (frozen backbone), 10% of the training labels" in text
+    assert (out / "roc_pneumonia_r18_linear_10pct.png").is_file()
+
+
+def test_a_result_of_an_unknown_task_without_its_definition_is_rejected(tmp_path):
+    write_result(tmp_path, PNEU_R18_SCRATCH)
+    bad = own_result("knee", "classification", ["a", "b", "c"], "scratch", {"acc": 0.5})
+    del bad["kind"]
+    path = write_result(tmp_path, bad)
+    results, rejects = report.collect(tmp_path)
+    assert [r.task for r in results] == ["pneumonia"]
+    assert rejects == [(path, "unknown task 'knee' without a known 'kind' (None)")]

@@ -303,7 +303,9 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
         records = evaluate_records(net, task, loaders["test"], device, bf16, keeper)
         scores, extra = task.test_metrics(records, cfg.eval)
         if rank == 0:
-            results = {"task": sel.task, "kind": task.kind, "init": sel.init,
+            defn = cfg.definition(sel.task)
+            results = {"task": sel.task, "kind": task.kind, "title": defn.title,
+                       "classes": list(defn.classes), "init": sel.init,
                        "backbone": sel.backbone, "arch": sel.arch, "best_epoch": best["epoch"],
                        "epochs": tcfg.epochs, "protocol": sel.protocol,
                        "train_fraction": sel.fraction, "train_images": n_train,
