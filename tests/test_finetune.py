@@ -9,13 +9,14 @@ import math
 import re
 import signal
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from conftest import ROOT, finish_ranks, run_ranks, start_ranks
 
 from muscle_hpc import checkpoint, config
-from muscle_hpc.models.backbone import build_backbone, export_torchvision
+from muscle_hpc.models.backbone import build_backbone, export_torchvision, load_imagenet_into
 from muscle_hpc.stages import finetune
 from muscle_hpc.tblog import read_scalars
 
@@ -263,3 +264,75 @@ def test_stopped_by_signal_then_resumed_equals_an_uninterrupted_run(task_shards,
     assert codes == [2], outs[0][-2000:]
     assert "checkpoint.pth: per_epoch was 3, is 2 now (the shards or a step limit changed)" \
         in outs[0] and "Traceback" not in outs[0]
+
+
+# --- linear probe and label fractions ------------------------------------------------------
+
+
+def test_a_linear_probe_trains_the_head_and_leaves_every_backbone_tensor_bit_identical(
+        task_shards, tmp_path):
+    weights = save_backbone(tmp_path / "mdmoco_r18" / "backbone_torchvision.pth")
+    out = run_ranks("finetune", 2, [*ft_args(task_shards, tmp_path, "mura", "mdmoco"),
+                                    "--protocol", "linear", "run.checkpoint_every_steps=1"])
+    assert "linear probe" in out
+    run_dir = tmp_path / "finetune" / "mura_r18_mdmoco_linear"
+    start = build_backbone("resnet18")
+    load_imagenet_into(start, torch.load(weights, weights_only=True))  # 1-channel conv1
+    init = start.state_dict()
+    for name in ("checkpoint.pth", "best.pth"):
+        state = checkpoint.load(run_dir / name)
+        state = state.get("model", state)
+        trunk = {k.removeprefix("backbone."): v for k, v in state.items()
+                 if k.startswith("backbone.")}
+        assert set(trunk) == set(init) - {"fc.weight", "fc.bias"}
+        for k, v in trunk.items():  # weights, BN statistics and num_batches_tracked alike
+            assert torch.equal(v, init[k]), (name, k)
+    before = finetune_head(tmp_path, "mura")
+    after = {k: v for k, v in checkpoint.load(run_dir / "checkpoint.pth")["model"].items()
+             if k.startswith("heads.")}
+    assert set(after) == set(before)
+    assert any(not torch.equal(after[k], before[k]) for k in after)  # the head did learn
+    r = results(tmp_path, "mura_r18_mdmoco_linear")
+    assert r["protocol"] == "linear" and r["train_fraction"] == 1.0
+
+
+def finetune_head(tmp_path, task):
+    """The head the stage starts from (its seed makes it the same in every run)."""
+    torch.manual_seed(0)
+    from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
+    from muscle_hpc.tasks import TASKS
+
+    trunk = build_backbone("resnet18")
+    net = MultiTaskNet(trunk, {task: TASKS[task].head(trunk_channels("resnet18"),
+                                                      config.FinetuneConfig().model)})
+    return {k: v for k, v in net.state_dict().items() if k.startswith("heads.")}
+
+
+def test_label_fractions_are_patient_grouped_nested_and_the_same_for_every_init():
+    from muscle_hpc.data.loaders import subset
+
+    groups = np.repeat(np.arange(40), np.random.default_rng(1).integers(1, 6, 40))
+    n = len(groups)
+    small, medium, whole = (set(subset(n, f, seed=3, groups=groups)) for f in (0.01, 0.1, 1.0))
+    assert small <= medium <= whole == set(range(n))
+    assert len(medium) >= 0.1 * n
+    for part in (small, medium):  # whole patients only
+        kept = set(groups[sorted(part)])
+        assert part == {i for i in range(n) if groups[i] in kept}
+    assert list(subset(n, 0.1, 3, groups)) == list(subset(n, 0.1, 3, groups.copy()))
+    assert set(subset(n, 0.1, 4, groups)) != medium  # the seed draws it
+
+
+def test_a_fraction_trains_every_init_on_the_same_images(task_shards, tmp_path):
+    save_backbone(tmp_path / "mdmoco_r18" / "backbone_torchvision.pth")
+    from muscle_hpc.data.loaders import train_subset
+    from muscle_hpc.data.shards import open_shard
+
+    shard = open_shard(task_shards, "mura", "train")
+    expected = len(train_subset(shard, 0.5, 0))
+    assert expected < shard.count
+    for init in ("scratch", "mdmoco"):
+        run_ranks("finetune", 1, [*ft_args(task_shards, tmp_path, "mura", init),
+                                  "--fraction", "0.5", "tasks.mura.epochs=1"])
+        r = results(tmp_path, f"mura_r18_{init}_50pct")
+        assert (r["train_fraction"], r["train_images"]) == (0.5, expected)

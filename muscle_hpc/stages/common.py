@@ -31,7 +31,7 @@ def parse_args(stage: str, doc: str, argv, example: str, *, config_default=None,
     if add_arguments is not None:
         add_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {example}")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value before and after options alike
 
 
 def fail(stage: str, message: str) -> int:
