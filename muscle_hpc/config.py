@@ -60,7 +60,10 @@ def opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: floa
 @dataclass(frozen=True)
 class DataConfig:
     root: str = "shards"
-    datasets: list[str] = opt(list(DATASETS), choices=DATASETS)
+    # The paper's nine by default; any dataset converted under root may be added (one of the
+    # user's: python -m data_prep.convert --layout ...). A name with no shards is refused at
+    # start, naming the conversion that would make them.
+    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
     # Also read each dataset's ``extra`` shard (images of no task, e.g. TBX11K's ~10k healthy,
     # sick and test images): not the paper's Table 1, which pre-trains on the training sets.
     pretrain_extra: bool = False
@@ -814,6 +817,10 @@ def _check_batch(cfg, world_size: int) -> int:
 
 
 def check_moco(cfg: MocoConfig, world_size: int) -> None:
+    for name in cfg.data.datasets:
+        if not NAME_PATTERN.fullmatch(name):
+            raise ConfigError(f"data.datasets: {name!r} is not a dataset name (letters, digits, "
+                              f"'_', '-': a folder under data.root)")
     """What a loaded MD-MoCo config must also satisfy on ``world_size`` ranks."""
     per_rank = _check_batch(cfg, world_size)
     if per_rank < 2:
