@@ -488,7 +488,8 @@ def main(argv=None) -> int:
             try:
                 if spec is None:
                     spec = layouts.build_spec(*definition[:2], root, definition[2])
-                    if len(jobs) > 1 and mode == "official" and not spec.has_official_split:
+                    if (args.datasets or len(jobs) > 1) and mode == "official" \
+                            and not spec.has_official_split:
                         print(f"{spec.name}: has no official split, using the paper split")
                         mode = "paper"
                 m = convert_dataset(spec, root, args.out, size, mode, args.seed, args.workers,
