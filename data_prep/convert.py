@@ -2,10 +2,15 @@
 
     python -m data_prep.convert --dataset NAME --root DIR --out DIR [--workers N]
         [--size 800x500] [--split paper|official] [--seed S] [--force]
+    python -m data_prep.convert --dataset NEW --layout folders|csv|masks|coco --root DIR
+        --out DIR [layout options]
+    python -m data_prep.convert --datasets FILE.yaml --root DIR --out DIR
 
-Writes ``OUT/NAME/{train,valid,test,extra}.beton`` and ``OUT/NAME/manifest.json``. Splits with
-no image get no shard. ``--dataset all`` converts every dataset found under ``--root`` by its
-usual download folder name (``data_prep/LAYOUTS.md``).
+Writes ``OUT/NAME/{train,valid,test,extra}.beton``, next to each ``SPLIT.groups.npy`` (int32,
+one per sample in shard order: the index of its patient in the sorted list of the dataset's
+patients), and ``OUT/NAME/manifest.json``. Splits with no image get no shard. ``--dataset all``
+converts every one of the nine datasets found under ``--root`` by its usual download folder
+name; ``--layout`` and ``--datasets`` read your own datasets (``data_prep/LAYOUTS.md``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from . import shard
+from . import layouts, shard
 from .datasets import NAMES, get_spec
 from .datasets.base import DatasetSpec, LayoutError, Record, Reject, relpath
 from .imaging import MAX_BOXES, Decoded, Unusable, decode
@@ -134,6 +139,7 @@ class Packed(NamedTuple):
     boxes: np.ndarray | None
     box_labels: np.ndarray | None
     has_foreground: bool
+    mask_classes: tuple[int, ...] = ()  # the foreground class indices present in the mask
 
 
 def _split_summary(spec: DatasetSpec, rows: list[Packed]) -> dict:
@@ -149,6 +155,9 @@ def _split_summary(spec: DatasetSpec, rows: list[Packed]) -> dict:
         summary["label_counts"] = {n: int(c) for n, c in zip(spec.label_names, totals)}
     if "mask" in spec.fields:
         summary["masks"] = sum(int(p.has_foreground) for p in rows)
+        present = Counter(k for p in rows for k in p.mask_classes)
+        summary["images_with_class"] = {n: present[k] for k, n in
+                                        enumerate(mask_names(spec)[1:], 1)}
     if "boxes" in spec.fields:
         labels = Counter(int(c) for p in rows if p.boxes is not None for c in p.box_labels)
         cats = spec.box_categories
@@ -157,6 +166,10 @@ def _split_summary(spec: DatasetSpec, rows: list[Packed]) -> dict:
                                  for c in sorted(labels)}
         summary["images_with_boxes"] = sum(1 for p in rows if p.boxes is not None
                                            and len(p.boxes))
+    if "value" in spec.fields:
+        values = [p.record.value for p in rows if p.record.value is not None] or [float("nan")]
+        summary["value"] = {"min": min(values), "max": max(values),
+                            "mean": round(float(np.mean(values)), 6)}
     if "boneage" in spec.fields:
         ages = [p.record.boneage for p in rows if p.record.boneage is not None] or [float("nan")]
         summary["boneage_months"] = {"min": min(ages), "max": max(ages),
@@ -178,6 +191,8 @@ def _columns(spec: DatasetSpec, rows: list[Packed], images: np.ndarray,
         cols["label"] = column("label", np.int64, -1)
     if "labels" in spec.fields:
         cols["labels"] = column("labels", np.uint8, (0,) * len(spec.label_names))
+    if "value" in spec.fields:
+        cols["value"] = column("value", np.float64, np.nan)
     if "boneage" in spec.fields:
         cols["boneage"] = column("boneage", np.float64, np.nan)
     if "male" in spec.fields:
@@ -201,12 +216,12 @@ def _columns(spec: DatasetSpec, rows: list[Packed], images: np.ndarray,
 def _check_record(spec: DatasetSpec, r: Record) -> str | None:
     if not r.task:
         return None  # an extra (pre-training only) image needs nothing but its pixels
-    needed = {"label": r.label, "labels": r.labels, "boneage": r.boneage, "male": r.male,
-              "body_part": r.body_part}
+    needed = {"label": r.label, "labels": r.labels, "value": r.value, "boneage": r.boneage,
+              "male": r.male, "body_part": r.body_part}
     for name in spec.fields:
         if name in needed and needed[name] is None:
             return f"label missing: no {name}"
-        if name == "mask" and not r.masks:
+        if name == "mask" and not r.masks and not r.class_masks:
             return "mask missing"
     return None
 
@@ -237,6 +252,8 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
     params = {"size": list(size), "split_mode": split, "seed": seed,
               "format_version": shard.FORMAT_VERSION,
               "scanned": {"records": len(records), "rejects": len(rejects)}}
+    if spec.definition is not None:
+        params["definition"] = spec.definition
     final = out / spec.name
     previous = shard.read_manifest(final)
     if previous and previous.get("params") == params and not force:
@@ -269,8 +286,9 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
                 images[s][k, :, :, 0] = res.image
                 if masks:
                     masks[s][k, :, :, 0] = 0 if res.mask is None else res.mask
-                rows[s].append(Packed(rec, res.boxes, res.box_labels,
-                                      res.mask is not None and bool(res.mask.any())))
+                present = () if res.mask is None else \
+                    tuple(int(k) for k in np.flatnonzero(np.bincount(res.mask.ravel())) if k)
+                rows[s].append(Packed(rec, res.boxes, res.box_labels, bool(present), present))
                 img = res.image.astype(np.float64)
                 pix_sum += img.mean()
                 pix_sq += (img * img).mean()
@@ -281,14 +299,18 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
             from ffcv.fields import NDArrayField
             fields["labels"] = NDArrayField(np.dtype("uint8"), (len(spec.label_names),))
         manifest_splits = {}
+        group_ids = {g: i for i, g in enumerate(sorted({p.record.group for v in rows.values()
+                                                        for p in v}))}
         for s in SPLITS:
             if not rows.get(s):
                 continue
             _check_stop()
             cols = _columns(spec, rows[s], images[s], masks.get(s))
             shard.write_shard(stage / f"{s}.beton", fields, cols)
+            np.save(stage / f"{s}.groups.npy",
+                    np.array([group_ids[p.record.group] for p in rows[s]], np.int32))
             manifest_splits[s] = {"file": f"{s}.beton", "count": len(rows[s]),
-                                  **_split_summary(spec, rows[s])}
+                                  "groups": f"{s}.groups.npy", **_split_summary(spec, rows[s])}
         del images, masks
         for tmp in stage.glob(".*.npy"):
             tmp.unlink()
@@ -321,11 +343,21 @@ def _field_doc(spec: DatasetSpec, fields: dict) -> dict:
             entry.update(shape=list(f.shape), dtype=str(f.dtype))
         if name in ("label", "labels") and spec.label_names:
             entry["names"] = list(spec.label_names)
+        if name == "value" and spec.value_name:
+            entry["name"] = spec.value_name
+        if name == "mask":
+            entry["names"] = mask_names(spec)
         if name == "box_labels":
             entry["names"] = list(spec.box_categories)
             entry["padding"] = -1
         doc[name] = entry
     return doc
+
+
+def mask_names(spec: DatasetSpec) -> list[str]:
+    """Mask class names in value order: background, then the spec's classes (one unnamed
+    foreground class is called ``foreground``)."""
+    return ["background", *(spec.mask_classes or ("foreground",))]
 
 
 def find_dataset_folder(spec: DatasetSpec, root: Path) -> Path | None:
@@ -342,10 +374,97 @@ def _report(manifest: dict, seconds: float, log) -> None:
     log(f"{manifest['dataset']}: {counts} | rejected: {rej} | {seconds:.1f}s")
 
 
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("your own dataset (data_prep/LAYOUTS.md, 'the four layouts')")
+    g.add_argument("--layout", choices=layouts.LAYOUTS,
+                   help="read --dataset NAME (a new name) from this layout")
+    g.add_argument("--role", choices=layouts.ROLES,
+                   help="task (default): 80/10/10 paper split; pretrain: everything in train")
+    g.add_argument("--images", help="image folder (csv, masks, coco; default --root for csv "
+                                    "and coco)")
+    g.add_argument("--csv", help="csv layout: the CSV file (relative to --root or absolute)")
+    g.add_argument("--image-column", help="csv: column of image paths (default: image)")
+    g.add_argument("--label-column", help="csv: one class label per row -> field label")
+    g.add_argument("--label-columns", help="csv: C1,C2,... 0/1 columns -> multi-hot labels")
+    g.add_argument("--value-column", help="csv: a number per row -> regression field value")
+    g.add_argument("--classes", help="csv: the classes of --label-column in index order; "
+                                     "masks: the mask class names")
+    g.add_argument("--patient-column", help="csv: patient id (groups the split)")
+    g.add_argument("--split-column", help="csv: train/valid/val/test -> the official split")
+    g.add_argument("--masks", nargs="+", action="extend",
+                   help="masks layout: one or more mask folders")
+    g.add_argument("--mask-suffix", help="masks: a.png <-> a<SUFFIX>.png (e.g. _mask)")
+    g.add_argument("--mask-mode", choices=("union", "classes"),
+                   help="several --masks: union (one class, default) or classes (folder k is "
+                        "class k)")
+    g.add_argument("--coco", help="coco layout: the COCO instances JSON")
+
+
+def _layout_options(args) -> dict:
+    return {k: getattr(args, k) for k in layouts.OPTIONS}
+
+
+def _jobs(args) -> list[tuple]:
+    """``(spec or None, root, split mode, definition)`` per dataset to convert; a layout
+    dataset's spec is built when its turn comes (building reads its CSV or JSON)."""
+    given = [layouts.flag(k) for k, v in _layout_options(args).items() if v is not None]
+    if args.datasets is not None:
+        if args.dataset or args.layout or given:
+            raise ConvertError("--datasets FILE takes no --dataset, --layout or layout options "
+                               "(they go into the file)")
+        if not args.root.is_dir():
+            raise ConvertError(f"--root {args.root} is not a folder")
+        jobs = []
+        for entry in layouts.read_definitions(args.datasets):
+            opts = {k: v for k, v in entry.items() if k not in ("name", "layout", "root")}
+            root = layouts._path(args.root, str(entry["root"]))
+            jobs.append((None, root, args.split, (str(entry["name"]), str(entry["layout"]),
+                                                  opts)))
+        return jobs
+    if not args.dataset:
+        raise ConvertError("give --dataset NAME (with --layout for your own dataset) or "
+                           "--datasets FILE.yaml")
+    if args.layout is not None:
+        if args.dataset == "all":
+            raise ConvertError("--dataset all converts the nine known datasets; it takes no "
+                               "--layout")
+        layouts.check_name(args.dataset)
+        layouts.normalize(args.layout, _layout_options(args))  # refuse now, before any work
+        return [(None, args.root, args.split, (args.dataset, args.layout,
+                                               _layout_options(args)))]
+    if given:
+        raise ConvertError(f"{given[0]} needs --layout (it describes your own dataset)")
+    if args.dataset != "all":
+        if args.dataset not in NAMES:
+            raise ConvertError(f"unknown dataset {args.dataset!r}: choose from "
+                               f"{', '.join(NAMES)}, all, or give --layout for your own")
+        return [(get_spec(args.dataset), args.root, args.split, None)]
+    if not args.root.is_dir():
+        raise ConvertError(f"--root {args.root} is not a folder")
+    jobs = []
+    for name in NAMES:
+        spec = get_spec(name)
+        folder = find_dataset_folder(spec, args.root)
+        if folder is None:
+            print(f"{name}: skipped, none of {', '.join(spec.folder_names)} under "
+                  f"{args.root}")
+            continue
+        mode = args.split if spec.has_official_split else "paper"
+        if mode != args.split:
+            print(f"{name}: has no official split, using the paper split")
+        jobs.append((spec, folder, mode, None))
+    if not jobs:
+        raise ConvertError(f"no dataset found under {args.root}")
+    return jobs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=(*NAMES, "all"))
+    p.add_argument("--dataset", help=f"one of {', '.join(NAMES)}, all, or a new name with "
+                                     "--layout")
+    p.add_argument("--datasets", type=Path, metavar="FILE.yaml",
+                   help="convert every dataset defined in this YAML file")
     p.add_argument("--root", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--workers", type=int, default=min(8, multiprocessing.cpu_count()))
@@ -353,6 +472,7 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("paper", "official"), default="paper")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="redo a finished conversion")
+    _layout_args(p)
     args = p.parse_args(argv)
     # SIGTERM (scancel, kill) and Ctrl-C stop at the next image and remove the staging folder.
     signal.signal(signal.SIGTERM, _request_stop)
@@ -361,38 +481,29 @@ def main(argv=None) -> int:
         size = parse_size(args.size)
         if args.workers < 1:
             raise ConvertError("--workers must be >= 1")
-        if args.dataset != "all":
-            jobs = [(get_spec(args.dataset), args.root, args.split)]
-        else:
-            if not args.root.is_dir():
-                raise ConvertError(f"--root {args.root} is not a folder")
-            jobs = []
-            for name in NAMES:
-                spec = get_spec(name)
-                folder = find_dataset_folder(spec, args.root)
-                if folder is None:
-                    print(f"{name}: skipped, none of {', '.join(spec.folder_names)} under "
-                          f"{args.root}")
-                    continue
-                mode = args.split if spec.has_official_split else "paper"
-                if mode != args.split:
-                    print(f"{name}: has no official split, using the paper split")
-                jobs.append((spec, folder, mode))
-            if not jobs:
-                raise ConvertError(f"no dataset found under {args.root}")
+        jobs = _jobs(args)
         failed = 0
-        for spec, root, mode in jobs:
+        for spec, root, mode, definition in jobs:
             start = time.time()
             try:
+                if spec is None:
+                    spec = layouts.build_spec(*definition[:2], root, definition[2])
+                    if (args.datasets or len(jobs) > 1) and mode == "official" \
+                            and not spec.has_official_split:
+                        print(f"{spec.name}: has no official split, using the paper split")
+                        mode = "paper"
                 m = convert_dataset(spec, root, args.out, size, mode, args.seed, args.workers,
                                     args.force)
                 _report(m, time.time() - start, print)
-            except ConvertError as e:
+            except (ConvertError, LayoutError) as e:
                 if len(jobs) == 1:
-                    raise
+                    raise ConvertError(str(e)) from None
                 failed += 1
                 print(f"error: {e}", file=sys.stderr)
         return 1 if failed else 0
+    except LayoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

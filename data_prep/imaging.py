@@ -74,10 +74,21 @@ def load_mask(paths, size: tuple[int, int]) -> np.ndarray:
     return union
 
 
+def load_class_masks(class_masks, size: tuple[int, int]) -> np.ndarray:
+    """Class index per pixel at ``size``: 0 background, ``k + 1`` where the union of
+    ``class_masks[k]`` is set. Painted in order, so where two classes overlap the later one
+    wins (an overlap is an annotation conflict; a fixed rule keeps the result reproducible)."""
+    w, h = size
+    out = np.zeros((h, w), np.uint8)
+    for k, paths in enumerate(class_masks):
+        out[load_mask(paths, size) > 0] = k + 1
+    return out
+
+
 @dataclass
 class Decoded:
     image: np.ndarray  # (H, W) uint8
-    mask: np.ndarray | None = None  # (H, W) uint8 0/1
+    mask: np.ndarray | None = None  # (H, W) uint8 class index (0 background)
     boxes: np.ndarray | None = None  # (n, 4) float32 xyxy in output pixels
     box_labels: np.ndarray | None = None  # (n,) int64 category ids
 
@@ -88,6 +99,8 @@ def decode(record: Record, size: tuple[int, int]) -> Decoded:
     out = Decoded(resize(to_uint8(im), size))
     if record.masks:
         out.mask = load_mask(record.masks, size)
+    elif record.class_masks:
+        out.mask = load_class_masks(record.class_masks, size)
     if record.boxes is not None:
         if len(record.boxes) > MAX_BOXES:
             raise Unusable(f"too many boxes: {len(record.boxes)} > {MAX_BOXES}")

@@ -21,7 +21,7 @@ import numpy as np
 from .imaging import MAX_BOXES
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: SPLIT.groups.npy next to every shard
 
 
 def import_ffcv() -> None:
@@ -58,7 +58,7 @@ def ffcv_fields(fields: tuple[str, ...], size: tuple[int, int]) -> dict:
             out[name] = IntField()
         elif name == "labels":
             continue  # added by the caller, which knows the number of classes
-        elif name == "boneage":
+        elif name in ("boneage", "value"):
             out[name] = FloatField()
         elif name == "mask":
             out[name] = NDArrayField(np.dtype("uint8"), (h, w, 1))

@@ -51,7 +51,8 @@ def test_tiny_is_fast_and_manifest_is_written(tiny):
     out, truth, seconds = tiny
     assert seconds < 20
     assert json.loads((out / MANIFEST).read_text()) == truth
-    assert list(truth) == list(NAMES)
+    assert list(truth) == [*NAMES, "external"]
+    assert list(truth["external"]) == ["knee", "hip"]
     for name in NAMES:
         assert truth[name]["folder"] == FOLDERS[name] and (out / FOLDERS[name]).is_dir()
 
@@ -353,3 +354,70 @@ def test_tbx11k_lesions_lie_inside_their_boxes():
         assert np.abs(added[~inside]).max() < 2
         for x, y, w, h, _ in boxes:
             assert added[int(y):int(y + h), int(x):int(x + w)].max() > 40
+
+
+# --- the two external datasets (generic layouts) -------------------------------------------------
+
+def _joint_space(path: Path) -> int:
+    """The narrowest dark run between two bright (bone) runs over the middle columns."""
+    arr = np.asarray(Image.open(path).convert("L"), np.float32)
+    h, w = arr.shape
+    best = h
+    for x in range(int(0.3 * w), int(0.7 * w)):
+        bright = np.flatnonzero(arr[:, x] > 120)
+        if len(bright) < 2:
+            continue
+        gaps = np.diff(bright) - 1
+        best = min(best, int(gaps.max()))
+    return best
+
+
+def test_external_manifest_agrees_with_disk(tiny):
+    out, truth, _ = tiny
+    knee, hip = truth["external"]["knee"], truth["external"]["hip"]
+    assert knee["folder"] == "external/knee" and hip["folder"] == "external/hip"
+    kbase, hbase = out / knee["folder"], out / hip["folder"]
+    rels = [p.relative_to(kbase).as_posix() for p in list_files(kbase) if is_image(p)]
+    assert len(rels) == knee["usable"] + 1  # + the truncated one
+    assert {r for r in rels if not loads(kbase / r)} == {
+        r["path"] for r in knee["planted_rejects"] if r["reason"] == "unreadable"}
+    assert sum(knee["label_counts"].values()) == knee["usable"]
+    assert sum(knee["split_counts"].values()) == knee["usable"]
+    assert all("/batch2/" in p and (kbase / p).is_file() for p in knee["quirks"]["nested"])
+    assert Image.open(kbase / knee["quirks"]["rgb"]).mode == "RGB"
+    assert Image.open(kbase / knee["quirks"]["i16"]).mode in ("I;16", "I")
+    for j in (*knee["junk"], *hip["junk"]):
+        assert is_junk(Path(j))
+    images = [p for p in list_files(hbase / "images") if is_image(p)]
+    assert len(images) == hip["usable"] + 1  # + the one lacking its right mask
+    left, right = (sorted(p.name for p in (hbase / "masks" / c).iterdir()) for c in hip["classes"])
+    assert len(left) == hip["usable"] + 2  # + that image's left mask + the orphan
+    assert len(right) == hip["usable"]
+    assert Image.open(hbase / hip["quirks"]["mask_16bit"]).mode in ("I;16", "I")
+    assert Image.open(hbase / hip["quirks"]["palette"]).mode == "P"
+
+
+def test_knee_grade_is_the_joint_space(tiny):
+    out, truth, _ = tiny
+    base = out / truth["external"]["knee"]["folder"]
+    quirks = truth["external"]["knee"]["quirks"]
+    skip = {quirks["rgb"], quirks["i16"]} | {r["path"] for r in
+                                            truth["external"]["knee"]["planted_rejects"]}
+    space = {}
+    for grade in ("normal", "mild", "severe"):
+        space[grade] = [_joint_space(p) for p in sorted(base.glob(f"*/{grade}/**/*.png"))
+                        if p.relative_to(base).as_posix() not in skip]
+    assert min(space["normal"]) > max(space["mild"]) >= min(space["mild"]) > \
+        max(space["severe"]), space
+
+
+def test_hip_masks_lie_on_the_femoral_heads(tiny):
+    out, truth, _ = tiny
+    base = out / truth["external"]["hip"]["folder"]
+    img = np.asarray(Image.open(base / "images/hip_0001.png").convert("L"), np.float32)
+    for cls, side in (("left_femoral_head", 1), ("right_femoral_head", -1)):
+        mask = np.asarray(Image.open(base / "masks" / cls / "hip_0001_mask.png")) > 0
+        assert mask.any()
+        assert img[mask].mean() > img[~mask].mean() + 60  # a bright bone head
+        cx = np.nonzero(mask)[1].mean()
+        assert (cx - img.shape[1] / 2) * side > 0  # the patient's left is on the image right

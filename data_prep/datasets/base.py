@@ -20,7 +20,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 JUNK_NAMES = frozenset({"thumbs.db", ".ds_store", "desktop.ini"})
 
 # Fields a shard may carry besides the image. The converter writes exactly the ones a spec lists.
-FIELDS = ("label", "labels", "boneage", "male", "body_part", "mask", "boxes")
+FIELDS = ("label", "labels", "value", "boneage", "male", "body_part", "mask", "boxes")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class Record:
     ``task=False`` marks an image that is usable for pre-training but is not part of the
     dataset's task (e.g. TBX11K images without boxes); it always goes to the ``extra`` split.
     ``boxes`` are ``(x, y, w, h, category_id)`` in the pixel space ``box_space = (W, H)``.
+    ``masks`` are OR-ed into one foreground class (mask value 1); ``class_masks[k]`` are the
+    masks of class ``k + 1`` (OR-ed per class; where two classes overlap the later one wins).
+    A record uses one or the other. ``value`` is a regression target (``value`` field).
     """
 
     image: Path
@@ -39,10 +42,12 @@ class Record:
     task: bool = True
     label: int | None = None
     labels: tuple[int, ...] | None = None
+    value: float | None = None
     boneage: float | None = None
     male: int | None = None
     body_part: int | None = None
     masks: tuple[Path, ...] = ()
+    class_masks: tuple[tuple[Path, ...], ...] = ()
     boxes: tuple[tuple[float, float, float, float, int], ...] | None = None
     box_space: tuple[int, int] | None = None
 
@@ -70,6 +75,10 @@ class DatasetSpec:
     ``role="pretrain"``: the paper split puts every image in train (MD-MoCo only).
     ``folder_names``: the usual download folder names, tried in order by ``--dataset all``.
     ``label_names``: class names for ``label`` (index = value) or for the ``labels`` multi-hot.
+    ``mask_classes``: names of the mask's foreground classes (index = mask value - 1; 0 is
+    background). ``value_name``: what the ``value`` field measures (a CSV column name).
+    ``definition``: where a dataset defined by configuration came from (its layout and
+    options, JSON-able); recorded in the manifest, and a changed definition reconverts.
     """
 
     name: str
@@ -80,6 +89,9 @@ class DatasetSpec:
     has_official_split: bool = False
     label_names: tuple[str, ...] = ()
     box_categories: tuple[str, ...] = ()  # index = category_id - 1
+    mask_classes: tuple[str, ...] = ()
+    value_name: str = ""
+    definition: dict | None = None
 
     def __post_init__(self):
         if self.role not in ("task", "pretrain"):

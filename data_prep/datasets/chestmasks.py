@@ -89,4 +89,4 @@ def scan(root: Path) -> Scan:
 SPEC = DatasetSpec(name="chestmasks",
                    folder_names=("Lung Segmentation", "chest-xray-masks-and-labels"),
                    role="task", fields=("label", "mask"), scan=scan,
-                   label_names=("normal", "tb"))
+                   label_names=("normal", "tb"), mask_classes=("lung",))

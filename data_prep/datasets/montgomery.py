@@ -63,4 +63,4 @@ def scan(root: Path) -> Scan:
 
 SPEC = DatasetSpec(name="montgomery", folder_names=("MontgomerySet", "Montgomery"),
                    role="pretrain", fields=("label", "mask"), scan=scan,
-                   label_names=("normal", "tb"))
+                   label_names=("normal", "tb"), mask_classes=("lung",))

@@ -1,4 +1,6 @@
-"""Demo data: all nine public X-ray datasets in their real download layouts, quirks included.
+"""Demo data: all nine public X-ray datasets in their real download layouts, quirks included,
+and two datasets of your own kind (``external/knee``, ``external/hip``, see :mod:`.external`)
+in the generic layouts that ``configs/external_datasets.yaml`` converts.
 
     python -m data_prep.synth --out DIR [--scale tiny|small] [--seed S] [--workers N]
 
@@ -16,25 +18,31 @@ import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from . import external
 from .layouts import FOLDERS, NAMES, SCALES, WRITERS
 
 MANIFEST = "synth_manifest.json"
-__all__ = ["FOLDERS", "MANIFEST", "NAMES", "SCALES", "generate"]
+EXTERNAL = "external"  # not a download folder name, so --dataset all never sees it
+__all__ = ["EXTERNAL", "FOLDERS", "MANIFEST", "NAMES", "SCALES", "generate"]
 
 
 def _write_one(args) -> dict:
     name, out, scale, seed = args
-    root = out / FOLDERS[name]
+    if name in external.WRITERS:
+        root, writer, cfg = out / external.FOLDERS[name], external.WRITERS[name], \
+            external.EXTERNAL_SCALES[scale]
+    else:
+        root, writer, cfg = out / FOLDERS[name], WRITERS[name], SCALES[scale]
     if root.exists():  # a rerun must not leave files of an earlier seed or scale behind
         shutil.rmtree(root)
-    return WRITERS[name](root, SCALES[scale], seed)
+    return writer(root, cfg, seed)
 
 
 def _claim(out: Path) -> None:
     """Refuse to wipe dataset folders this generator did not write (``--out`` pointed at real
     downloads by mistake); the manifest, written first, marks a folder as ours."""
     manifest = out / MANIFEST
-    foreign = [f for f in FOLDERS.values() if (out / f).exists()]
+    foreign = [f for f in (*FOLDERS.values(), EXTERNAL) if (out / f).exists()]
     if foreign and not manifest.is_file():
         raise FileExistsError(f"{out} already holds {', '.join(foreign)} and no {MANIFEST}: "
                               "not overwriting what the generator did not write")
@@ -42,7 +50,8 @@ def _claim(out: Path) -> None:
 
 
 def generate(out: Path, scale: str = "tiny", seed: int = 0, workers: int = 1) -> dict:
-    """Write the nine datasets under ``out`` and return ``{dataset: truth}``.
+    """Write the nine datasets under ``out`` and return ``{dataset: truth}``, plus
+    ``{"external": {"knee": truth, "hip": truth}}`` for the two written under ``out/external``.
 
     Each truth has ``folder``, ``usable`` (images a correct converter packs), ``label_counts``
     (``label`` value or NIH finding -> usable images), ``planted_rejects`` (path relative to the
@@ -55,7 +64,7 @@ def generate(out: Path, scale: str = "tiny", seed: int = 0, workers: int = 1) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _claim(out)
-    jobs = [(name, out, scale, seed) for name in NAMES]
+    jobs = [(name, out, scale, seed) for name in (*NAMES, *external.WRITERS)]
     if workers > 1:
         # Not multiprocessing.Pool: its terminate(), which its context manager calls, can
         # deadlock against its own worker-respawning thread (seen here in CI).
@@ -65,5 +74,6 @@ def generate(out: Path, scale: str = "tiny", seed: int = 0, workers: int = 1) ->
     else:
         truths = [_write_one(j) for j in jobs]
     result = dict(zip(NAMES, truths))
+    result[EXTERNAL] = dict(zip(external.WRITERS, truths[len(NAMES):]))
     (out / MANIFEST).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result

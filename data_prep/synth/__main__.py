@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import MANIFEST, SCALES, __doc__, generate
+from . import EXTERNAL, MANIFEST, SCALES, __doc__, generate
 
 
 def main(argv=None) -> int:
@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for name, t in truth.items():
+    external = truth.pop(EXTERNAL)
+    for name, t in (*truth.items(), *external.items()):
         print(f"{name:11s} {t['folder']:18s} usable {t['usable']:4d}  "
               f"planted rejects {len(t['planted_rejects'])}")
     print(f"wrote {args.out / MANIFEST} in {time.time() - start:.1f}s")

@@ -1,0 +1,509 @@
+"""Datasets by configuration (``data_prep/layouts.py``): the four layouts on hand-made trees with
+every quirk, read back from the shards, the groups files, the YAML definitions and the CLI's
+one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep import convert, layouts, shard
+from data_prep.datasets import get_spec
+from data_prep.datasets.base import LayoutError, Record
+from data_prep.imaging import decode
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (32, 32)
+
+
+def img(path: Path, mode: str = "L", seed: int = 0, size=(64, 64)) -> Path:
+    """A distinct noise image saved in ``mode`` (16-bit for I;16)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 256, size[::-1], dtype=np.uint8)
+    if mode == "I;16":
+        im = Image.fromarray(arr.astype(np.uint16) * 200)
+    else:
+        im = Image.fromarray(arr).convert(mode)
+    im.save(path)
+    return path
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def read_shard(out: Path, name: str, split: str) -> dict[str, np.ndarray]:
+    shard.import_ffcv()
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.reader import Reader
+
+    path = str(out / name / f"{split}.beton")
+    names = Reader(path).field_names
+    loader = Loader(path, batch_size=1000, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    drop_last=False)
+    (batch,) = list(loader)
+    return {n: np.asarray(v) for n, v in zip(names, batch)}
+
+
+def manifest(out: Path, name: str) -> dict:
+    return json.loads((out / name / "manifest.json").read_text())
+
+
+def reasons(m: dict) -> dict[str, str]:
+    return {r["path"]: r["reason"] for r in m["rejects"]}
+
+
+def records_in_shard(name: str, root: Path, layout: str, options: dict, split: str,
+                     mode="paper", seed=0, unreadable=()) -> list[Record]:
+    """The records of ``split`` in shard order, as the converter orders them."""
+    spec = layouts.build_spec(name, layout, root, options)
+    scan = spec.scan(root)
+    recs = [r for r in scan.records if convert._check_record(spec, r) is None]
+    splits = convert.assign_splits(recs, spec, mode, seed)
+    return [r for r, s in zip(recs, splits) if s == split and r.image not in unreadable]
+
+
+def same_pixels(shard_images: np.ndarray, records: list[Record]) -> bool:
+    return all(np.array_equal(shard_images[k, :, :, 0], decode(r, SIZE).image)
+               for k, r in enumerate(records))
+
+
+def run(*args) -> int:
+    return convert.main([*map(str, args), "--size", f"{SIZE[0]}x{SIZE[1]}", "--workers", "1"])
+
+
+# --- folders -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def folders(tmp_path):
+    root = tmp_path / "knee"
+    planted = {  # path -> class name
+        "train/a/1.png": ("a", "L"), "train/a/sub/deep/2.png": ("a", "RGB"),
+        "train/b/3.png": ("b", "I;16"), "train/b/4.png": ("b", "RGBA"),
+        "train/b/5.png": ("b", "P"), "train/b/6.png": ("b", "LA"), "train/b/7.png": ("b", "1"),
+        "val/C/8.png": ("C", "L"), "val/a/9.png": ("a", "L"), "test/b/10.png": ("b", "L"),
+    }
+    for k, (rel, (_, mode)) in enumerate(planted.items()):
+        img(root / rel, mode, seed=k)
+    write(root / "train/b/notes.txt", "not a picture")
+    write(root / "train/stray.png", b"")  # beside the class folders
+    write(root / "readme.txt", "hello")  # beside the split folders
+    for junk in ("train/.DS_Store", "train/a/Thumbs.db", "__MACOSX/train/a/._1.png",
+                 "train/a/._1.png"):
+        write(root / junk, b"\0\5\x16\7junk")
+    return root, {k: v[0] for k, v in planted.items()}
+
+
+def test_folders_classes_splits_modes_and_rejects(folders, tmp_path):
+    root, planted = folders
+    out = tmp_path / "out"
+    assert run("--dataset", "knee", "--layout", "folders", "--root", root, "--out", out,
+               "--split", "official") == 0
+    m = manifest(out, "knee")
+    names = ["C", "a", "b"]  # torchvision ImageFolder: sorted() of the folder names
+    assert m["fields"]["label"]["names"] == names
+    assert reasons(m) == {"train/b/notes.txt": "not an image",
+                          "train/stray.png": "label missing: not in a class folder",
+                          "readme.txt": "label missing: not in a class folder"}
+    assert {s: v["count"] for s, v in m["splits"].items()} == {"train": 7, "valid": 2, "test": 1}
+    for split, prefix in (("train", "train/"), ("valid", "val/"), ("test", "test/")):
+        recs = records_in_shard("knee", root, "folders", {}, split, mode="official")
+        rels = [r.image.relative_to(root).as_posix() for r in recs]
+        assert sorted(rels) == sorted(p for p in planted if p.startswith(prefix))
+        data = read_shard(out, "knee", split)
+        assert [names[v] for v in data["label"].ravel()] == [planted[p] for p in rels]
+        assert same_pixels(data["image"], recs)  # the k-th sample is that file
+        assert np.load(out / "knee" / f"{split}.groups.npy").shape == (len(rels),)
+
+
+def test_folders_without_split_folders_has_no_official_split(tmp_path, capsys):
+    root = tmp_path / "flat"
+    for k, rel in enumerate(("x/1.png", "x/2.png", "y/3.png", "y/nested/4.png")):
+        img(root / rel, seed=k)
+    assert run("--dataset", "flat", "--layout", "folders", "--root", root, "--out",
+               tmp_path / "o", "--split", "official") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: flat has no official split; use --split paper"]
+    assert run("--dataset", "flat", "--layout", "folders", "--root", root, "--out",
+               tmp_path / "o", "--role", "pretrain") == 0
+    m = manifest(tmp_path / "o", "flat")
+    assert m["role"] == "pretrain" and set(m["splits"]) == {"train"}
+    assert m["splits"]["train"]["label_counts"] == {"x": 2, "y": 2}
+
+
+# --- csv -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def csv_tree(tmp_path):
+    root = tmp_path / "cxr"
+    rows = ["path,finding,patient,fold,age,A,B"]
+    planted = {}  # relative to images/ -> (finding, patient, age, A, B)
+    for p in range(10):
+        for k in range(3):
+            rel = f"p{p}/img{k}.png" if k else f"p{p}_first.png"
+            finding = ("normal", "effusion", "mass")[(p + k) % 3]
+            planted[rel] = (finding, f"P{p:02d}", 10.5 * p + k, (p + k) % 2, p % 2)
+            img(root / "images" / rel, ("L", "RGB", "I;16", "P", "RGBA")[(p + k) % 5],
+                seed=10 * p + k)
+            rows.append(f"{rel},{finding},P{p:02d},{('train', 'val', 'test')[p % 3]},"
+                        f"{10.5 * p + k},{(p + k) % 2},{'true' if p % 2 else '0.0'}")
+            if k == 0:
+                rows.append("")  # blank lines between rows
+    rows.append("gone.png,normal,P99,train,3,0,1")  # listed, no file
+    rows.append("bad.png,fracture,P98,train,abc,2,1")  # bad label everywhere
+    img(root / "images/bad.png", seed=998)
+    img(root / "images/unlisted.png", seed=999)
+    write(root / "images/Thumbs.db", b"junk")
+    write(root / "labels.csv", "\ufeff" + "\r\n".join(rows) + "\r\n")
+    return root, planted
+
+
+def test_csv_single_label_with_classes_patients_and_rejects(csv_tree, tmp_path):
+    root, planted = csv_tree
+    out = tmp_path / "out"
+    opts = {"csv": "labels.csv", "images": "images", "image_column": "path",
+            "label_column": "finding", "classes": "normal,mass,effusion",
+            "patient_column": "patient"}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    assert run("--dataset", "cxr", "--layout", "csv", "--root", root, "--out", out,
+               *args) == 0
+    m = manifest(out, "cxr")
+    names = ["normal", "mass", "effusion"]  # --classes order, not sorted
+    assert m["fields"]["label"]["names"] == names
+    r = reasons(m)
+    assert r["images/gone.png"] == "file missing: listed in CSV but file missing"
+    assert r["images/bad.png"].startswith("bad label: 'fracture'")
+    assert r["images/unlisted.png"] == "not in the CSV"
+    assert len(r) == 3  # the CSV itself, Thumbs.db and blank lines are nobody's reject
+    opts = {k: v for k, v in opts.items()}
+    seen = 0
+    for split, info in m["splits"].items():
+        recs = records_in_shard("cxr", root, "csv", opts, split)
+        data = read_shard(out, "cxr", split)
+        rels = [rec.image.relative_to(root / "images").as_posix() for rec in recs]
+        assert [names[v] for v in data["label"].ravel()] == [planted[p][0] for p in rels]
+        assert same_pixels(data["image"], recs)
+        # groups: one int32 per sample, in shard order, = the patient's rank among all patients
+        groups = np.load(out / "cxr" / info["groups"])
+        assert groups.dtype == np.int32 and groups.shape == (info["count"],)
+        patients = sorted({v[1] for v in planted.values()})
+        assert groups.tolist() == [patients.index(planted[p][1]) for p in rels]
+        seen += len(rels)
+    assert seen == 30
+    # patient-grouped: a patient's three images share one split
+    split_of = {}
+    for split in m["splits"]:
+        for g in np.load(out / "cxr" / f"{split}.groups.npy").tolist():
+            split_of.setdefault(g, set()).add(split)
+    assert len(split_of) == 10 and all(len(v) == 1 for v in split_of.values())
+
+
+def test_csv_multi_label_value_and_official_split(csv_tree, tmp_path):
+    root, planted = csv_tree
+    base = ["--layout", "csv", "--root", root, "--csv", root / "labels.csv", "--images",
+            "images", "--image-column", "path"]
+    out = tmp_path / "out"
+    assert run("--dataset", "ml", *base, "--label-columns", "A,B", "--split-column", "fold",
+               "--split", "official", "--out", out) == 0
+    m = manifest(out, "ml")
+    assert m["fields"]["labels"]["names"] == ["A", "B"]
+    assert reasons(m)["images/bad.png"].startswith("bad label: A='2'")
+    assert {s: v["count"] for s, v in m["splits"].items()} == {"train": 12, "valid": 9,
+                                                               "test": 9}
+    data = read_shard(out, "ml", "valid")
+    recs = records_in_shard("ml", root, "csv", {"csv": str(root / "labels.csv"),
+                            "images": "images", "image_column": "path",
+                            "label_columns": "A,B", "split_column": "fold"}, "valid",
+                            mode="official")
+    rels = [r.image.relative_to(root / "images").as_posix() for r in recs]
+    assert data["labels"].dtype == np.uint8
+    assert data["labels"].tolist() == [[planted[p][3], planted[p][4]] for p in rels]
+
+    assert run("--dataset", "age", *base, "--value-column", "age", "--out", out) == 0
+    m = manifest(out, "age")
+    assert m["fields"]["value"] == {"type": "FloatField", "name": "age"}
+    assert reasons(m)["images/bad.png"].startswith("bad label: 'abc'")
+    values = sorted(v[2] for v in planted.values())
+    got = sorted(v for s in m["splits"] for v in read_shard(out, "age", s)["value"].ravel())
+    np.testing.assert_allclose(got, values)
+    lo = min(m["splits"][s]["value"]["min"] for s in m["splits"])
+    assert lo == values[0]
+
+
+def test_csv_value_rejects_nan_and_labels_sort_numerically(tmp_path):
+    root = tmp_path / "r"
+    for k in range(4):
+        img(root / f"{k}.png", seed=k)
+    write(root / "t.csv", "image,grade,score\n0.png,10,1.5\n1,2,nan\n2.png,0,inf\n3.png,2,7\n")
+    out = tmp_path / "o"
+    assert run("--dataset", "g", "--layout", "csv", "--root", root, "--csv", "t.csv",
+               "--label-column", "grade", "--out", out) == 0
+    m = manifest(out, "g")
+    assert m["fields"]["label"]["names"] == ["0", "2", "10"]  # 1.png found by its stem "1"
+    assert reasons(m) == {}
+    assert run("--dataset", "s", "--layout", "csv", "--root", root, "--csv", "t.csv",
+               "--value-column", "score", "--out", out) == 0
+    r = reasons(manifest(out, "s"))
+    assert set(r) == {"1.png", "2.png"} and all(v.startswith("bad label") for v in r.values())
+
+
+def test_csv_errors_are_one_line(csv_tree, tmp_path, capsys):
+    root, _ = csv_tree
+    out = tmp_path / "o"
+    cases = [
+        (["--csv", "labels.csv", "--images", "images", "--label-column", "finding"],
+         "error: cxr: no column 'image' (--image-column) in labels.csv; its columns are: "
+         "path, finding, patient, fold, age, A, B"),
+        (["--images", "images", "--label-column", "finding"], "error: cxr: the layout needs --csv"),
+        (["--csv", "labels.csv", "--image-column", "path", "--images", "images",
+          "--label-column", "nope"], "error: cxr: no column 'nope' (--label-column)"),
+        (["--csv", "labels.csv", "--coco", "x.json"], "error: --coco does not apply to the "
+                                                      "csv layout"),
+        (["--csv", "labels.csv", "--image-column", "path", "--images", "images"],
+         "error: cxr: a task set needs --label-column"),
+    ]
+    for extra, message in cases:
+        assert run("--dataset", "cxr", "--layout", "csv", "--root", root, "--out", out,
+                   *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(message), err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_names_are_checked(tmp_path, capsys):
+    img(tmp_path / "x/a.png")
+    for name in ("nih", "Bad.Name", "../up", "all"):
+        assert run("--dataset", name, "--layout", "folders", "--root", tmp_path, "--out",
+                   tmp_path / "o") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+    assert run("--dataset", "nih", "--csv", "a.csv", "--root", tmp_path, "--out",
+               tmp_path / "o") == 2
+    assert capsys.readouterr().err.strip() == \
+        "error: --csv needs --layout (it describes your own dataset)"
+    assert run("--dataset", "mine", "--root", tmp_path, "--out", tmp_path / "o") == 2
+    assert "give --layout" in capsys.readouterr().err
+
+
+# --- masks ---------------------------------------------------------------------------------------
+
+def mask(path: Path, box, size=(64, 64), mode="L") -> Path:
+    """A mask with the rectangle ``box`` = (x0, y0, x1, y1) set, in ``mode``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.zeros(size[::-1], np.uint8)
+    x0, y0, x1, y1 = box
+    arr[y0:y1, x0:x1] = 255
+    if mode == "I;16":
+        Image.fromarray(arr.astype(np.uint16) * 257).save(path)
+    else:
+        Image.fromarray(arr).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def mask_tree(tmp_path):
+    root = tmp_path / "hip"
+    modes = {"a": "L", "b": "RGBA", "c": "I;16", "d": "P", "e": "L"}
+    left, right = (8, 8, 32, 40), (24, 16, 56, 48)  # they overlap on x 24..32, y 16..40
+    for k, (stem, mode) in enumerate(modes.items()):
+        img(root / "images" / f"{stem}.png", mode, seed=k)
+        if stem == "c":  # a 16-bit mask at half size, and a palette mask
+            mask(root / "L/c_mask.png", tuple(v // 2 for v in left), (32, 32), "I;16")
+            mask(root / "R/c_mask.png", right, mode="P")
+            continue
+        mask(root / "L" / f"{stem}_mask.png", left, mode="1" if stem == "a" else "L")
+        if stem != "e":  # e has no right mask
+            mask(root / "R" / f"{stem}_mask.tif", right)  # any image extension
+    mask(root / "L/zzz_mask.png", left)  # orphan
+    write(root / "R/readme.txt", "masks by Dr X")
+    write(root / "L/.DS_Store", b"junk")
+    write(root / "images/Thumbs.db", b"junk")
+    expected = np.zeros((64, 64), np.uint8)
+    expected[8:40, 8:32] = 1
+    expected[16:48, 24:56] = 2  # the later folder wins the overlap
+    return root, expected[::2, ::2]
+
+
+def test_masks_classes_union_and_rejects(mask_tree, tmp_path):
+    root, expected = mask_tree
+    out = tmp_path / "out"
+    common = ["--layout", "masks", "--root", root, "--images", "images", "--masks", "L", "R",
+              "--mask-suffix", "_mask", "--out", out, "--role", "pretrain"]
+    assert run("--dataset", "hipc", *common, "--mask-mode", "classes", "--classes",
+               "left,right") == 0
+    m = manifest(out, "hipc")
+    assert m["fields"]["mask"]["names"] == ["background", "left", "right"]
+    assert reasons(m) == {"images/e.png": "mask missing: none in R/",
+                          "L/zzz_mask.png": "mask without image",
+                          "R/readme.txt": "not an image"}
+    data = read_shard(out, "hipc", "train")
+    assert m["splits"]["train"]["images_with_class"] == {"left": 4, "right": 4}
+    assert len(data["mask"]) == 4
+    for k in range(4):
+        np.testing.assert_array_equal(data["mask"][k, :, :, 0], expected)
+
+    assert run("--dataset", "hipu", *common) == 0  # union (the default): one class, 0/1
+    m = manifest(out, "hipu")
+    assert m["fields"]["mask"]["names"] == ["background", "foreground"]
+    assert "images/e.png" in reasons(m)  # missing in one folder is still a reject
+    data = read_shard(out, "hipu", "train")
+    for k in range(4):
+        np.testing.assert_array_equal(data["mask"][k, :, :, 0], (expected > 0).astype(np.uint8))
+
+
+def test_masks_option_errors(mask_tree, tmp_path, capsys):
+    root, _ = mask_tree
+    for extra, message in (
+            (["--masks", "L", "R", "--mask-mode", "classes", "--classes", "one"],
+             "error: h: --classes gives 1 names for 2 mask class(es)"),
+            (["--masks", "L", "nowhere"], "error: h: --masks "),
+            ([], "error: h: the masks layout needs --masks")):
+        assert run("--dataset", "h", "--layout", "masks", "--root", root, "--images", "images",
+                   "--out", tmp_path / "o", *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(message), err
+
+
+# --- coco ----------------------------------------------------------------------------------------
+
+def test_coco_sparse_categories_boxes_and_rejects(tmp_path):
+    root = tmp_path / "det"
+    for k, stem in enumerate(("one", "two", "three", "four", "extra")):
+        img(root / "images" / f"{stem}.png", ("L", "RGB", "I;16", "L", "L")[k], seed=k)
+    write(root / "images/notes.txt", "x")
+    doc = {
+        "images": [{"id": 10, "file_name": "one.png", "width": 128, "height": 128},
+                   {"id": 11, "file_name": "two.png", "width": 128, "height": 128},
+                   {"id": 12, "file_name": "three.png", "width": 128, "height": 128},
+                   {"id": 13, "file_name": "four.png", "width": 128, "height": 128},
+                   {"id": 14, "file_name": "gone.png", "width": 128, "height": 128}],
+        "annotations": [
+            {"id": 1, "image_id": 10, "category_id": 7, "bbox": [0, 0, 64, 32]},
+            {"id": 2, "image_id": 11, "category_id": 9, "bbox": [64, 64, 32, 64]},
+            {"id": 3, "image_id": 11, "category_id": 3, "bbox": [16, 32, 16, 16]},
+            {"id": 4, "image_id": 99, "category_id": 3, "bbox": [1, 1, 2, 2]},
+            {"id": 5, "image_id": 13, "category_id": 5, "bbox": [1, 1, 2, 2]}],
+        "categories": [{"id": 9, "name": "effusion"}, {"id": 3, "name": "nodule"},
+                       {"id": 7, "name": "mass"}],
+    }
+    write(root / "ann.json", json.dumps(doc))
+    out = tmp_path / "out"
+    assert run("--dataset", "det", "--layout", "coco", "--root", root, "--images", "images",
+               "--coco", "ann.json", "--out", out, "--role", "pretrain") == 0
+    m = manifest(out, "det")
+    assert m["fields"]["box_labels"]["names"] == ["nodule", "mass", "effusion"]  # by id 3,7,9
+    assert reasons(m) == {
+        "ann.json#annotation=4": "unknown image: annotation 4 has image_id 99, not in images",
+        "images/four.png": "bad box: annotation 5 has unknown category_id 5",
+        "images/gone.png": "file missing: listed in ann.json",
+        "images/extra.png": "not in the COCO file ann.json",
+        "images/notes.txt": "not an image"}
+    data = read_shard(out, "det", "train")
+    recs = records_in_shard("det", root, "coco", {"images": "images", "coco": "ann.json",
+                                                  "role": "pretrain"}, "train")
+    stems = [r.image.stem for r in recs]
+    assert stems == ["one", "three", "two"]
+    assert same_pixels(data["image"], recs)
+    assert data["num_boxes"].ravel().tolist() == [1, 0, 2]  # three: a task image, no box
+    s = SIZE[0] / 128  # boxes are in the JSON's 128-px space, the files are 64 px
+    np.testing.assert_allclose(data["boxes"][0, :1], [[0, 0, 64 * s, 32 * s]])
+    np.testing.assert_allclose(data["boxes"][2, :2], [[64 * s, 64 * s, 96 * s, 128 * s],
+                                                     [16 * s, 32 * s, 32 * s, 48 * s]])
+    assert data["box_labels"][2, :3].tolist() == [3, 1, -1]
+    assert data["box_labels"][0, 0] == 2
+    assert m["splits"]["train"]["box_counts"] == {"nodule": 1, "mass": 1, "effusion": 1}
+
+
+# --- YAML definitions, groups for the nine, the synth external datasets ----------------------
+
+def test_yaml_converts_two_datasets_and_refuses_unknown_keys(folders, csv_tree, tmp_path,
+                                                             capsys):
+    (knee, _), (cxr, _) = folders, csv_tree
+    defs = tmp_path / "defs.yaml"
+    defs.write_text(f"""datasets:
+  - name: knee
+    layout: folders
+    root: {knee}
+  - name: cxr
+    layout: csv
+    root: {cxr.name}
+    csv: labels.csv
+    images: images
+    image_column: path
+    label_columns: [A, B]
+    patient_column: patient
+""")
+    out = tmp_path / "out"
+    assert convert.main(["--datasets", str(defs), "--root", str(cxr.parent), "--out", str(out),
+                         "--size", "32x32", "--workers", "1"]) == 0
+    assert manifest(out, "knee")["fields"]["label"]["names"] == ["C", "a", "b"]
+    assert manifest(out, "cxr")["fields"]["labels"]["names"] == ["A", "B"]
+    assert manifest(out, "cxr")["params"]["definition"]["patient_column"] == "patient"
+    capsys.readouterr()  # the progress bars
+    defs.write_text(defs.read_text() + "    label_colum: oops\n")
+    assert convert.main(["--datasets", str(defs), "--root", str(cxr.parent), "--out",
+                         str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"error: {defs}: entry 2 (cxr): unknown key 'label_colum'; known: name, layout, root"), err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_the_nine_get_groups_files_and_mask_names(tmp_path):
+    from conftest import make_flat_dataset
+
+    spec = make_flat_dataset(tmp_path / "src", "flat", 5, 90)
+    m = convert.convert_dataset(spec, tmp_path / "src/flat", tmp_path / "o", size=SIZE,
+                                log=lambda *_: 0)
+    groups = np.load(tmp_path / "o/flat" / m["splits"]["train"]["groups"])
+    assert groups.tolist() == [0, 1, 2, 3, 4] and groups.dtype == np.int32
+    for name in ("chestmasks", "montgomery"):
+        spec = get_spec(name)
+        doc = convert._field_doc(spec, shard.ffcv_fields(spec.fields, SIZE))
+        assert doc["mask"]["names"] == ["background", "lung"]
+
+
+def test_layout_spec_builder_refuses_without_reading_images(tmp_path):
+    with pytest.raises(LayoutError, match="^x: no class sub-folders"):
+        layouts.build_spec("x", "folders", tmp_path, {})
+    with pytest.raises(LayoutError, match="unknown layout"):
+        layouts.build_spec("x", "zip", tmp_path, {})
+
+
+def test_synth_external_datasets_convert_to_the_planted_truth(tmp_path):
+    from data_prep.synth import generate
+
+    truth = generate(tmp_path / "downloads", "tiny", seed=0)["external"]
+    out = tmp_path / "shards"
+    assert convert.main(["--datasets", str(ROOT / "configs/external_datasets.yaml"), "--root",
+                         str(tmp_path / "downloads"), "--out", str(out), "--size", "64x40",
+                         "--workers", "1", "--split", "official"]) == 0
+    for name in ("knee", "hip"):
+        t, m = truth[name], manifest(out, name)
+        assert sum(s["count"] for s in m["splits"].values()) == t["usable"]
+        got = reasons(m)
+        assert len(got) == len(t["planted_rejects"])
+        for r in t["planted_rejects"]:
+            assert got[r["path"]].startswith(r["reason"]), (r, got)
+        assert not set(t["junk"]) & set(got)
+    knee, hip = manifest(out, "knee"), manifest(out, "hip")
+    assert knee["fields"]["label"]["names"] == truth["knee"]["classes"]
+    assert {s: v["count"] for s, v in knee["splits"].items()} == truth["knee"]["split_counts"]
+    counts = {}
+    for s in knee["splits"].values():
+        for k, v in s["label_counts"].items():
+            counts[k] = counts.get(k, 0) + v
+    assert counts == truth["knee"]["label_counts"]
+    assert hip["fields"]["mask"]["names"] == ["background", *truth["hip"]["classes"]]
+    with_class = {}
+    for s in hip["splits"].values():
+        for k, v in s["images_with_class"].items():
+            with_class[k] = with_class.get(k, 0) + v
+    assert with_class == truth["hip"]["images_with_class"]
+    assert set(hip["splits"]) == {"train", "valid", "test"}  # no official split: paper
