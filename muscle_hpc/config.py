@@ -352,7 +352,8 @@ class FtTask:
     # The definition (registry.Task): the converted dataset it reads, its kind and classes.
     dataset: str = ""
     kind: str = opt("", choices=("", *registry.KINDS))
-    classes: list[str] | None = None  # label order; segmentation: background first
+    # label order (segmentation: background first); left out: its dataset's, as converted
+    classes: list[str] | None = None
     title: str = ""  # the report's name for it (default: the task's name)
     headline: str = ""  # the metric that selects the best epoch (default: the kind's)
     box_categories: list[int] | None = None  # detection: the shard category id of each class
@@ -388,25 +389,44 @@ def task_definition(name: str, entry: FtTask) -> registry.Task:
         defn = registry.Task(name=name, title=given.pop("title", name),
                              classes=given.pop("classes", ()), batch_size=entry.batch_size,
                              **given)
+    if defn.classes or defn.kind == "regression":
+        check_definition(defn)
+    return defn
+
+
+def with_classes(defn: registry.Task, names) -> registry.Task:
+    """``defn`` with the class names its dataset's manifest gives, for a task of the user's
+    that lists none (``tasks.<name>.classes`` may be left out: the converter recorded them)."""
+    if defn.classes or defn.kind == "regression":
+        return defn
+    defn = dataclasses.replace(defn, classes=tuple(names))
+    check_definition(defn, " (from its dataset's manifest)")
+    return defn
+
+
+def check_definition(defn: registry.Task, where: str = "") -> None:
+    """A definition must hold together: enough classes for its kind, distinct names, one box
+    category per detection class, a headline among its metrics. Raises ``ConfigError``."""
+    key = f"tasks.{defn.name}"
     least = {"classification": 2, "multilabel": 1, "regression": 0, "segmentation": 2,
              "detection": 1}[defn.kind]
     if len(defn.classes) < least:
         raise ConfigError(f"{key}.classes: a {defn.kind} task needs at least {least} "
-                          f"(segmentation: the background first), got {list(defn.classes)}")
+                          f"(segmentation: the background first), got {list(defn.classes)}"
+                          f"{where}")
     if defn.kind == "regression" and defn.classes:
         raise ConfigError(f"{key}.classes: a regression task has none (it predicts the "
                           f"shard field {defn.target!r})")
     if len(set(defn.classes)) != len(defn.classes) or any(
             not c or "/" in c or "\n" in c for c in defn.classes):
         raise ConfigError(f"{key}.classes: names must be distinct, non-empty, without '/': "
-                          f"{list(defn.classes)}")
+                          f"{list(defn.classes)}{where}")
     if defn.kind == "detection" and len(defn.box_categories) != len(defn.classes):
         raise ConfigError(f"{key}.box_categories: one shard category id per class "
                           f"({len(defn.classes)}), got {list(defn.box_categories)}")
     if defn.headline not in defn.metrics:
         raise ConfigError(f"{key}.headline: {defn.headline!r} is not one of its metrics "
                           f"({', '.join(defn.metrics)})")
-    return defn
 
 
 @dataclass(frozen=True)

@@ -84,14 +84,22 @@ if ! .venv/bin/python -m muscle_hpc.stages.finetune --task pneumonia --init imag
   echo "Fine-tune demo without the ImageNet row: $(cut -d' ' -f3- "$RUN/imagenet_check.txt")"
 fi
 mkdir -p "$RUN/finetune_logs"
-.venv/bin/python -m muscle_hpc.stages.finetune --list |
-  awk -v skip="$skip" '$4 == "r18" && $3 != skip {print $1}' |
-  OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '
-    i=$1 run=$2; shift 2
-    log="$run/finetune_logs/$i.log"
-    .venv/bin/python -m muscle_hpc.stages.finetune --grid-index "$i" "$@" >"$log" 2>&1 ||
-      { echo "fine-tune $i failed, see $log:"; tail -3 "$log"; exit 255; }
-    tail -1 "$log"' _ {} "$RUN" "${FT[@]}"
+grid() {  # grid CONFIG LOG_PREFIX: the config's grid elements of ResNet-18, as an array would
+  local config=$1 prefix=$2
+  .venv/bin/python -m muscle_hpc.stages.finetune --list --config "$config" |
+    awk -v skip="$skip" '$4 == "r18" && $3 != skip {print $1}' |
+    OMP_NUM_THREADS=1 xargs -P 2 -I{} bash -c '
+      i=$1 log=$2$1.log; shift 2
+      .venv/bin/python -m muscle_hpc.stages.finetune --grid-index "$i" "$@" >"$log" 2>&1 ||
+        { echo "fine-tune $i failed, see $log:"; tail -3 "$log"; exit 255; }
+      tail -1 "$log"' _ {} "$prefix" "${FT[@]:2}" --config "$config"
+}
+grid configs/finetune_demo.yaml "$RUN/finetune_logs/"
+# Two external tasks, on datasets pre-training never saw (a knee grade, hip segmentation):
+# converted from their folders by one YAML entry each, defined by one YAML entry each.
+.venv/bin/python -m data_prep.convert --datasets configs/external_datasets.yaml \
+  --root "$RUN/downloads" --out "$RUN/shards" --size 128x80 --workers 2
+grid configs/external_demo.yaml "$RUN/finetune_logs/external_"
 .venv/bin/python -m muscle_hpc.report "$RUN"
 echo "These are demo-scale numbers (synthetic X-rays at 128x80, a minute of MD-MoCo, seconds of"
 echo "continual learning, a few fine-tune epochs; test splits of 19-107 images), not the paper's,"

@@ -32,6 +32,14 @@ class Shard:
     def fields(self) -> dict:
         return self.manifest["fields"]
 
+    def class_names(self, kind: str) -> list[str] | None:
+        """The class names the converter recorded for a task of ``kind`` (classification:
+        ``label``, multilabel: ``labels``, segmentation: ``mask`` with the background first,
+        detection: ``box_labels``); None where it recorded none."""
+        field = {"classification": "label", "multilabel": "labels", "segmentation": "mask",
+                 "detection": "box_labels"}.get(kind)
+        return self.fields.get(field, {}).get("names") if field else None
+
     def groups(self) -> np.ndarray | None:
         """Each sample's group (patient) as an integer, in shard order, from the converter's
         ``SPLIT.groups.npy``; None for a shard converted before there was one."""

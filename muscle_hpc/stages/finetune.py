@@ -151,10 +151,17 @@ def prepare(cfg, world_size: int, on_cuda: bool, sel: Selection, produced_later:
     config.check_finetune(cfg, sel.task, world_size)
     batch = cfg.task(sel.task).batch_size
     ds_config = config.deepspeed_config(cfg, world_size, on_cuda, batch_size=batch)
-    task = tasks.build(cfg.definition(sel.task))
+    defn = cfg.definition(sel.task)
     shards = dict.fromkeys(("train", "valid", "test"))
     if not cfg.data.synthetic:
-        shards = {s: open_shard(Path(cfg.data.root), task.dataset, s) for s in shards}
+        shards = {s: open_shard(Path(cfg.data.root), defn.dataset, s) for s in shards}
+    names = None if cfg.data.synthetic else shards["train"].class_names(defn.kind)
+    if names is None and not defn.classes and defn.kind != "regression":
+        raise config.ConfigError(f"tasks.{sel.task}.classes: list them (its "
+                                 f"{'synthetic data has' if cfg.data.synthetic else 'shards have'}"
+                                 f" no class names to take)")
+    task = tasks.build(config.with_classes(defn, names))
+    if not cfg.data.synthetic:
         for shard in shards.values():
             task.check(shard)
         kept = len(train_subset(shards["train"], sel.fraction, cfg.data.seed))
@@ -223,6 +230,7 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
     out, rank, tcfg = start.ckpt.run_dir, start.env.rank, cfg.task(sel.task)
     linear = sel.protocol == "linear"
     n_train = cfg.data.synthetic or loaders["train"].examples  # over all ranks
+    defn = cfg.definition(sel.task)
     device, on_cuda = dist.train_device(), start.on_cuda
     bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
     torch.manual_seed(cfg.run.seed)
@@ -303,9 +311,8 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
         records = evaluate_records(net, task, loaders["test"], device, bf16, keeper)
         scores, extra = task.test_metrics(records, cfg.eval)
         if rank == 0:
-            defn = cfg.definition(sel.task)
             results = {"task": sel.task, "kind": task.kind, "title": defn.title,
-                       "classes": list(defn.classes), "init": sel.init,
+                       "classes": list(task.classes), "init": sel.init,
                        "backbone": sel.backbone, "arch": sel.arch, "best_epoch": best["epoch"],
                        "epochs": tcfg.epochs, "protocol": sel.protocol,
                        "train_fraction": sel.fraction, "train_images": n_train,
