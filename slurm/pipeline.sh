@@ -13,13 +13,15 @@
 #   2. slurm/cl.sh             MUSCLE, run.dir=ROOT/continual_BB              } afterok:1
 #   3. slurm/cl.sh             MUSCLE⁻⁻ (cl.method=muscle--),                 } both from
 #                              run.dir=ROOT/continual_BB_muscle--             } 1's backbone
-#   4. slurm/finetune_array.sh the backbone's 20 grid elements, run.root=ROOT,   afterok:2:3
+#   4. slurm/finetune_array.sh the backbone's grid elements (the paper's 20),   afterok:2:3
+#                              run.root=ROOT
 # These are the directories the fine-tune config's `pretrained` templates name. They, the
 # default configs and the array indices come from muscle_hpc/registry.py (python -m
 # muscle_hpc.registry layout, run with $PYTHON: .venv/bin/python if there, else python3).
 # Defaults: --backbone r50, --root runs, configs/mdmoco_BB.yaml, configs/continual_BB.yaml,
-# configs/finetune.yaml, --array 0-19 (r18) or 20-39 (r50) (see python -m
-# muscle_hpc.stages.finetune --list; a subset of these works too). Plain K=V go to every stage,
+# configs/finetune.yaml, --array 0-19 (r18) or 20-39 (r50), or with another fine-tune config
+# or --finetune-override, its grid's backbone range (see python -m muscle_hpc.stages.finetune
+# --list --config F; a subset of these works too). Plain K=V go to every stage,
 # --X-override K=V (repeatable) to one. --print-layout prints the run directories, configs and
 # array indices it would submit with, as KEY=VALUE lines, and submits nothing.
 # Extra sbatch options: SBATCH_* variables that sbatch reads itself (SBATCH_PARTITION,
@@ -74,8 +76,6 @@ done <<<"$OUT"
 MOCO_DIR=${LAYOUT[MDMOCO_DIR]}
 declare -A CL_DIR=([muscle]=${LAYOUT[MUSCLE_DIR]} [muscle--]=${LAYOUT[MUSCLE_MINUS_DIR]})
 INIT=model.init=${LAYOUT[MDMOCO_EXPORT]}
-# The backbone's part of the fine-tune grid (registry.grid_indices).
-ARRAY=${ARRAY:-${LAYOUT[FINETUNE_ARRAY]}}
 MDMOCO_CONFIG=${MDMOCO_CONFIG:-${LAYOUT[MDMOCO_CONFIG]}}
 CL_CONFIG=${CL_CONFIG:-${LAYOUT[CL_CONFIG]}}
 FINETUNE_CONFIG=${FINETUNE_CONFIG:-${LAYOUT[FINETUNE_CONFIG]}}
@@ -83,6 +83,17 @@ for f in "$MDMOCO_CONFIG" "$CL_CONFIG" "$FINETUNE_CONFIG"; do
   [ -f "$f" ] || die "$f: config file not found"
 done
 [ -z "$DATA_ROOT" ] || COMMON=("data.root=$DATA_ROOT" "${COMMON[@]}")
+# The backbone's part of the fine-tune grid: the registry's (the paper's 40) for the default
+# config, else what the stage's --list says of that config's grid section.
+if [ -z "$ARRAY" ]; then
+  ARRAY=${LAYOUT[FINETUNE_ARRAY]}
+  if [ "$FINETUNE_CONFIG" != "${LAYOUT[FINETUNE_CONFIG]}" ] || [ ${#FINETUNE_OV[@]} -gt 0 ]; then
+    LIST=$("$PYTHON" -m muscle_hpc.stages.finetune --list --config "$FINETUNE_CONFIG" \
+      "${COMMON[@]}" "${FINETUNE_OV[@]}" 2>&1) || die "${LIST#finetune: error: }"
+    ARRAY=$(sed -n "s/^# $BACKBONE: --array=//p" <<<"$LIST")
+    [ -n "$ARRAY" ] || die "$FINETUNE_CONFIG: its grid has no $BACKBONE element (grid.backbones)"
+  fi
+fi
 read -r -a ALL_OPTS <<<"${MUSCLE_SBATCH:-}"
 read -r -a MDMOCO_OPTS <<<"${MDMOCO_SBATCH:-}"
 read -r -a CL_OPTS <<<"${CL_SBATCH:-}"

@@ -174,7 +174,8 @@ def test_the_array_script_runs_each_index_on_its_own_grid_element(fake_inputs, t
         said = [line for line in log.splitlines() if line.startswith("finetune: index ")]
         assert said == [f"finetune: index {index}: task {task}, init {init} "
                         f"({expected_init(init, bb, root, torch_home)}), backbone {bb}, "
-                        f"1 rank(s), output {root / 'finetune' / f'{task}_{bb}_{init}'}"], log
+                        f"finetune, fraction 1, 1 rank(s), "
+                        f"output {root / 'finetune' / f'{task}_{bb}_{init}'}"], log
         seen.add((task, init, bb))
     assert {t for t, _, _ in seen} == set(config.TASK_NAMES)
     assert {i for _, i, _ in seen} == set(config.INITS)
@@ -208,6 +209,37 @@ def test_an_array_element_trains_and_requeues_alone_after_the_time_limit_signal(
     assert (results["task"], results["init"], results["backbone"]) == ("pneumonia", "scratch",
                                                                        "r18")
     assert results["epochs"] == 2 and len(results["history"]) == 2
+
+
+def test_an_external_task_runs_as_an_array_element_and_appears_in_the_report(
+        fake_inputs, task_shards, tmp_path, cancel_after):
+    """A dataset pre-training never saw (the demo's knee, converted from its folders) and a
+    task defined in YAML alone (configs/external_demo.yaml): its grid element runs through the
+    array script from MUSCLE's backbone, and the report gives it a table."""
+    from data_prep import convert, layouts
+
+    root, _ = fake_inputs
+    shards = tmp_path / "shards"
+    knee = task_shards.parent / "downloads" / "external" / "knee"
+    convert.convert_dataset(layouts.build_spec("knee", "folders", knee, {}), knee, shards,
+                            size=(128, 80), log=lambda *_: 0)
+    cfg = finetune.load(CONFIGS / "external_demo.yaml", [])
+    index = finetune.grid(cfg).index(("knee", "muscle", "r18", "finetune", 1.0))
+    run = tmp_path / "run"
+    shutil.copytree(root / "continual_r18", run / "continual_r18")
+    job = sbatch_array(tmp_path / "logs", str(index), "configs/external_demo.yaml",
+                       f"data.root={shards}", f"run.root={run}", "tasks.knee.epochs=1",
+                       "run.max_steps_per_epoch=2", "data.num_workers=1", "eval.bootstrap=10",
+                       env=job_env(), cancel=cancel_after)
+    log = tmp_path / "logs" / f"{index}.log"
+    assert wait_array(job, 1, timeout=300) == {index: "COMPLETED"}, log.read_text()[-3000:]
+    result = json.loads((run / "finetune" / "knee_r18_muscle" / "results.json").read_text())
+    assert (result["task"], result["kind"], result["classes"]) == \
+        ("knee", "classification", ["mild", "normal", "severe"])  # the folders' names
+    assert report.main([str(run)]) == 0
+    table = (run / "report" / "table_knee.md").read_text()
+    auc = f"{100 * result['test']['auc']:.2f}"
+    assert re.search(rf"\| ResNet-18 \| MUSCLE \| [0-9.]+ \| {auc} \(", table), table
 
 
 def launch(*args: str, env: dict, cancel: list, timeout: float = 120):
