@@ -151,7 +151,8 @@ class Plan:
     def finetune(self, task: str, init: str, seed: int, fraction: float) -> list[str]:
         e = self.ft_epochs
         return ["muscle_hpc.stages.finetune", "--task", task, "--init", init,
-                "--backbone", BACKBONE, "--fraction", f"{fraction:g}", "--config", str(CONFIGS / "finetune_demo.yaml"),
+                "--backbone", BACKBONE, "--fraction", f"{fraction:g}",
+                "--config", str(CONFIGS / "finetune_demo.yaml"),
                 f"data.root={self.shards}", f"run.root={self.ft_root(seed, fraction)}",
                 *(f"pretrained.{registry.INITS[i].pretrained_key}="
                   f"{registry.exported_backbone(d)}"
