@@ -34,6 +34,8 @@ from .datasets.base import (
     LayoutError,
     Record,
     Scan,
+    coco_bbox,
+    coco_size,
     is_image,
     is_junk,
     list_files,
@@ -453,27 +455,6 @@ def _masks(name: str, root: Path, opts: dict) -> DatasetSpec:
 
 # --- coco ----------------------------------------------------------------------------------------
 
-def _bbox(ann: dict) -> tuple[float, float, float, float] | None:
-    bbox = ann.get("bbox")
-    if not isinstance(bbox, list | tuple) or len(bbox) != 4:
-        return None
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        return None
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        return None
-    return x, y, w, h
-
-
-def _size(entry: dict) -> tuple[int, int] | None:
-    try:
-        w, h = int(entry["width"]), int(entry["height"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return (w, h) if w > 0 and h > 0 else None
-
-
 def _coco(name: str, root: Path, opts: dict) -> DatasetSpec:
     images = _folder(root, opts.get("images"), "--images", root)
     coco_path = _file(root, opts.get("coco"), "--coco")
@@ -514,7 +495,7 @@ def _coco(name: str, root: Path, opts: dict) -> DatasetSpec:
             if p in by_path:  # the same file twice: one image, boxes merged
                 entries[img["id"]] = by_path[p]
                 continue
-            entries[img["id"]] = by_path[p] = {"path": p, "size": _size(img), "boxes": [],
+            entries[img["id"]] = by_path[p] = {"path": p, "size": coco_size(img), "boxes": [],
                                                "bad": None}
         for k, ann in enumerate(doc.get("annotations") or []):
             ann = ann if isinstance(ann, dict) else {}
@@ -527,7 +508,7 @@ def _coco(name: str, root: Path, opts: dict) -> DatasetSpec:
             entry = entries[image_id]
             if entry is None or entry["bad"]:
                 continue
-            cat, box = cat_of.get(ann.get("category_id")), _bbox(ann)
+            cat, box = cat_of.get(ann.get("category_id")), coco_bbox(ann)
             if cat is None:
                 entry["bad"] = f"bad box: {label} has unknown category_id " \
                                f"{ann.get('category_id')!r}"

@@ -11,6 +11,7 @@ Anything a scanner cannot use (label missing, mask missing, a name it cannot par
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -164,6 +165,30 @@ def find_file(root: Path, names: tuple[str, ...], max_depth: int = 2) -> Path | 
                 if (d / name).is_file():
                     return d / name
     return None
+
+
+def coco_bbox(ann: dict) -> tuple[float, float, float, float] | None:
+    """A COCO annotation's ``bbox`` as (x, y, w, h), or None when it is not four finite
+    numbers with a positive width and height."""
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list | tuple) or len(bbox) != 4:
+        return None
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        return None
+    return x, y, w, h
+
+
+def coco_size(entry: dict) -> tuple[int, int] | None:
+    """A COCO image entry's (width, height), or None when either is missing or not positive."""
+    try:
+        w, h = int(entry["width"]), int(entry["height"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (w, h) if w > 0 and h > 0 else None
 
 
 class LayoutError(Exception):

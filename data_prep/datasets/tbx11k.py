@@ -18,10 +18,20 @@ Rejects: a JSON image whose file is absent (``file missing``), a file outside th
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path, PurePosixPath
 
-from .base import DatasetSpec, LayoutError, Record, Scan, find_dir, find_file, is_image, list_files
+from .base import (
+    DatasetSpec,
+    LayoutError,
+    Record,
+    Scan,
+    coco_bbox,
+    coco_size,
+    find_dir,
+    find_file,
+    is_image,
+    list_files,
+)
 
 LABEL_NAMES = ("health", "sick", "tb")
 CATEGORIES = ("ActiveTuberculosis", "ObsoletePulmonaryTuberculosis", "PulmonaryTuberculosis")
@@ -49,24 +59,8 @@ def _category_map(doc: dict) -> dict:
 
 
 def _box(ann: dict, cats: dict) -> tuple[float, float, float, float, int] | None:
-    bbox, cat = ann.get("bbox"), cats.get(ann.get("category_id"))
-    if cat is None or not isinstance(bbox, list | tuple) or len(bbox) != 4:
-        return None
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        return None
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        return None
-    return (x, y, w, h, cat)
-
-
-def _size(entry: dict) -> tuple[int, int] | None:
-    try:
-        w, h = int(entry["width"]), int(entry["height"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return (w, h) if w > 0 and h > 0 else None
+    cat, box = cats.get(ann.get("category_id")), coco_bbox(ann)
+    return None if cat is None or box is None else (*box, cat)
 
 
 def read_json(path: Path) -> dict[str, dict]:
@@ -83,7 +77,7 @@ def read_json(path: Path) -> dict[str, dict]:
         if key in entries:
             by_id[img.get("id")] = entries[key]
             continue
-        entry = {"file_name": img["file_name"], "size": _size(img), "boxes": [], "bad": False}
+        entry = {"file_name": img["file_name"], "size": coco_size(img), "boxes": [], "bad": False}
         entries[key] = by_id[img.get("id")] = entry
     for ann in doc.get("annotations") or []:
         entry = by_id.get(ann.get("image_id")) if isinstance(ann, dict) else None
