@@ -214,7 +214,7 @@ class RegressionTask(TaskKind):
     def check(self, shard: Shard) -> None:
         field = self._field(shard, self.target, "the regression target")
         if field.get("type") != "FloatField":
-            raise ShardError(f"{shard.dataset}/{shard.split}: {self.target!r} is a "
+            raise ShardError(f"{shard.dataset}/{shard.split}: {self.target!r} is stored as "
                              f"{field.get('type')}, the {self.name} task regresses a FloatField")
         if self._checked == shard.path.parent:
             return
