@@ -222,6 +222,9 @@ class HeadsConfig:
     # weights are the same at every stride): 8 as torchvision's deeplabv3 (ASPP 12/24/36),
     # 16 (6/12/18) or 32 (3/6/9, the undilated trunk: cheapest, coarsest masks).
     seg_output_stride: int = opt(8, choices=(8, 16, 32))
+    # Regression heads' loss on the standardized target: l1, the reported MAE's own measure and
+    # robust to outliers, or mse (smooth near the optimum, outliers weigh more).
+    regression_loss: str = opt("l1", choices=("l1", "mse"))
     # With more than one rank: batch-norm statistics over the global batch (torch's
     # SyncBatchNorm on GPU, an all-reduce of the sums on CPU), so a rank may hold one image
     # and the statistics stay those of the task's global batch.

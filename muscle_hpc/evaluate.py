@@ -38,4 +38,4 @@ def evaluate(model, task, loader: TaskLoader, device, metric_cfg, bf16: bool = F
              ) -> dict[str, float]:
     """``task``'s metrics of ``model`` over ``loader``'s split (the same on every rank), read
     as ``metric_cfg`` (a ``MetricsConfig``) says."""
-    return task.metrics(evaluate_records(model, task, loader, device, bf16), metric_cfg)
+    return task.score(evaluate_records(model, task, loader, device, bf16), metric_cfg)

@@ -2,10 +2,15 @@
 
 - ``classification``: accuracy, sensitivity, specificity (class 1 is positive) and ROC AUC,
   optionally with percentile-bootstrap confidence intervals (``bootstrap_ci``).
+- ``multiclass``: more than two classes: accuracy of the argmax, one-vs-rest macro ROC AUC, and
+  each class's sensitivity and specificity (one-vs-rest of the argmax prediction).
+- ``multilabel``: ROC AUC of each finding and their mean.
+- ``regression``: MAE and RMSE in the target's unit.
 - ``roc_curve``: the ROC curve's points, JSON-ready.
-- ``segmentation``: Dice of the foreground (mean over images; an image where both masks are
-  empty scores 1) and mIoU (per-class IoU from the confusion matrix summed over all images,
-  then averaged over classes, as torchvision's segmentation reference does).
+- ``segmentation``: Dice of each foreground class (mean over images; an image where both masks
+  are empty of the class scores 1) and their mean, and mIoU (per-class IoU from the confusion
+  matrix summed over all images, then averaged over classes, as torchvision's segmentation
+  reference does).
 - ``detection``: COCO AP at IoU 0.5 per class and their mean (classes without any ground-truth
   box are left out of the mean, as COCO does).
 
@@ -107,6 +112,124 @@ def classification(labels, probs, resamples: int = 0, seed: int = 0, level: floa
     return out
 
 
+def _with_cis(out: dict, fn, y, p, resamples: int, seed: int, level: float,
+              keys=None) -> dict:
+    """``out`` plus the bootstrap CIs of ``fn``'s metrics (``keys`` of them, all when None),
+    ``ci_resamples`` and ``auc_ci_skipped`` when ``fn`` has an auc: ``classification``'s
+    layout for every kind."""
+    if not resamples:  # bootstrap_ci rejects a negative count
+        return out
+    cis = bootstrap_ci(fn, y, p, resamples, seed, level)
+    out.update({f"{name}_ci": ci for name, (ci, _) in cis.items()
+                if keys is None or name in keys})
+    out["ci_resamples"] = int(resamples)
+    if "auc" in cis:
+        out["auc_ci_skipped"] = cis["auc"][1]
+    return out
+
+
+def _multiclass_scores(y: np.ndarray, p: np.ndarray, names) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    k = p.shape[1]
+    pred = p.argmax(axis=1)
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)  # rows truth, cols prediction
+    n = int(cm.sum())
+    present = cm.sum(axis=1) > 0
+    out = {"acc": float(np.trace(cm) / n) if n else math.nan,
+           "auc": float(roc_auc_score(y, p, multi_class="ovr", average="macro",
+                                      labels=np.arange(k))) if present.all() else math.nan}
+    for c, name in enumerate(names):
+        tp = cm[c, c]
+        fn = cm[c].sum() - tp
+        fp = cm[:, c].sum() - tp
+        tn = n - tp - fn - fp
+        out[f"sen_{name}"] = float(tp / (tp + fn)) if tp + fn else math.nan
+        out[f"spe_{name}"] = float(tn / (tn + fp)) if tn + fp else math.nan
+    return out
+
+
+def multiclass(labels, probs, classes, resamples: int = 0, seed: int = 0,
+               level: float = 0.95) -> dict:
+    """``labels`` (N,) in 0..K-1; ``probs`` (N, K) class probabilities (rows summing to 1);
+    ``classes``: the K class names. The predicted class is the argmax.
+
+    Returns ``acc``; ``auc``, scikit-learn's ``roc_auc_score(multi_class="ovr",
+    average="macro")``, NaN unless every class occurs in the split (a one-vs-rest AUC needs
+    both sides); ``sen_C`` and ``spe_C`` of each class C, one-vs-rest of the argmax prediction
+    (NaN without a sample of C, resp. of another class). With ``resamples > 0`` as
+    ``classification``: ``<metric>_ci`` of every metric, ``ci_resamples`` and
+    ``auc_ci_skipped`` (the resamples that miss a class, left out of the auc CI)."""
+    y = np.asarray(labels).astype(np.int64).ravel()
+    k = len(classes)
+    p = np.asarray(probs, dtype=np.float64).reshape(len(y), k)
+    if y.size and (y.min() < 0 or y.max() >= k):
+        raise ValueError(f"labels must be in 0..{k - 1}, got {sorted(np.unique(y).tolist())}")
+
+    def fn(y, p):
+        return _multiclass_scores(y, p, classes)
+
+    return _with_cis(fn(y, p), fn, y, p, resamples, seed, level)
+
+
+def _multilabel_scores(y: np.ndarray, p: np.ndarray, names) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    per = {}
+    for c, name in enumerate(names):
+        col = y[:, c]
+        both = col.any() and not col.all()
+        per[f"auc_{name}"] = float(roc_auc_score(col, p[:, c])) if both else math.nan
+    defined = [v for v in per.values() if not math.isnan(v)]
+    return {"auc": float(np.mean(defined)) if defined else math.nan, **per}
+
+
+def multilabel(labels, probs, classes, resamples: int = 0, seed: int = 0,
+               level: float = 0.95) -> dict:
+    """``labels`` (N, C) multi-hot; ``probs`` (N, C) each finding's probability; ``classes``:
+    the C finding names.
+
+    Returns ``auc_C``, each finding's ROC AUC (scikit-learn's ``roc_auc_score`` of its column),
+    and ``auc``, their mean. A finding that is present in every image of the split, or in none,
+    has no AUC: its ``auc_C`` is NaN and it is left out of the mean (which is NaN when no
+    finding has one). With ``resamples > 0``: ``auc_ci`` of the mean (a resample's mean over
+    the findings defined in it), ``ci_resamples`` and ``auc_ci_skipped`` (resamples where no
+    finding is defined)."""
+    y = np.asarray(labels).astype(np.int64)
+    c = len(classes)
+    y = y.reshape(-1, c)
+    p = np.asarray(probs, dtype=np.float64).reshape(len(y), c)
+
+    def fn(y, p):
+        return _multilabel_scores(y, p, classes)
+
+    def mean_only(y, p):
+        return {"auc": fn(y, p)["auc"]}
+
+    return _with_cis(fn(y, p), mean_only, y, p, resamples, seed, level)
+
+
+def _regression_scores(t: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import mean_absolute_error, mean_squared_error
+
+    if not t.size:
+        return {"mae": math.nan, "rmse": math.nan}
+    return {"mae": float(mean_absolute_error(t, p)),
+            "rmse": float(mean_squared_error(t, p) ** 0.5)}
+
+
+def regression(targets, predictions, resamples: int = 0, seed: int = 0,
+               level: float = 0.95) -> dict:
+    """``targets`` and ``predictions`` (N,) in the target's unit. Returns ``mae`` and ``rmse``
+    (scikit-learn's ``mean_absolute_error`` and the root of ``mean_squared_error``; NaN on an
+    empty split); with ``resamples > 0`` also ``mae_ci``, ``rmse_ci`` and ``ci_resamples``."""
+    t = np.asarray(targets, dtype=np.float64).ravel()
+    p = np.asarray(predictions, dtype=np.float64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"{t.size} targets but {p.size} predictions")
+    return _with_cis(_regression_scores(t, p), _regression_scores, t, p, resamples, seed, level)
+
+
 def roc_curve(labels, probs) -> dict[str, list[float]]:
     """The ROC curve (``sklearn.metrics.roc_curve``, default ``drop_intermediate``) as lists of
     floats. scikit-learn >= 1.3 starts ``thresholds`` with ``inf``; it is replaced by
@@ -130,24 +253,42 @@ def confusion(true_mask, pred_mask, num_classes: int) -> np.ndarray:
                                                                              num_classes)
 
 
-def segmentation(confusions, dice: str = "per_image") -> dict[str, float]:
-    """From per-image confusion matrices (``confusion``): foreground Dice and mIoU. ``dice``:
-    ``per_image`` (the mean of every image's Dice) or ``pooled`` (one Dice of all pixels)."""
+def segmentation(confusions, dice: str = "per_image", classes=None) -> dict[str, float]:
+    """From per-image (K, K) confusion matrices (``confusion``, class 0 the background): Dice
+    and mIoU. ``dice``: ``per_image`` (a class's Dice is the mean of every image's) or
+    ``pooled`` (one Dice of all pixels of the split). A foreground class c's Dice in an image
+    is ``2 TP / (2 TP + FP + FN)`` of c against every other class, 1 where neither mask has c.
+
+    Returns ``dice``, the mean of the foreground classes' Dice (with two classes the Dice of
+    the foreground), and ``miou`` over all K classes (a class absent from truth and prediction
+    alike is left out). With ``classes`` (the K names) and K > 2, also ``dice_C`` of each
+    foreground class C. NaN on an empty split."""
     cms = np.asarray(confusions, np.int64)
     if dice not in ("per_image", "pooled"):
         raise ValueError(f"dice must be per_image or pooled, not {dice!r}")
+    k = cms.shape[-1] if cms.ndim == 3 else len(classes or (0, 1))
+    per_class = classes is not None and len(classes) > 2
     if not len(cms):  # an empty split
-        return {"dice": math.nan, "miou": math.nan}
+        return {"dice": math.nan, "miou": math.nan,
+                **({f"dice_{c}": math.nan for c in classes[1:]} if per_class else {})}
     scored = cms if dice == "per_image" else cms.sum(axis=0, keepdims=True)
-    dices = []
-    for cm in scored:
-        tp, fp, fn = cm[1:, 1:].trace(), cm[0, 1:].sum(), cm[1:, 0].sum()
-        dices.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+    class_dice = []
+    for c in range(1, k):
+        dices = []
+        for cm in scored:
+            tp = cm[c, c]
+            fp, fn = cm[:, c].sum() - tp, cm[c, :].sum() - tp
+            dices.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+        class_dice.append(float(np.mean(dices)))
     total = cms.sum(axis=0)
     union = total.sum(axis=0) + total.sum(axis=1) - np.diag(total)
     present = union > 0
     iou = np.diag(total)[present] / union[present]
-    return {"dice": float(np.mean(dices)), "miou": float(iou.mean()) if iou.size else math.nan}
+    out = {"dice": float(np.mean(class_dice)),
+           "miou": float(iou.mean()) if iou.size else math.nan}
+    if per_class:
+        out.update({f"dice_{name}": d for name, d in zip(classes[1:], class_dice, strict=True)})
+    return out
 
 
 def detection(ground_truth, detections, classes: dict[int, str], iou: float = 0.5,

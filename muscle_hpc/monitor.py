@@ -196,16 +196,24 @@ def knn_scores(train_feats, train_labels, query_feats, num_classes: int, k: int 
 
 
 def knn_metrics(scores: torch.Tensor, labels) -> dict[str, float]:
-    """``accuracy`` of the argmax class and ROC ``auc`` of class 1's score (the task's
-    positive, ``classes[1]``); NaN where undefined (no sample, or a single class for AUC)."""
+    """``accuracy`` of the argmax class and ROC ``auc``: of class 1's score (the task's
+    positive, ``classes[1]``) with two classes, one-vs-rest macro with more (as the task's own
+    metric, ``metrics.multiclass``); NaN where undefined (no sample, or a class missing)."""
     from sklearn.metrics import roc_auc_score
 
     y = np.asarray(labels, np.int64)
     if not len(y) or torch.isnan(scores).any():
         return {"accuracy": math.nan, "auc": math.nan}
     accuracy = float((scores.argmax(dim=1).numpy() == y).mean())
-    both = len(np.unique(y)) == 2
-    auc = float(roc_auc_score(y, scores[:, 1].numpy())) if both else math.nan
+    k = scores.shape[1]
+    every = len(np.unique(y)) == k
+    if not every:
+        auc = math.nan
+    elif k == 2:
+        auc = float(roc_auc_score(y, scores[:, 1].numpy()))
+    else:
+        auc = float(roc_auc_score(y, scores.double().numpy(), multi_class="ovr",
+                                  average="macro", labels=np.arange(k)))
     return {"accuracy": accuracy, "auc": auc}
 
 

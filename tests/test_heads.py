@@ -306,3 +306,27 @@ def test_the_segmentation_head_is_torchvisions_deeplab_head_and_loss():
     torch.testing.assert_close(head(features, images), logits)
     torch.testing.assert_close(head.loss(features, images, target),
                                nn.functional.cross_entropy(logits.float(), target))
+
+
+def test_multilabel_and_regression_heads_are_torchs_losses_on_one_linear_layer():
+    from muscle_hpc.models.heads import MultiLabelHead, RegressionHead
+
+    torch.manual_seed(0)
+    channels = trunk_channels("resnet18")
+    features = {"layer4": torch.randn(5, 512, 2, 2)}
+    pooled = features["layer4"].mean(dim=(2, 3))
+    ml = MultiLabelHead(channels, 3)
+    y = torch.randint(0, 2, (5, 3)).float()
+    logits = pooled @ ml.fc.weight.T + ml.fc.bias
+    torch.testing.assert_close(ml.loss(features, None, y),
+                               nn.BCEWithLogitsLoss()(logits, y))
+    torch.testing.assert_close(ml.predict(features, None), logits.sigmoid())
+    months = torch.tensor([30.0, 100.0, 128.0, 200.0, 12.0])
+    for name, ref in (("l1", nn.L1Loss()), ("mse", nn.MSELoss())):
+        reg = RegressionHead(channels, 120.0, 40.0, name)
+        z = (pooled @ reg.fc.weight.T + reg.fc.bias).squeeze(1)
+        torch.testing.assert_close(reg.loss(features, None, months), ref(z, (months - 120) / 40))
+        torch.testing.assert_close(reg.predict(features, None), z * 40 + 120)
+        assert {"mean", "std"} <= set(reg.state_dict())  # a saved head predicts in months
+    with pytest.raises(ValueError, match="l1, mse"):
+        RegressionHead(channels, loss="huber")

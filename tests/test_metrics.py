@@ -461,3 +461,143 @@ def test_eleven_recall_points_are_voc2007_ap():
     assert ap11 == pytest.approx((6 * 1 + 5 * 2 / 3) / 11, abs=TOL)
     ap101 = metrics.detection(truth, found, {1: "nodule"})["ap_nodule"]
     assert ap101 == pytest.approx((51 * 1 + 50 * 2 / 3) / 101, abs=TOL)
+
+
+# more than two classes, multilabel, regression, K-class segmentation
+
+NAMES3 = ("a", "b", "c")
+
+
+def random_multiclass(n: int, k: int = 3, seed: int = 0):
+    """Labels and informative softmax probabilities of ``k`` classes."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y]
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, p
+
+
+def reference_multiclass(y, p, names) -> dict[str, float]:
+    k = len(names)
+    pred = p.argmax(axis=1)
+    cm = skm.confusion_matrix(y, pred, labels=list(range(k)))
+    out = {"acc": skm.accuracy_score(y, pred),
+           "auc": skm.roc_auc_score(y, p, multi_class="ovr", average="macro")}
+    for c, name in enumerate(names):
+        tp, fn = cm[c, c], cm[c].sum() - cm[c, c]
+        fp = cm[:, c].sum() - tp
+        tn = cm.sum() - tp - fn - fp
+        out[f"sen_{name}"] = tp / (tp + fn)
+        out[f"spe_{name}"] = tn / (tn + fp)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_multiclass_matches_sklearn_confusion_matrix_and_ovr_auc(seed):
+    y, p = random_multiclass(120, seed=seed)
+    out = metrics.multiclass(y, p, NAMES3)
+    ref = reference_multiclass(y, p, NAMES3)
+    assert tuple(out) == ("acc", "auc", "sen_a", "spe_a", "sen_b", "spe_b", "sen_c", "spe_c")
+    assert close([out[k] for k in ref], [ref[k] for k in ref])
+    # one-vs-rest sensitivity is scikit-learn's per-class recall
+    assert close([out[f"sen_{c}"] for c in NAMES3],
+                 skm.recall_score(y, p.argmax(axis=1), average=None))
+
+
+def test_multiclass_auc_is_nan_without_every_class_and_the_ci_skips_those_resamples():
+    y, p = random_multiclass(40, seed=2)
+    y[y == 2] = 0
+    out = metrics.multiclass(y, p, NAMES3)
+    assert math.isnan(out["auc"]) and math.isnan(out["sen_c"]) and out["spe_c"] >= 0
+    y, p = random_multiclass(12, seed=3)
+    out = metrics.multiclass(y, p, NAMES3, resamples=50, seed=1)
+    rng = np.random.default_rng(1)
+    skipped = sum(len(np.unique(y[rng.integers(0, 12, 12)])) < 3 for _ in range(50))
+    assert out["auc_ci_skipped"] == skipped > 0
+
+
+def test_multiclass_cis_have_the_binary_layout_and_equal_a_hand_loop():
+    y, p = random_multiclass(80, seed=4)
+    out = metrics.multiclass(y, p, NAMES3, resamples=30, seed=5)
+    keys = reference_multiclass(y, p, NAMES3).keys()
+    assert set(out) == {*keys, *(f"{k}_ci" for k in keys), "ci_resamples", "auc_ci_skipped"}
+    rng = np.random.default_rng(5)
+    per = {k: [] for k in keys}
+    for _ in range(30):
+        idx = rng.integers(0, 80, 80)
+        for k, v in reference_multiclass(y[idx], p[idx], NAMES3).items():
+            per[k].append(v)
+    for k in ("acc", "auc", "sen_b"):
+        assert close(out[f"{k}_ci"], percentile_ci(per[k])), k
+    json.dumps(out, allow_nan=False)
+
+
+def test_multilabel_is_sklearns_auc_per_finding_and_their_mean():
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 2, (90, 3))
+    p = np.clip(0.3 * y + 0.7 * rng.random((90, 3)), 0, 1)
+    y[:, 2] = 0  # a finding absent from the split: no AUC, left out of the mean
+    out = metrics.multilabel(y, p, NAMES3)
+    per = [skm.roc_auc_score(y[:, c], p[:, c]) for c in range(2)]
+    assert tuple(out) == ("auc", "auc_a", "auc_b", "auc_c")
+    assert close([out["auc_a"], out["auc_b"]], per) and math.isnan(out["auc_c"])
+    assert close(out["auc"], np.mean(per))
+    # scikit-learn's own macro average over the defined findings
+    assert close(out["auc"], skm.roc_auc_score(y[:, :2], p[:, :2], average="macro"))
+    ci = metrics.multilabel(y, p, NAMES3, resamples=20, seed=1)
+    assert set(ci) == {*out, "auc_ci", "ci_resamples", "auc_ci_skipped"}
+    assert ci["auc_ci"][0] <= out["auc"] <= ci["auc_ci"][1] and ci["auc_ci_skipped"] == 0
+
+
+def test_regression_is_sklearns_mae_and_rmse():
+    rng = np.random.default_rng(7)
+    t = rng.uniform(0, 228, 60)
+    q = t + rng.normal(0, 12, 60)
+    out = metrics.regression(t, q)
+    assert out == {"mae": pytest.approx(skm.mean_absolute_error(t, q), abs=TOL),
+                   "rmse": pytest.approx(math.sqrt(skm.mean_squared_error(t, q)), abs=TOL)}
+    ci = metrics.regression(t, q, resamples=40, seed=2)
+    rng = np.random.default_rng(2)
+    maes = []
+    for _ in range(40):
+        idx = rng.integers(0, 60, 60)
+        maes.append(skm.mean_absolute_error(t[idx], q[idx]))
+    assert close(ci["mae_ci"], percentile_ci(maes)) and ci["ci_resamples"] == 40
+    assert set(ci) == {"mae", "rmse", "mae_ci", "rmse_ci", "ci_resamples"}
+    assert all(math.isnan(v) for v in metrics.regression([], []).values())
+
+
+def numpy_dice(t, q, c) -> float:
+    tp = np.sum((t == c) & (q == c))
+    denom = np.sum(t == c) + np.sum(q == c)
+    return 1.0 if denom == 0 else 2 * tp / denom
+
+
+@pytest.mark.parametrize("dice", ["per_image", "pooled"])
+def test_k_class_dice_and_miou_equal_a_direct_numpy_computation(dice):
+    truth, pred = random_masks(4, classes=4, seed=8)
+    names = ("bg", "x", "y", "z")
+    out = metrics.segmentation([metrics.confusion(t, q, 4) for t, q in zip(truth, pred)],
+                               dice, names)
+    assert tuple(out) == ("dice", "miou", "dice_x", "dice_y", "dice_z")
+    if dice == "pooled":
+        truth, pred = [np.concatenate([t.ravel() for t in truth])], \
+            [np.concatenate([q.ravel() for q in pred])]
+    per = [np.mean([numpy_dice(t, q, c) for t, q in zip(truth, pred)]) for c in (1, 2, 3)]
+    assert close([out["dice_x"], out["dice_y"], out["dice_z"]], per)
+    assert close(out["dice"], np.mean(per))
+    t_all = np.concatenate([t.ravel() for t in truth])
+    q_all = np.concatenate([q.ravel() for q in pred])
+    iou = [np.sum((t_all == c) & (q_all == c)) / np.sum((t_all == c) | (q_all == c))
+           for c in range(4)]
+    assert close(out["miou"], np.mean(iou))
+
+
+def test_two_class_segmentation_is_unchanged_by_the_class_names():
+    truth, pred = random_masks(5, seed=2)
+    cms = [metrics.confusion(t, q, 2) for t, q in zip(truth, pred)]
+    f1 = [skm.f1_score(t.ravel(), q.ravel()) for t, q in zip(truth, pred)]
+    for dice in ("per_image", "pooled"):
+        named = metrics.segmentation(cms, dice, ("background", "lung"))
+        assert named == metrics.segmentation(cms, dice) and tuple(named) == ("dice", "miou")
+    assert metrics.segmentation(cms)["dice"] == pytest.approx(np.mean(f1), abs=TOL)

@@ -166,6 +166,19 @@ def test_a_collapsed_encoder_trips_the_warning_and_a_spread_batch_does_not():
     assert monitor.collapse_std(narrow) * math.sqrt(dim) == pytest.approx(0.25, rel=0.05)
 
 
+def test_knn_metrics_of_more_than_two_classes_are_the_tasks_own():
+    """accuracy of the argmax and the one-vs-rest macro AUC, as metrics.multiclass scores a
+    classification task of K > 2 classes; NaN while a class is missing."""
+    rng = np.random.default_rng(0)
+    y = np.arange(30) % 3
+    scores = torch.softmax(torch.as_tensor(rng.normal(size=(30, 3)) + 2 * np.eye(3)[y]), 1)
+    out = monitor.knn_metrics(scores.float(), y)
+    p = scores.float().double().numpy()
+    assert out["accuracy"] == pytest.approx(float((p.argmax(1) == y).mean()))
+    assert out["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr"), abs=1e-9)
+    assert math.isnan(monitor.knn_metrics(scores[y < 2].float(), y[y < 2])["auc"])
+
+
 def test_monitor_tasks_are_the_classification_tasks():
     assert set(config.KNN_TASKS) == {n for n, t in TASKS.items() if t.kind == "classification"}
     assert config.load_config(None).run.monitor_tasks == ["pneumonia", "mura"]

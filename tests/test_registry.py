@@ -108,15 +108,64 @@ def test_data_prep_plugins_are_the_datasets_and_the_tasks_read_its_task_sets():
     assert task_sets == {t.dataset for t in registry.TASKS.values()}
 
 
-def test_task_plugins_are_the_registry_tasks():
-    from muscle_hpc.tasks import TASKS
+def test_task_objects_are_the_registry_definitions_built_by_kind():
+    from muscle_hpc import tasks
 
-    assert tuple(TASKS) == registry.TASK_NAMES
+    assert tuple(tasks.TASKS) == registry.TASK_NAMES
+    assert not [p.name for p in (ROOT / "muscle_hpc" / "tasks").glob("*.py")
+                if p.stem not in ("__init__", "base")]  # no per-task plug-in files any more
     for name, entry in registry.TASKS.items():
-        plugin = TASKS[name]
-        assert (plugin.name, plugin.dataset, plugin.kind, plugin.headline) == \
-            (entry.name, entry.dataset, entry.kind, entry.headline), name
+        task = tasks.TASKS[name]
+        assert type(task) is tasks.base.BY_KIND[entry.kind], name
+        assert (task.name, task.dataset, task.kind, task.classes, task.headline,
+                task.metrics) == (entry.name, entry.dataset, entry.kind, entry.classes,
+                                  entry.headline, entry.metrics), name
         assert entry.headline in entry.metrics, name
+    assert tuple(tasks.base.BY_KIND) == registry.KINDS
+
+
+def _records(kind: str, k: int) -> list:
+    """A few records of a task of ``kind`` with ``k`` classes, every class present."""
+    import numpy as np
+
+    from muscle_hpc import metrics
+
+    if kind == "classification":
+        return [(c, list(np.roll(np.linspace(0.1, 0.9, k) / np.linspace(0.1, 0.9, k).sum(), c)))
+                for c in (*range(k), *range(k))]
+    if kind == "multilabel":
+        return [([1] * k, [0.8] * k), ([0] * k, [0.3] * k), ([1] * k, [0.2] * k)]
+    if kind == "regression":
+        return [(1.0, 2.0), (3.0, 2.5), (7.0, 6.0)]
+    if kind == "segmentation":
+        mask = np.arange(16).reshape(4, 4) % k
+        return [metrics.confusion(mask, mask, k), metrics.confusion(mask, mask[::-1], k)]
+    boxes = np.array([[0.0, 0.0, 10.0, 10.0]])
+    return [((boxes, np.array([c])), (boxes, np.array([0.9]), np.array([c])))
+            for c in range(1, k + 1)]
+
+
+@pytest.mark.parametrize("kind", registry.KINDS)
+@pytest.mark.parametrize("k", [2, 3])
+def test_task_metrics_are_exactly_what_each_kind_returns(kind, k):
+    """registry.task_metrics (the report's columns) and the task objects' metrics agree, for
+    validation and for the test split (which adds only CIs and counts)."""
+    from muscle_hpc import tasks
+
+    if kind == "regression" and k == 3:
+        return
+    classes = () if kind == "regression" else tuple(f"c{i}" for i in range(k))
+    definition = registry.Task("t", "nih", kind, "T", classes)
+    task = tasks.build(definition)
+    assert task.metrics == registry.task_metrics(kind, classes)
+    records = _records(kind, k)
+    scores = task.score(records, config.MetricsConfig())
+    assert tuple(scores) == task.metrics
+    test, _ = task.test_metrics(records, config.FtEvalConfig(bootstrap=3))
+    assert tuple(test)[:len(task.metrics)] == task.metrics
+    extra = set(test) - set(task.metrics)
+    assert all(key.endswith("_ci") and key[:-3] in task.metrics or
+               key in ("ci_resamples", "auc_ci_skipped") for key in extra), extra
 
 
 def test_every_registry_backbone_can_be_built():

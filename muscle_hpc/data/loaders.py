@@ -353,22 +353,24 @@ def two_view_loader(shards: list[Shard] | None, batch_size: int, data_cfg, *,
 
 def task_loader(shard: Shard | None, batch_size: int, task, data_cfg, *, train: bool,
                 distributed: bool = True, device=None, fraction: float = 1.0):
-    """A stage's loader of one split of ``task`` from its ``data`` config (seed, flip,
-    Z-score, workers): ``train=True`` for the training split, ``False`` to evaluate. A
-    ``TaskLoader`` over ``shard``, or with ``data.synthetic`` random images of the task's kind."""
+    """A stage's loader of one split of ``task`` (a ``muscle_hpc.tasks`` object) from its
+    ``data`` config (seed, flip, Z-score, workers): ``train=True`` for the training split,
+    ``False`` to evaluate. A ``TaskLoader`` over ``shard`` reading the fields of the task's kind
+    (a regression task's ``target``), or with ``data.synthetic`` random images of the task's
+    kind and classes."""
     if data_cfg.synthetic:
         from .synthetic import SyntheticTaskLoader
 
         return SyntheticTaskLoader(
             task.kind, data_cfg.synthetic, batch_size,
             (data_cfg.synthetic_width, data_cfg.synthetic_height), train=train,
-            num_classes=len(task.classes), box_categories=tuple(getattr(task, "categories", (1,))),
-            seed=data_cfg.seed,
+            num_classes=len(task.classes),
+            box_categories=tuple(getattr(task, "box_categories", (1,))), seed=data_cfg.seed,
             mean=data_cfg.mean, std=data_cfg.std, distributed=distributed, device=device)
     return TaskLoader(shard, batch_size, task.kind, train=train, seed=data_cfg.seed,
                       flip_prob=data_cfg.flip_prob, mean=data_cfg.mean, std=data_cfg.std,
                       num_workers=data_cfg.num_workers, distributed=distributed, device=device,
-                      fraction=fraction)
+                      fraction=fraction, target=getattr(task, "target", "value"))
 
 
 def subset_size(count: int, fraction: float) -> int:
@@ -398,9 +400,12 @@ def train_subset(shard: Shard, fraction: float, seed: int) -> np.ndarray:
     return subset(shard.count, fraction, seed, shard.groups())
 
 
+# The shard fields each kind reads; a regression task reads its ``target`` field instead of
+# "value" (the field CSV datasets store; RSNA Bone Age's is "boneage").
 TASK_FIELDS = {
     "classification": ("label",),
     "multilabel": ("labels",),
+    "regression": ("value",),
     "segmentation": ("mask",),
     "detection": ("boxes", "box_labels", "num_boxes"),
 }
@@ -408,8 +413,9 @@ TASK_FIELDS = {
 
 class TaskLoader:
     """Batches of one task shard as a dict: ``image`` (B, 1, H, W) float32 Z-scored, ``index``,
-    and per kind ``label`` (B,) int64 / ``labels`` (B, C) float32 / ``mask`` (B, H, W) int64 /
-    ``boxes`` + ``box_labels`` (lists of per-image tensors, xyxy pixels, torchvision's format).
+    and per kind ``label`` (B,) int64 / ``labels`` (B, C) float32 / ``value`` (B,) float32, the
+    ``target`` field of a regression shard / ``mask`` (B, H, W) int64 / ``boxes`` +
+    ``box_labels`` (lists of per-image tensors, xyxy pixels, torchvision's format).
 
     ``train=True`` shuffles per epoch and flips horizontally (mask and boxes with the image);
     otherwise order is fixed, nothing is flipped and the last partial batch is kept.
@@ -421,11 +427,12 @@ class TaskLoader:
     def __init__(self, shard: Shard, batch_size: int, kind: str, *, train: bool,
                  seed: int = 0, flip_prob: float = 0.5, mean: float = MEAN, std: float = STD,
                  num_workers: int = 2, distributed: bool = False, prefetch_depth: int = 2,
-                 device=None, fraction: float = 1.0):
+                 device=None, fraction: float = 1.0, target: str = "value"):
         if kind not in TASK_FIELDS:
             raise ValueError(f"kind must be one of {', '.join(TASK_FIELDS)}, not {kind!r}")
         self.rank, self.world = rank_and_world(distributed)
         self.kind, self.train, self.seed, self.shard = kind, train, seed, shard
+        self.fields = (target,) if kind == "regression" else TASK_FIELDS[kind]
         self.flip_prob = flip_prob if train else 0.0
         self.mean, self.std, self.num_workers = mean, std, num_workers
         self.prefetch_depth, self.device = prefetch_depth, device
@@ -436,7 +443,7 @@ class TaskLoader:
             raise ValueError(f"a fraction {fraction} of {shard.dataset}/{shard.split} is "
                              f"{len(self.indices)} images, less than one batch of "
                              f"{batch_size * self.world}")
-        self.loader = ffcv_loader(shard, batch_size, ("image", "index", *TASK_FIELDS[kind]),
+        self.loader = ffcv_loader(shard, batch_size, ("image", "index", *self.fields),
                                   shuffle=train, seed=seed, rank=self.rank, world=self.world,
                                   num_workers=num_workers, drop_last=train, indices=self.indices)
         self.epoch = 0
@@ -477,7 +484,9 @@ class TaskLoader:
         if self.kind == "classification":
             batch["label"] = torch.from_numpy(raw["label"].reshape(b).astype(np.int64))
         elif self.kind == "multilabel":
-            batch["labels"] = torch.from_numpy(raw["labels"].astype(np.float32))
+            batch["labels"] = torch.from_numpy(raw["labels"].reshape(b, -1).astype(np.float32))
+        elif self.kind == "regression":
+            batch["value"] = torch.from_numpy(raw[self.fields[0]].reshape(b).astype(np.float32))
         elif self.kind == "segmentation":
             mask = np.empty((b, h, w), np.uint8)
             augment.flip_copy(raw["mask"].reshape(b, h, w), flip, mask)

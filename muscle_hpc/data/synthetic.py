@@ -76,9 +76,18 @@ class SyntheticTwoViewLoader:
 
 class SyntheticTaskLoader:
     """``TaskLoader``'s batches for a task of ``kind`` from ``count`` random images of the
-    split: labels among ``num_classes``, a random rectangle as the mask's foreground, one or two
-    boxes per image of the ids in ``box_categories``. Training splits are reshuffled per epoch
-    and cut to whole batches; evaluation splits keep every image, in order."""
+    split, with random targets of the kind (``num_classes``: the task's number of classes):
+
+    - classification: ``label`` (B,) int64, uniform among ``num_classes``;
+    - multilabel: ``labels`` (B, num_classes) float32, each finding 0 or 1 with probability ½;
+    - regression: ``value`` (B,) float32, standard normal (the unit of a task whose head is not
+      standardized, as on synthetic data: ``tasks.RegressionTask``);
+    - segmentation: ``mask`` (B, H, W) int64: a random rectangle of class 1, then one of each
+      further class 2..K-1 drawn over it (later classes on top), background 0 elsewhere;
+    - detection: one or two boxes per image, each of a category id in ``box_categories``.
+
+    Training splits are reshuffled per epoch and cut to whole batches; evaluation splits keep
+    every image, in order."""
 
     shard = None
 
@@ -121,10 +130,13 @@ class SyntheticTaskLoader:
             batch["label"] = torch.randint(0, self.num_classes, (b,), generator=g)
         elif self.kind == "multilabel":
             batch["labels"] = torch.randint(0, 2, (b, self.num_classes), generator=g).float()
+        elif self.kind == "regression":
+            batch["value"] = torch.randn((b,), generator=g)
         elif self.kind == "segmentation":
             mask = torch.zeros((b, h, w), dtype=torch.int64, pin_memory=pins(self.device))
-            for i, (x0, y0, x1, y1) in enumerate(self._boxes(b, g).tolist()):
-                mask[i, int(y0):int(y1), int(x0):int(x1)] = 1
+            for c in range(1, max(self.num_classes, 2)):
+                for i, (x0, y0, x1, y1) in enumerate(self._boxes(b, g).tolist()):
+                    mask[i, int(y0):int(y1), int(x0):int(x1)] = c
             batch["mask"] = mask
         elif self.kind == "detection":
             counts = torch.randint(1, 3, (b,), generator=g).tolist()

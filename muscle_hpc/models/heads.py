@@ -7,7 +7,12 @@ must run for it (dilated, with the same weights); ``MultiTaskNet`` runs it so pe
 Each head has ``loss(features, images, targets) -> scalar`` (training) and
 ``predict(features, images) -> outputs`` (evaluation, CPU tensors).
 
-- ``ClassifierHead``: global average pool + one linear layer; softmax probabilities (B, C).
+- ``ClassifierHead``: global average pool + one linear layer; softmax cross-entropy, softmax
+  probabilities (B, C).
+- ``MultiLabelHead``: the same layer with one logit per finding; binary cross-entropy of each,
+  sigmoid probabilities (B, C).
+- ``RegressionHead``: the same layer with one output, the standardized target; an L1 (or MSE)
+  loss on that scale, predictions (B,) in the target's unit.
 - ``SegmentationHead``: torchvision's DeepLab-V3 head (ASPP) on ``layer4`` of the trunk run at
   ``output_stride`` 8 by default, as torchvision's ``deeplabv3_resnet50`` (ASPP rates 12/24/36;
   they scale with the stride), upsampled bilinearly to the input size; class probabilities
@@ -67,6 +72,54 @@ class ClassifierHead(nn.Module):
     @torch.no_grad()
     def predict(self, features, images):
         return self(features).float().softmax(dim=1).cpu()
+
+
+class MultiLabelHead(ClassifierHead):
+    """One logit per finding, each its own binary problem (findings co-occur)."""
+
+    def loss(self, features, images, targets):
+        return F.binary_cross_entropy_with_logits(self(features).float(), targets.float())
+
+    @torch.no_grad()
+    def predict(self, features, images):
+        return self(features).float().sigmoid().cpu()
+
+
+REGRESSION_LOSSES = ("l1", "mse")
+
+
+class RegressionHead(ClassifierHead):
+    """One output: the target standardized with the training split's ``mean`` and ``std``
+    (buffers, so a saved head predicts in the target's unit on its own). Standardizing keeps
+    the output near the range a freshly initialised linear layer gives, whatever the unit
+    (months of bone age run to 228), so the task's learning rate means the same as for the
+    other heads.
+
+    ``loss``: ``l1`` (default), the mean absolute error of the standardized target: the MAE
+    that is reported (up to the scale ``std``) and robust to outliers (mislabelled ages), with
+    a constant-size gradient that does not shrink near the optimum; ``mse``: the squared error,
+    smooth near the optimum (the mean rather than the median) but dominated by outliers."""
+
+    def __init__(self, channels: dict[str, int], mean: float = 0.0, std: float = 1.0,
+                 loss: str = "l1"):
+        super().__init__(channels, 1)
+        if loss not in REGRESSION_LOSSES:
+            raise ValueError(f"regression loss must be one of {', '.join(REGRESSION_LOSSES)}, "
+                             f"not {loss!r}")
+        if not std > 0:
+            raise ValueError(f"the target's std must be > 0, not {std}")
+        self.loss_name = loss
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def loss(self, features, images, targets):
+        out = self(features).float().squeeze(1)
+        z = (targets.float() - self.mean) / self.std
+        return (F.l1_loss if self.loss_name == "l1" else F.mse_loss)(out, z)
+
+    @torch.no_grad()
+    def predict(self, features, images):
+        return (self(features).float().squeeze(1) * self.std + self.mean).cpu()
 
 
 @functools.lru_cache(maxsize=32)
@@ -210,7 +263,9 @@ class DetectionHead(nn.Module):
 
 
 class MultiTaskNet(nn.Module):
-    """One trunk (a torchvision ResNet whose ``fc`` is dropped) and a head per task.
+    """One trunk (a torchvision ResNet whose ``fc`` is dropped) and a head per task, of any
+    kind above: each head computes its own loss (cross-entropy, binary cross-entropy, L1/MSE,
+    per-pixel cross-entropy, Faster R-CNN's losses) from the targets its task makes.
 
     ``forward(task, images, targets)`` is the task's training loss, so a DeepSpeed engine wraps
     the whole net and each step runs one task; ``predict(task, images)`` evaluates. Each call

@@ -163,7 +163,7 @@ def train(cfg, start, loaders, val, init, ds_config) -> int:
         unused = getattr(TASKS[t], "unused_categories", lambda _: [])(loaders[t].shard)
         if unused:
             loop.say(f"continual: {t}: boxes of {', '.join(unused)} are not learned or scored "
-                     f"(not one of {', '.join(TASKS[t].classes.values())})")
+                     f"(not one of {', '.join(TASKS[t].classes)})")
 
     def set_lr(visit, task):
         if cfg.muscle:  # eq. 1 within the visit

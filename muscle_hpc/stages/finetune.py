@@ -269,7 +269,7 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
         task, "unused_categories", lambda _: [])(loaders["train"].shard)
     if unused:
         loop.say(f"finetune: {task.name}: boxes of {', '.join(unused)} are not learned or "
-                 f"scored (not one of {', '.join(task.classes.values())})")
+                 f"scored (not one of {', '.join(task.classes)})")
 
     with loop:
         for epoch in range(tcfg.epochs):

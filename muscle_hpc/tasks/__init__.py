@@ -1,9 +1,21 @@
-"""Task plug-ins, by name: each file of this package defines one ``TASK``."""
+"""Task behaviour by kind: ``build(definition)`` turns a ``registry.Task`` definition (name,
+dataset, kind, classes, ...) into the object the stages use (head, shard check, targets,
+records, metrics; ``base.py``). ``TASKS`` holds the paper's four tasks, built from the
+registry's definitions."""
 
-from . import lung, mura, pneumonia, tbx
+from muscle_hpc import registry
 
-TASKS = {t.name: t for t in (pneumonia.TASK, mura.TASK, lung.TASK, tbx.TASK)}
+from .base import (
+    KINDS,
+    ClassificationTask,
+    DetectionTask,
+    MultilabelTask,
+    RegressionTask,
+    SegmentationTask,
+    build,
+)
 
+TASKS = {name: build(t) for name, t in registry.TASKS.items()}
 
-def build(definition):  # placeholder until the kinds land: the paper's four only
-    return TASKS[definition.name]
+__all__ = ["KINDS", "TASKS", "ClassificationTask", "DetectionTask", "MultilabelTask",
+           "RegressionTask", "SegmentationTask", "build"]

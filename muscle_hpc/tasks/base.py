@@ -1,74 +1,265 @@
-"""What a task is to the stages: its shard, its head, its targets and its validation metrics.
+"""What a task is to the stages, by kind: its shard check, its head, its targets and its metrics.
 
-A task plug-in (one file per task in this package) is an instance of one of the three kinds
-below. ``head(channels, heads)`` builds its head for a trunk with ``channels`` per stage, sized
-by the ``model`` section of the stage's config (``HeadsConfig``). ``records`` turns one
-evaluated batch into small per-sample records (ranks evaluate shards of a split and gather
-these, never images), ``metrics(records, m)`` turns all records into numbers as the ``eval``
-section ``m`` reads the paper's metrics, and ``headline`` names the number a one-line summary
-or the forgetting matrix shows.
+``build(definition)`` makes the object of a ``registry.Task`` definition, whatever its kind
+(``KINDS``). Every task object has the definition's ``name``, ``dataset``, ``kind``,
+``classes``, ``headline`` and ``metrics`` (the keys of its test metrics, ``registry.task_metrics``)
+and these methods:
+
+- ``head(channels, heads)`` builds its head for a trunk with ``channels`` per stage, sized by the
+  ``model`` section of the stage's config (``HeadsConfig``);
+- ``check(shard)`` refuses, in one line (``ShardError``), a shard whose manifest does not match
+  the definition (its fields, its number of classes);
+- ``targets(batch, device)`` is what the head's loss takes;
+- ``records(outputs, batch)`` turns one evaluated batch into small per-sample records (ranks
+  evaluate shards of a split and gather these, never images);
+- ``score(records, m)`` turns all records into the validation numbers as the ``eval`` section
+  ``m`` reads the paper's metrics (every key of ``metrics``);
+- ``test_metrics(records, m)`` returns ``(scores, extra)``: the same keys plus bootstrap CIs
+  where the kind has them (``<metric>_ci`` = [lo, hi], ``ci_resamples``, ``auc_ci_skipped``),
+  and extra results for ``results.json`` (the binary ROC curve).
+
+The metric method is ``score``, not ``metrics``: ``metrics`` is the tuple of keys, as on the
+registry's definition, which the report reads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
 
+import numpy as np
 import torch
 
-from muscle_hpc import metrics
+from muscle_hpc import metrics, registry
 from muscle_hpc.config import FtEvalConfig, HeadsConfig, MetricsConfig
 from muscle_hpc.data.shards import Shard, ShardError
-from muscle_hpc.models.heads import ClassifierHead, DetectionHead, SegmentationHead
+from muscle_hpc.models.heads import (
+    ClassifierHead,
+    DetectionHead,
+    MultiLabelHead,
+    RegressionHead,
+    SegmentationHead,
+)
+
+KINDS = registry.KINDS
 
 
-@dataclass(frozen=True)
-class ClassificationTask:
-    name: str
-    dataset: str
-    classes: tuple[str, ...]
-    kind: str = "classification"
-    headline: str = "auc"
+def _unzip(records) -> tuple[tuple, tuple]:
+    return tuple(zip(*records)) if records else ((), ())
+
+
+def _names(names) -> str:
+    return ", ".join(str(n) for n in names)
+
+
+class TaskKind:
+    """The behaviour every kind shares: the definition's names, and the shard check of a field
+    that names its classes."""
+
+    kind = ""
+
+    def __init__(self, definition: registry.Task):
+        if definition.kind != self.kind:
+            raise ValueError(f"{definition.name} is a {definition.kind} task, not {self.kind}")
+        self.definition = definition
+        self.name, self.dataset = definition.name, definition.dataset
+        self.classes: tuple[str, ...] = tuple(definition.classes)
+        self.headline = definition.headline
+        self.metrics: tuple[str, ...] = definition.metrics
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.definition!r})"
+
+    def _field(self, shard: Shard, field: str, what: str) -> dict:
+        if field not in shard.fields:
+            raise ShardError(f"{shard.dataset}/{shard.split}: no {field!r} field ({what}) for "
+                             f"the {self.name} task (has {_names(shard.fields)})")
+        return shard.fields[field]
+
+    def _check_count(self, shard: Shard, field: str, names, what: str) -> None:
+        if names is not None and len(names) != len(self.classes):
+            raise ShardError(f"{shard.dataset}/{shard.split}: {len(names)} {what} in its "
+                             f"{field!r} field ({_names(names)}), the {self.name} task defines "
+                             f"{len(self.classes)} ({_names(self.classes)})")
+
+    def test_metrics(self, records, m: FtEvalConfig) -> tuple[dict, dict]:
+        return self.score(records, m), {}
+
+
+class ClassificationTask(TaskKind):
+    """One label of K >= 2 classes per image (shard field ``label``): a linear head, softmax
+    cross-entropy. Records: ``(label, [p_0, ..., p_K-1])``. Two classes: acc, sen, spe (class
+    1 is positive, predicted at p_1 >= 0.5), auc, as ``metrics.classification``; more:
+    ``metrics.multiclass`` (argmax)."""
+
+    kind = "classification"
 
     def head(self, channels, heads: HeadsConfig):
         return ClassifierHead(channels, len(self.classes))
 
     def check(self, shard: Shard) -> None:
-        names = shard.fields.get("label", {}).get("names")
-        if names is not None and len(names) != len(self.classes):
-            raise ShardError(f"{shard.dataset}/{shard.split}: {len(names)} classes {names}, "
-                             f"the {self.name} task expects {len(self.classes)}")
+        field = self._field(shard, "label", "class labels")
+        self._check_count(shard, "label", field.get("names"), "classes")
 
     def targets(self, batch, device):
         return batch["label"].to(device)
 
     def records(self, outputs, batch):
-        return list(zip(batch["label"].tolist(), outputs[:, 1].tolist()))
+        return list(zip(batch["label"].tolist(), outputs.tolist()))
 
-    def metrics(self, records, m: MetricsConfig) -> dict[str, float]:
-        labels, probs = zip(*records) if records else ((), ())
-        return metrics.classification(labels, probs)
+    def _metrics(self, records, resamples: int = 0, seed: int = 0) -> dict:
+        labels, probs = _unzip(records)
+        if len(self.classes) == 2:
+            return metrics.classification(labels, probs, resamples=resamples, seed=seed)
+        return metrics.multiclass(labels, np.asarray(probs).reshape(-1, len(self.classes)),
+                                  self.classes, resamples=resamples, seed=seed)
+
+    def score(self, records, m: MetricsConfig) -> dict[str, float]:
+        return self._metrics(records)
 
     def test_metrics(self, records, m: FtEvalConfig) -> tuple[dict, dict]:
-        """The final metrics with bootstrap CIs, and the ROC curve."""
-        labels, probs = zip(*records) if records else ((), ())
-        return (metrics.classification(labels, probs, resamples=m.bootstrap, seed=m.seed),
-                {"roc": metrics.roc_curve(labels, probs)})
+        """The final metrics with bootstrap CIs, and (two classes) the ROC curve."""
+        scores = self._metrics(records, m.bootstrap, m.seed)
+        if len(self.classes) != 2:
+            return scores, {}
+        labels, probs = _unzip(records)
+        return scores, {"roc": metrics.roc_curve(labels, probs)}
 
 
-@dataclass(frozen=True)
-class SegmentationTask:
-    name: str
-    dataset: str
-    classes: tuple[str, ...] = ("background", "foreground")
-    kind: str = "segmentation"
-    headline: str = "dice"
+class MultilabelTask(TaskKind):
+    """Any number of the C findings per image (shard field ``labels``, multi-hot): C logits,
+    binary cross-entropy of each. Records: ``([y_0, ..., y_C-1], [p_0, ..., p_C-1])``;
+    metrics: ``metrics.multilabel`` (per-finding AUC and their mean)."""
+
+    kind = "multilabel"
+
+    def head(self, channels, heads: HeadsConfig):
+        return MultiLabelHead(channels, len(self.classes))
+
+    def check(self, shard: Shard) -> None:
+        field = self._field(shard, "labels", "multi-hot findings")
+        self._check_count(shard, "labels", field.get("names"), "findings")
+
+    def targets(self, batch, device):
+        return batch["labels"].to(device)
+
+    def records(self, outputs, batch):
+        return list(zip(batch["labels"].to(torch.int64).tolist(), outputs.tolist()))
+
+    def _metrics(self, records, resamples: int = 0, seed: int = 0) -> dict:
+        labels, probs = _unzip(records)
+        c = len(self.classes)
+        return metrics.multilabel(np.asarray(labels).reshape(-1, c),
+                                  np.asarray(probs).reshape(-1, c), self.classes,
+                                  resamples=resamples, seed=seed)
+
+    def score(self, records, m: MetricsConfig) -> dict[str, float]:
+        return self._metrics(records)
+
+    def test_metrics(self, records, m: FtEvalConfig) -> tuple[dict, dict]:
+        return self._metrics(records, m.bootstrap, m.seed), {}
+
+
+def target_stats(shard: Shard, target: str) -> tuple[float, float]:
+    """The mean and (population) standard deviation of ``target`` over the *training* split of
+    ``shard``'s dataset, whichever split ``shard`` is.
+
+    From the manifest's summary of the train split, ``splits.train.<target>``, when it holds
+    both ``mean`` and ``std``; otherwise computed from the train shard's values, read from its
+    FFCV metadata table (where FFCV keeps scalar fields: no image is read). Bone age's summary
+    (``boneage_months``: min, max and a rounded mean, no std) is therefore not used: both
+    numbers come from the same place, the data. NaN values (unlabelled images) are left out."""
+    train = shard.manifest["splits"].get("train")
+    if train is None:
+        raise ShardError(f"{shard.dataset}: no train split to standardize {target!r} with")
+    summary = train.get(target)
+    if isinstance(summary, dict) and "mean" in summary and "std" in summary:
+        return float(summary["mean"]), float(summary["std"])
+    from data_prep.shard import import_ffcv
+
+    import_ffcv()
+    from ffcv.reader import Reader
+
+    path = shard.path.parent / train["file"]
+    reader = Reader(str(path))
+    table = reader.metadata
+    values = np.asarray(table[table.dtype.names[reader.field_names.index(target)]], np.float64)
+    values = values[~np.isnan(values)]
+    if not values.size:
+        raise ShardError(f"{shard.dataset}/train: no {target!r} value to standardize with")
+    return float(values.mean()), float(values.std())
+
+
+class RegressionTask(TaskKind):
+    """One number per image (the shard field ``definition.target``, a FloatField; batches
+    carry it as ``value``): one output, trained on the standardized target and reported in
+    the target's unit (``RegressionHead``). Records: ``(target, prediction)`` in that unit;
+    metrics: ``metrics.regression`` (mae, rmse).
+
+    ``standardization`` is the (mean, std) of the train split (``target_stats``): ``check``
+    reads it from the shard it is given (any split of the dataset) and ``head`` builds the
+    head with it; (0, 1), no change, until a shard is checked (synthetic data)."""
+
+    kind = "regression"
+
+    def __init__(self, definition: registry.Task):
+        super().__init__(definition)
+        self.target = definition.target
+        self.standardization: tuple[float, float] = (0.0, 1.0)
+        self._checked = None
+
+    def head(self, channels, heads: HeadsConfig):
+        mean, std = self.standardization
+        return RegressionHead(channels, mean, std, heads.regression_loss)
+
+    def check(self, shard: Shard) -> None:
+        field = self._field(shard, self.target, "the regression target")
+        if field.get("type") != "FloatField":
+            raise ShardError(f"{shard.dataset}/{shard.split}: {self.target!r} is stored as "
+                             f"{field.get('type')}, the {self.name} task regresses a FloatField")
+        if self._checked == shard.path.parent:
+            return
+        mean, std = target_stats(shard, self.target)
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise ShardError(f"{shard.dataset}/train: {self.target!r} has mean {mean} and std "
+                             f"{std}; the {self.name} task cannot standardize it")
+        self.standardization, self._checked = (mean, std), shard.path.parent
+
+    def targets(self, batch, device):
+        return batch["value"].to(device)
+
+    def records(self, outputs, batch):
+        return list(zip(batch["value"].tolist(), outputs.reshape(-1).tolist()))
+
+    def _metrics(self, records, resamples: int = 0, seed: int = 0) -> dict:
+        targets, predictions = _unzip(records)
+        return metrics.regression(targets, predictions, resamples=resamples, seed=seed)
+
+    def score(self, records, m: MetricsConfig) -> dict[str, float]:
+        return self._metrics(records)
+
+    def test_metrics(self, records, m: FtEvalConfig) -> tuple[dict, dict]:
+        return self._metrics(records, m.bootstrap, m.seed), {}
+
+
+class SegmentationTask(TaskKind):
+    """A class index per pixel (shard field ``mask``, ``classes[0]`` the background):
+    DeepLab-V3 with K outputs. Records: each image's (K, K) confusion matrix; metrics:
+    ``metrics.segmentation`` (dice of the foreground classes, miou, and dice_C with K > 2)."""
+
+    kind = "segmentation"
 
     def head(self, channels, heads: HeadsConfig):
         return SegmentationHead(channels, len(self.classes), heads.seg_output_stride)
 
     def check(self, shard: Shard) -> None:
-        if "mask" not in shard.fields:
-            raise ShardError(f"{shard.dataset}/{shard.split}: no masks for the {self.name} task")
+        field = self._field(shard, "mask", "masks")
+        names = field.get("names")
+        if names is None and len(self.classes) > 2:
+            # Shards written before masks named their classes hold binary masks only.
+            raise ShardError(f"{shard.dataset}/{shard.split}: its masks do not name their "
+                             f"classes (a binary shard), the {self.name} task defines "
+                             f"{len(self.classes)} ({_names(self.classes)}); convert it again")
+        self._check_count(shard, "mask", names, "mask classes")
 
     def targets(self, batch, device):
         return batch["mask"].to(device, non_blocking=True)
@@ -78,36 +269,44 @@ class SegmentationTask:
         return [metrics.confusion(t, p, len(self.classes))
                 for t, p in zip(batch["mask"].numpy(), pred)]
 
-    def metrics(self, records, m: MetricsConfig) -> dict[str, float]:
-        return metrics.segmentation(records, m.dice)
-
-    def test_metrics(self, records, m: FtEvalConfig) -> tuple[dict, dict]:
-        return self.metrics(records, m), {}
+    def score(self, records, m: MetricsConfig) -> dict[str, float]:
+        return metrics.segmentation(records, m.dice, self.classes)
 
 
-@dataclass(frozen=True)
-class DetectionTask:
-    """``categories``: the shard's box category id -> (detector class, name); shard categories
-    not listed are not learned (their boxes are dropped from the targets, as stated at start)."""
+class DetectionTask(TaskKind):
+    """Boxes of K classes (shard fields ``boxes``, ``box_labels``): Faster R-CNN with K + 1
+    classes (the background). ``definition.box_categories[k]``, a shard box category id, is
+    detector class k + 1, ``classes[k]``; boxes of other categories are neither learned nor
+    scored (``unused_categories``, which the stage states at start). Records: per image
+    ``((gt boxes, gt classes), (boxes, scores, classes))``; metrics: ``metrics.detection``
+    (ap_C of each class, map their mean)."""
 
-    name: str
-    dataset: str
-    categories: dict[int, tuple[int, str]] = field(default_factory=dict)
-    kind: str = "detection"
-    headline: str = "map"
+    kind = "detection"
 
-    @property
-    def classes(self) -> dict[int, str]:
-        return {c: n for c, n in self.categories.values()}
+    def __init__(self, definition: registry.Task):
+        super().__init__(definition)
+        self.box_categories = tuple(definition.box_categories)
+        if len(self.box_categories) != len(self.classes):
+            raise ValueError(f"{self.name}: {len(self.box_categories)} box categories for "
+                             f"{len(self.classes)} classes")
+        # shard category id -> (detector class, name)
+        self.categories = {int(c): (k + 1, n)
+                           for k, (c, n) in enumerate(zip(self.box_categories, self.classes))}
 
     def head(self, channels, heads: HeadsConfig):
-        return DetectionHead(channels, len(self.categories) + 1,  # + background
+        return DetectionHead(channels, len(self.classes) + 1,  # + background
                              heads.rois_per_image, heads.test_proposals)
 
     def check(self, shard: Shard) -> None:
         names = shard.fields.get("box_labels", {}).get("names")
         if names is None:
             raise ShardError(f"{shard.dataset}/{shard.split}: no boxes for the {self.name} task")
+        missing = [c for c in self.box_categories if not 1 <= c <= len(names)]
+        if missing:
+            raise ShardError(f"{shard.dataset}/{shard.split}: box categories "
+                             f"{_names(f'{i} {n}' for i, n in enumerate(names, 1))}, the "
+                             f"{self.name} task's box_categories {_names(missing)} are not "
+                             f"among them")
 
     def unused_categories(self, shard: Shard) -> list[str]:
         names = shard.fields["box_labels"]["names"]
@@ -134,10 +333,23 @@ class DetectionTask:
                          (det["boxes"].numpy(), det["scores"].numpy(), det["labels"].numpy())))
         return recs
 
-    def metrics(self, records, m: MetricsConfig) -> dict[str, float]:
+    def score(self, records, m: MetricsConfig) -> dict[str, float]:
         gt = [r[0] for r in records]
         det = [r[1] for r in records]
-        return metrics.detection(gt, det, self.classes, recall_points=m.ap_recall_points)
+        return metrics.detection(gt, det, dict(self.categories.values()),
+                                 recall_points=m.ap_recall_points)
 
-    def test_metrics(self, records, m: FtEvalConfig) -> tuple[dict, dict]:
-        return self.metrics(records, m), {}
+
+BY_KIND = {t.kind: t for t in (ClassificationTask, MultilabelTask, RegressionTask,
+                                SegmentationTask, DetectionTask)}
+assert tuple(BY_KIND) == KINDS
+
+
+def build(definition: registry.Task) -> TaskKind:
+    """The task object of ``definition``, by its kind."""
+    try:
+        cls = BY_KIND[definition.kind]
+    except KeyError:
+        raise ValueError(f"{definition.name}: kind {definition.kind!r} is not one of "
+                         f"{_names(KINDS)}") from None
+    return cls(definition)
