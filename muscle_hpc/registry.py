@@ -1,21 +1,22 @@
 """The one place that says which datasets, tasks, inits and backbones there are, and where each
 stage's run lives under a run root.
 
-Config (choices, defaults, per-task sections), report (rows, columns, titles), the loaders'
-summary, the launcher, the fine-tune grid and the sbatch pipeline all read this module;
+Config (choices, defaults, the paper's task definitions), report (rows, columns, titles), the
+loaders' summary, the launcher, the fine-tune grid and the sbatch pipeline all read this module;
 ``tests/test_registry.py`` fails when a copy it cannot read from here (YAMLs, data_prep's
-plug-ins, the task plug-ins, the scripts' comments) disagrees with it.
+plug-ins, the task objects, the scripts' comments) disagrees with it.
 
 Trade-offs:
 
 - Datasets are data_prep's list (``data_prep.datasets.NAMES``), not a second one: a dataset
   exists once its converter does, and reading it here follows the data's direction (converter
-  -> shard -> loader); data_prep never imports muscle_hpc.
-- Tasks are named here rather than collected from ``muscle_hpc.tasks``: the plug-ins build
-  heads and metrics (torch, ~2 s to import), while the launcher, config and the shell scripts
-  need these names in milliseconds. The plug-ins keep the behaviour (head, targets, metrics);
-  an entry here carries only what light readers need (shard, kind, report columns, default
-  batch), and the test checks that plug-ins and entries agree.
+  -> shard -> loader); data_prep never imports muscle_hpc. Datasets of the user's (converted by
+  ``data_prep.convert --layout``) are named in configs, not here.
+- A task is a definition (``Task``: dataset, kind, classes, headline), the same keys a user's
+  task has under ``tasks.<name>`` of a fine-tune config; the paper's four are defined here
+  because the launcher, config and the shell scripts need them in milliseconds, while
+  ``muscle_hpc.tasks.build`` (torch, ~2 s to import) turns any definition into its behaviour
+  (head, targets, metrics) by kind.
 - Standard library only, so ``python -m muscle_hpc.registry`` runs on a login node with any
   python3, before (or without) the training stack is installed.
 

@@ -13,9 +13,13 @@
 #
 # Fine-tuning (MUSCLE stage 3) on Slurm as one job array, the sbatch way (python -m
 # muscle_hpc.launch --stage finetune is the submitit way). Array index N is element N of the
-# grid task x init x backbone (4 x 5 x 2): index = backbone*20 + task*5 + init, listed by
+# config's grid (its grid section); by default the paper's task x init x backbone (4 x 5 x 2):
+# index = backbone*20 + task*5 + init, listed by
 #
-#   python -m muscle_hpc.stages.finetune --list
+#   python -m muscle_hpc.stages.finetune --list [--config CONFIG]
+#
+# (another grid, e.g. with protocols or fractions or tasks of your own: pass --array from what
+# --list says for that config, as slurm/pipeline.sh does).
 #
 # Submit from the repository root, after the earlier stages have written their backbones under
 # run.root (the config's `pretrained` templates; slurm/pipeline.sh chains all three):

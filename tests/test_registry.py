@@ -421,7 +421,7 @@ def test_the_scripts_comments_state_the_grid():
     halves = ", ".join(f"{spans[bb]} the {registry.BACKBONES[bb].title} half" for bb in spans)
     assert "--array=" + halves.replace(" the ", " is the ", 1) in array
     pipeline = comments(ROOT / "slurm/pipeline.sh")
-    assert f"the backbone's {per_bb} grid elements" in pipeline
+    assert f"the backbone's grid elements (the paper's {per_bb})" in pipeline
     assert "--array " + " or ".join(f"{spans[bb]} ({bb})" for bb in spans) in pipeline
 
 

@@ -105,8 +105,8 @@ def test_stages_check_no_shards_when_synthetic(tmp_path):
     loader = task_loader(None, 2, TASKS["tbx"], cfg.data, train=True, distributed=False)
     assert loader.box_categories == (1, 2) and (loader.width, loader.height) == (800, 500)
     sel = finetune.Selection("lung", "scratch", "r18")
-    _, shards, *_ = finetune.prepare(None, [missing, "data.synthetic=8", "run.allow_cpu=true"],
-                                     1, False, sel)
+    cfg = finetune.load(None, [missing, "data.synthetic=8", "run.allow_cpu=true"])
+    _, shards, *_ = finetune.prepare(cfg, 1, False, sel)
     assert shards == {"train": None, "valid": None, "test": None}
 
 

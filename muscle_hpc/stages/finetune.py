@@ -230,7 +230,6 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
     out, rank, tcfg = start.ckpt.run_dir, start.env.rank, cfg.task(sel.task)
     linear = sel.protocol == "linear"
     n_train = cfg.data.synthetic or loaders["train"].examples  # over all ranks
-    defn = cfg.definition(sel.task)
     device, on_cuda = dist.train_device(), start.on_cuda
     bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
     torch.manual_seed(cfg.run.seed)
@@ -311,7 +310,7 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
         records = evaluate_records(net, task, loaders["test"], device, bf16, keeper)
         scores, extra = task.test_metrics(records, cfg.eval)
         if rank == 0:
-            results = {"task": sel.task, "kind": task.kind, "title": defn.title,
+            results = {"task": sel.task, "kind": task.kind, "title": task.definition.title,
                        "classes": list(task.classes), "init": sel.init,
                        "backbone": sel.backbone, "arch": sel.arch, "best_epoch": best["epoch"],
                        "epochs": tcfg.epochs, "protocol": sel.protocol,
