@@ -236,7 +236,7 @@ def finetune_argvs(args, config_path, overrides, world, on_cuda, backbones,
             raise type(e)(f"finetune {sel.name}: {e}") from None
         argvs.append(["--config", str(config_path), "--task", sel.task, "--init", sel.init,
                       "--backbone", sel.backbone, "--protocol", sel.protocol,
-                      "--fraction", f"{sel.fraction:g}", *overrides])
+                      "--fraction", repr(sel.fraction), *overrides])
     return argvs
 
 

@@ -1,20 +1,25 @@
 """Fine-tuning (MUSCLE stage 3): one task, one initial backbone, one architecture.
 
-    python -m muscle_hpc.stages.finetune --task pneumonia|mura|lung|tbx
+    python -m muscle_hpc.stages.finetune --task pneumonia|mura|lung|tbx|YOURS
         --init scratch|imagenet|mdmoco|muscle--|muscle --backbone r18|r50
-        [--config F] [key=value ...]
-    python -m muscle_hpc.stages.finetune --grid-index N [...]   (one element of the 40-job grid)
-    python -m muscle_hpc.stages.finetune --list                 (the grid, index by index)
+        [--protocol finetune|linear] [--fraction F] [--config F] [key=value ...]
+    python -m muscle_hpc.stages.finetune --grid-index N [...]   (one element of the config's grid)
+    python -m muscle_hpc.stages.finetune --list [--config F]    (the grid, index by index)
 
-The backbone (Kaiming init, torchvision's ImageNet weights, or the earlier stages' exports found
-under ``run.root``) gets the task's head and is trained with SGD, weight decay and a step LR
-decay. After every epoch the valid split is scored; the best epoch by the task's headline metric
-(AUC, Dice, mAP) is kept in ``best.pth``, and at the end it is scored once on the test split,
-with bootstrap 95% CIs for classification. Everything lands in
-``run.root/finetune/<task>_<backbone>_<init>/``: ``results.json``, ``best.pth``, the rolling
-``checkpoint.pth``, TensorBoard events, and for segmentation ``samples.npz`` (a few test images
-with true and predicted masks, for the report's overlays). ``--check`` resolves the inputs and
-says what would run, without training. Resume and exit status as for the other stages.
+A task is one of the config's ``tasks``: the paper's four (their definitions in the registry)
+or any the config defines (dataset, kind, classes; see the README, Your own data). The backbone
+(Kaiming init, torchvision's ImageNet weights, or the earlier stages' exports found under
+``run.root``) gets the task's head and is trained with SGD, weight decay and a step LR decay:
+the whole network, or with ``--protocol linear`` the head alone on the frozen backbone (a
+linear probe), on all of the training split or on a patient-grouped ``--fraction`` of it.
+After every epoch the valid split is scored; the best epoch by the task's headline metric
+(AUC, Dice, mAP, MAE) is kept in ``best.pth``, and at the end it is scored once on the test
+split, with bootstrap 95% CIs where the kind has them. Everything lands in
+``run.root/finetune/<task>_<backbone>_<init>[_linear][_<N>pct]/``: ``results.json``,
+``best.pth``, the rolling ``checkpoint.pth``, TensorBoard events, and for segmentation
+``samples.npz`` (a few test images with true and predicted masks, for the report's overlays).
+``--check`` resolves the inputs and says what would run, without training. Resume and exit
+status as for the other stages.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from muscle_hpc.stages import common
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune.yaml"
 RESUMABLE_CHANGES = ("run.", "data.num_workers", "eval.")
-LOWER_IS_BETTER = registry.LOWER_IS_BETTER
 # The inits that earlier stages write under run.root: their pretrained.<key>, their maker.
 PRETRAINED_KEY = {i.name: i.pretrained_key for i in registry.INITS.values() if i.made_by}
 MADE_BY = {i.name: i.made_by for i in registry.INITS.values() if i.made_by}
@@ -295,7 +299,7 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
                 scores = evaluate(net, task, loaders["valid"], device, cfg.eval, bf16)
                 history.append({"epoch": epoch, "step": loop.step, **scores})
                 loop.log.scalars(loop.step, "valid/", **scores)
-                if better(scores[task.headline], best, task.headline in LOWER_IS_BETTER):
+                if better(scores[task.headline], best, task.headline in registry.LOWER_IS_BETTER):
                     best = {"epoch": epoch, "score": scores[task.headline], "valid": scores}
                     if rank == 0:
                         checkpoint.save(out / "best.pth", net.state_dict())
