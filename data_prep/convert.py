@@ -2,6 +2,7 @@
 
     python -m data_prep.convert --dataset NAME --root DIR --out DIR [--workers N]
         [--size 800x500] [--split paper|official] [--seed S] [--force]
+        [--role task|pretrain --as NEWNAME]
     python -m data_prep.convert --dataset NEW --layout folders|csv|masks|coco --root DIR
         --out DIR [layout options]
     python -m data_prep.convert --datasets FILE.yaml --root DIR --out DIR
@@ -25,6 +26,7 @@ import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -400,6 +402,22 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coco", help="coco layout: the COCO instances JSON")
 
 
+def renamed(spec: DatasetSpec, role: str | None, name: str | None) -> DatasetSpec:
+    """One of the nine with another role, under another name: ``--dataset nih --role task
+    --as nih-findings`` makes NIH's or RSNA Bone Age's images (pre-training sets: everything in
+    train) a task set with a patient-grouped 80/10/10 split, beside the pre-training copy."""
+    if role is not None and role != spec.role and name is None:
+        raise ConvertError(f"--role {role} changes what {spec.name}'s shards hold; give it "
+                           f"another name with --as (MD-MoCo reads {spec.name} as it is)")
+    if name is not None:
+        try:
+            layouts.check_name(name)
+        except LayoutError as e:
+            raise ConvertError(f"--as: {e}") from None
+        spec = replace(spec, name=name, folder_names=(name,))
+    return replace(spec, role=role) if role else spec
+
+
 def _layout_options(args) -> dict:
     return {k: getattr(args, k) for k in layouts.OPTIONS}
 
@@ -432,13 +450,17 @@ def _jobs(args) -> list[tuple]:
         layouts.normalize(args.layout, _layout_options(args))  # refuse now, before any work
         return [(None, args.root, args.split, (args.dataset, args.layout,
                                                _layout_options(args)))]
+    given = [g for g in given if g != "--role"] if args.dataset != "all" else given
     if given:
         raise ConvertError(f"{given[0]} needs --layout (it describes your own dataset)")
     if args.dataset != "all":
         if args.dataset not in NAMES:
             raise ConvertError(f"unknown dataset {args.dataset!r}: choose from "
                                f"{', '.join(NAMES)}, all, or give --layout for your own")
-        return [(get_spec(args.dataset), args.root, args.split, None)]
+        return [(renamed(get_spec(args.dataset), args.role, args.as_name), args.root,
+                 args.split, None)]
+    if args.as_name:
+        raise ConvertError("--as names one dataset; --dataset all converts nine")
     if not args.root.is_dir():
         raise ConvertError(f"--root {args.root} is not a folder")
     jobs = []
@@ -463,6 +485,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", help=f"one of {', '.join(NAMES)}, all, or a new name with "
                                      "--layout")
+    p.add_argument("--as", dest="as_name", metavar="NAME",
+                   help="one of the nine under another name (with --role task: NIH or bone age "
+                        "as a fine-tune task set, beside their pre-training shards)")
     p.add_argument("--datasets", type=Path, metavar="FILE.yaml",
                    help="convert every dataset defined in this YAML file")
     p.add_argument("--root", required=True, type=Path)

@@ -323,16 +323,22 @@ def test_label_fractions_are_patient_grouped_nested_and_the_same_for_every_init(
     assert set(subset(n, 0.1, 4, groups)) != medium  # the seed draws it
 
 
-def test_a_fraction_trains_every_init_on_the_same_images(task_shards, tmp_path):
-    save_backbone(tmp_path / "mdmoco_r18" / "backbone_torchvision.pth")
+def test_a_fraction_trains_every_init_on_the_same_images(task_shards, tmp_path, capsys):
     from muscle_hpc.data.loaders import train_subset
     from muscle_hpc.data.shards import open_shard
 
+    save_backbone(tmp_path / "mdmoco_r18" / "backbone_torchvision.pth")
     shard = open_shard(task_shards, "mura", "train")
     expected = len(train_subset(shard, 0.5, 0))
     assert expected < shard.count
     for init in ("scratch", "mdmoco"):
-        run_ranks("finetune", 1, [*ft_args(task_shards, tmp_path, "mura", init),
-                                  "--fraction", "0.5", "tasks.mura.epochs=1"])
-        r = results(tmp_path, f"mura_r18_{init}_50pct")
-        assert (r["train_fraction"], r["train_images"]) == (0.5, expected)
+        assert finetune.main([*ft_args(task_shards, tmp_path, "mura", init), "--fraction", "0.5",
+                              "--check"]) == 0
+        said = capsys.readouterr().out
+        assert f"fraction 0.5 ({expected} training images)" in said
+        assert f"output {tmp_path / 'finetune' / f'mura_r18_{init}_50pct'}" in said
+    # and what a run records: the images it trained on
+    run_ranks("finetune", 1, [*ft_args(task_shards, tmp_path, "mura", "scratch"),
+                              "--fraction", "0.5", "tasks.mura.epochs=1"])
+    r = results(tmp_path, "mura_r18_scratch_50pct")
+    assert (r["train_fraction"], r["train_images"]) == (0.5, expected)

@@ -145,6 +145,12 @@ def wait_array(job: str, n: int, timeout: float) -> dict[int, str]:
     raise AssertionError(f"array {job} not done in {timeout} s: {element_states(job)}")
 
 
+def expected_images(task: str, shards: Path) -> int:
+    manifest = json.loads((shards / config.FinetuneConfig().definition(task).dataset /
+                           "manifest.json").read_text())
+    return manifest["splits"]["train"]["count"]
+
+
 def expected_init(init: str, bb: str, root: Path, torch_home: Path) -> str:
     arch = config.BACKBONES[bb]
     if init == "scratch":
@@ -174,7 +180,8 @@ def test_the_array_script_runs_each_index_on_its_own_grid_element(fake_inputs, t
         said = [line for line in log.splitlines() if line.startswith("finetune: index ")]
         assert said == [f"finetune: index {index}: task {task}, init {init} "
                         f"({expected_init(init, bb, root, torch_home)}), backbone {bb}, "
-                        f"finetune, fraction 1, 1 rank(s), "
+                        f"finetune, fraction 1 ({expected_images(task, task_shards)} "
+                        f"training images), 1 rank(s), "
                         f"output {root / 'finetune' / f'{task}_{bb}_{init}'}"], log
         seen.add((task, init, bb))
     assert {t for t, _, _ in seen} == set(config.TASK_NAMES)
@@ -238,8 +245,7 @@ def test_an_external_task_runs_as_an_array_element_and_appears_in_the_report(
         ("knee", "classification", ["mild", "normal", "severe"])  # the folders' names
     assert report.main([str(run)]) == 0
     table = (run / "report" / "table_knee.md").read_text()
-    auc = f"{100 * result['test']['auc']:.2f}"
-    assert re.search(rf"\| ResNet-18 \| MUSCLE \| [0-9.]+ \| {auc} \(", table), table
+    assert f"| ResNet-18 | MUSCLE | {report.pct(result['test']['acc'])} | " in table, table
 
 
 def launch(*args: str, env: dict, cancel: list, timeout: float = 120):

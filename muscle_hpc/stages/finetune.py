@@ -206,9 +206,12 @@ def run(args) -> int:
     out = output_dir(cfg, sel)
     if args.check:
         where = f"index {args.grid_index}: " if args.grid_index is not None else ""
+        images = cfg.data.synthetic or len(train_subset(shards["train"], sel.fraction,
+                                                        cfg.data.seed))
         print(f"finetune: {where}task {sel.task}, init {sel.init} ({path or 'Kaiming'}), "
-              f"backbone {sel.backbone}, {sel.protocol}, fraction {sel.fraction:g}, "
-              f"{env.world_size} rank(s), output {out}", flush=True)
+              f"backbone {sel.backbone}, {sel.protocol}, fraction {sel.fraction:g} "
+              f"({images} training images), {env.world_size} rank(s), output {out}",
+              flush=True)
         return 0
     with common.started("finetune", cfg, env, on_cuda, out, RESUMABLE_CHANGES) as start:
         per_rank = cfg.task(sel.task).batch_size // env.world_size

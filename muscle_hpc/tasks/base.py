@@ -131,19 +131,30 @@ class MultilabelTask(TaskKind):
     metrics: ``metrics.multilabel`` (per-finding AUC and their mean)."""
 
     kind = "multilabel"
+    columns: list[int] | None = None  # the shard's findings this task learns, by name
 
     def head(self, channels, heads: HeadsConfig):
         return MultiLabelHead(channels, len(self.classes))
 
     def check(self, shard: Shard) -> None:
+        """Also picks the task's findings among the shard's by name: NIH's shards hold 15
+        (the 14 findings and No Finding); a task listing the 14 learns those columns."""
         field = self._field(shard, "labels", "multi-hot findings")
-        self._check_count(shard, "labels", field.get("names"), "findings")
+        names = field.get("names")
+        if names is not None and set(self.classes) <= set(names):
+            self.columns = [list(names).index(c) for c in self.classes]
+            return
+        self._check_count(shard, "labels", names, "findings")
+
+    def _labels(self, batch) -> torch.Tensor:
+        labels = batch["labels"]
+        return labels if self.columns is None else labels[:, self.columns]
 
     def targets(self, batch, device):
-        return batch["labels"].to(device)
+        return self._labels(batch).to(device)
 
     def records(self, outputs, batch):
-        return list(zip(batch["labels"].to(torch.int64).tolist(), outputs.tolist()))
+        return list(zip(self._labels(batch).to(torch.int64).tolist(), outputs.tolist()))
 
     def _metrics(self, records, resamples: int = 0, seed: int = 0) -> dict:
         labels, probs = _unzip(records)
