@@ -2,8 +2,8 @@
 
     python -m muscle_hpc.report RUN_DIR [--out DIR]        (DIR defaults to RUN_DIR/report)
 
-Reads every ``RUN_DIR/finetune/<task>_<backbone>_<init>/results.json`` (and a segmentation
-result's ``samples.npz``) and writes into DIR:
+Reads every ``RUN_DIR/finetune/<task>_<backbone>_<init>[_linear][_<N>pct]/results.json`` (and
+a segmentation result's ``samples.npz``) and writes into DIR:
 
 - ``table2.md`` / ``table2.csv``: pneumonia and MURA classification (Acc, Sen, Spe, AUC with its
   bootstrap 95% CI); ``table3.md`` / ``table3.csv``: lung segmentation (Dice, mIoU) and TBX
@@ -17,17 +17,23 @@ result's ``samples.npz``) and writes into DIR:
   ``<task>_<metric>_lo`` / ``_hi`` (the 95% CI), and ``<task>_n`` (test images). Values are
   the raw fractions written with ``repr`` (``float(cell)`` gives back the JSON's number
   exactly), ``nan`` for NaN, an empty cell for a missing result.
-- ``roc_<task>_<backbone>.png``: per classification task and backbone, one ROC curve per init.
-- ``overlay_lung_<backbone>_<init>.png``: up to 8 test images, ground truth outlined in green,
-  prediction filled in red.
-- ``report.md``: both tables, the rejected results (path and reason), which of the 40 results
-  (4 tasks x 5 inits x 2 backbones) are missing, and last the tables in words: per task and
-  backbone the best init on the headline metric (AUC, Dice, mAP), its lead over the runner-up,
+- The same two tables for every other setting that has results of their tasks: a linear probe
+  and/or a fraction of the training labels (``table2_linear_10pct.md``: the suffix of the run
+  directories), and one table per task of the user's per setting (``table_<task>[suffix]``:
+  its kind's metrics, as its results.json defines it; MAE and RMSE in the target's unit).
+- ``roc_<task>_<backbone>[suffix].png``: per binary classification task, backbone and
+  setting, one ROC curve per init.
+- ``overlay_<result>.png``: per segmentation result, up to 8 test images, ground truth
+  outlined in green, prediction (any foreground class) filled in red.
+- ``report.md``: every table, the rejected results (path and reason), which of the paper's 40
+  results (4 tasks x 5 inits x 2 backbones) are missing, and last the tables in words, per
+  setting: per task and backbone the best init on the headline metric (AUC, Dice, mAP, MAE:
+  lowest), its lead over the runner-up,
   whether that lead is beyond the 95% CIs (AUC), and a classifier that calls every image one
   class; the same text goes to stdout.
 - ``tb/``: TensorBoard, the two tables as text (tags ``table2``, ``table3``) and one HParams
-  session per result in ``tb/<task>_<backbone>_<init>/`` (hparams task, init, backbone; metrics
-  ``hparam/<metric>`` of the test split, NaN ones left out).
+  session per result in ``tb/<result>/`` (hparams task, init, backbone, protocol, fraction;
+  metrics ``hparam/<metric>`` of the test split, NaN ones left out).
 
 Every file is written to a temporary name and renamed, and ``tb/`` is built aside and swapped in,
 so a killed report leaves the previous complete output, never half a table. Exit status 2, with

@@ -342,3 +342,21 @@ def test_a_fraction_trains_every_init_on_the_same_images(task_shards, tmp_path, 
                               "--fraction", "0.5", "tasks.mura.epochs=1"])
     r = results(tmp_path, "mura_r18_scratch_50pct")
     assert (r["train_fraction"], r["train_images"]) == (0.5, expected)
+
+
+def test_the_launcher_submits_the_protocol_and_fraction_of_each_grid_element():
+    from muscle_hpc import launch
+
+    overrides = ["grid.tasks=[lung]", "grid.inits=[scratch]", "grid.backbones=[r18]",
+                 "grid.protocols=[finetune,linear]", "grid.fractions=[0.25,1]",
+                 "data.synthetic=8", "run.allow_cpu=true"]
+    args = launch.parse_args(["--stage", "finetune", "--config", str(finetune.DEFAULT_CONFIG),
+                              *overrides])
+    argvs = launch.finetune_argvs(args, args.config, overrides, 1, False, ["r18"])
+    chosen = [(a[a.index("--protocol") + 1], a[a.index("--fraction") + 1]) for a in argvs]
+    assert chosen == [("finetune", "0.25"), ("finetune", "1.0"), ("linear", "0.25"),
+                      ("linear", "1.0")]
+    # each argv selects its own element again
+    for argv, sel in zip(argvs, finetune.grid(finetune.load(args.config, overrides))):
+        parsed = finetune.parse_args(argv)
+        assert finetune.selection(parsed, finetune.load(parsed.config, parsed.overrides)) == sel
