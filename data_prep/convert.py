@@ -223,7 +223,7 @@ def _check_record(spec: DatasetSpec, r: Record) -> str | None:
     for name in spec.fields:
         if name in needed and needed[name] is None:
             return f"label missing: no {name}"
-        if name == "mask" and not r.masks and not r.class_masks:
+        if name == "mask" and not r.masks and not r.class_masks and r.label_map is None:
             return "mask missing"
     return None
 
@@ -396,9 +396,10 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--masks", nargs="+", action="extend",
                    help="masks layout: one or more mask folders")
     g.add_argument("--mask-suffix", help="masks: a.png <-> a<SUFFIX>.png (e.g. _mask)")
-    g.add_argument("--mask-mode", choices=("union", "classes"),
-                   help="several --masks: union (one class, default) or classes (folder k is "
-                        "class k)")
+    g.add_argument("--mask-mode", choices=layouts.MASK_MODES,
+                   help="union: the masks' foreground is one class (default); classes: folder "
+                        "k is class k; values: one folder of label maps, pixel value k is "
+                        "class k of --classes")
     g.add_argument("--coco", help="coco layout: the COCO instances JSON")
 
 

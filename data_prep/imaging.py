@@ -85,6 +85,32 @@ def load_class_masks(class_masks, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+# Modes whose pixels are the values as stored: gray at any depth, a palette's indices, 1 bit.
+LABEL_MAP_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B")
+
+
+def load_label_map(path, classes: int, size: tuple[int, int]) -> np.ndarray:
+    """A label map (pixel value = class index, 0 background, 1..``classes``) at ``size``.
+
+    Read as stored, never converted: a palette image's indices are the classes, not its
+    colours, and a 16-bit map keeps its values. A colour map or a value above ``classes`` makes
+    the image a reject rather than a guess (a 0/255 binary mask read this way would be class
+    255; that is ``--mask-mode union``)."""
+    im = open_image(path)
+    if im.mode not in LABEL_MAP_MODES:
+        raise Unusable(f"label map in mode {im.mode}: values are read from gray or palette "
+                       "images")
+    arr = np.asarray(im).astype(np.int64)
+    bad = np.unique(arr[(arr < 0) | (arr > classes)])
+    if bad.size:
+        shown = ", ".join(str(v) for v in bad[:3]) + (", ..." if bad.size > 3 else "")
+        hint = "; a 0/255 mask is --mask-mode union" if 255 in bad else ""
+        raise Unusable(f"label map has value {shown}, not a class (0 background, 1..{classes})"
+                       + hint)
+    w, h = size
+    return cv2.resize(arr.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+
+
 @dataclass
 class Decoded:
     image: np.ndarray  # (H, W) uint8
@@ -101,6 +127,8 @@ def decode(record: Record, size: tuple[int, int]) -> Decoded:
         out.mask = load_mask(record.masks, size)
     elif record.class_masks:
         out.mask = load_class_masks(record.class_masks, size)
+    elif record.label_map is not None:
+        out.mask = load_label_map(record.label_map, record.label_map_classes, size)
     if record.boxes is not None:
         if len(record.boxes) > MAX_BOXES:
             raise Unusable(f"too many boxes: {len(record.boxes)} > {MAX_BOXES}")

@@ -10,7 +10,7 @@ reads the CSV header or the COCO categories, because the class names must be kno
 scan; every problem with them is a one-line :class:`LayoutError`.
 
 Trade-offs, chosen for safety over convenience:
-- An image missing a mask in *any* mask folder is rejected (``union`` and ``classes`` alike):
+- An image missing a mask in *any* mask folder is rejected (in every ``--mask-mode``):
   an unannotated structure would otherwise train as background. Save an empty mask for an
   image that truly lacks a class.
 - A COCO annotation with an unknown or malformed category/box rejects its whole image (a
@@ -44,6 +44,7 @@ from .datasets.base import (
 )
 
 LAYOUTS = ("folders", "csv", "masks", "coco")
+MASK_MODES = ("union", "classes", "values")
 ROLES = ("task", "pretrain")
 NAME_RE = re.compile(r"[a-z0-9_-]{1,64}")
 SPLIT_NAMES = {"train": "train", "valid": "valid", "val": "valid", "test": "test"}
@@ -389,11 +390,18 @@ def _masks(name: str, root: Path, opts: dict) -> DatasetSpec:
     if len(set(mask_dirs)) != len(mask_dirs):
         raise LayoutError("--masks names a folder twice")
     mode = opts.get("mask_mode", "union")
-    if mode not in ("union", "classes"):
-        raise LayoutError(f"--mask-mode must be union or classes, not {mode!r}")
+    if mode not in MASK_MODES:
+        raise LayoutError(f"--mask-mode must be {', '.join(MASK_MODES)}, not {mode!r}")
     suffix = opts.get("mask_suffix", "").lower()
     classes = opts.get("classes")
-    want = 1 if mode == "union" else len(mask_dirs)
+    if mode == "values":
+        if len(mask_dirs) != 1:
+            raise LayoutError("--mask-mode values reads one --masks folder of label maps, not "
+                              f"{len(mask_dirs)}")
+        if not classes or len(classes) > 255:
+            raise LayoutError("--mask-mode values needs --classes: the names of pixel values "
+                              "1, 2, ... (1 to 255 names)")
+    want = {"union": 1, "classes": len(mask_dirs), "values": len(classes or ())}[mode]
     if classes and len(classes) != want:
         raise LayoutError(f"--classes gives {len(classes)} names for {want} mask class(es) "
                           f"(--mask-mode {mode})")
@@ -444,8 +452,11 @@ def _masks(name: str, root: Path, opts: dict) -> DatasetSpec:
             group = relpath(r, p)
             if mode == "union":
                 out.records.append(Record(p, group, masks=tuple(per_dir)))
-            else:
+            elif mode == "classes":
                 out.records.append(Record(p, group, class_masks=tuple((m,) for m in per_dir)))
+            else:
+                out.records.append(Record(p, group, label_map=per_dir[0],
+                                          label_map_classes=len(classes)))
         out.rejects.sort(key=lambda x: x.path)
         return out
 

@@ -363,11 +363,67 @@ def test_masks_option_errors(mask_tree, tmp_path, capsys):
             (["--masks", "L", "R", "--mask-mode", "classes", "--classes", "one"],
              "error: h: --classes gives 1 names for 2 mask class(es)"),
             (["--masks", "L", "nowhere"], "error: h: --masks "),
+            (["--masks", "L", "R", "--mask-mode", "values", "--classes", "a"],
+             "error: h: --mask-mode values reads one --masks folder of label maps, not 2"),
+            (["--masks", "L", "--mask-mode", "values"],
+             "error: h: --mask-mode values needs --classes"),
             ([], "error: h: the masks layout needs --masks")):
         assert run("--dataset", "h", "--layout", "masks", "--root", root, "--images", "images",
                    "--out", tmp_path / "o", *extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(message), err
+
+
+def label_map(path: Path, scale: int = 1, mode: str = "L", values=(1, 2)) -> Path:
+    """The left and right regions of :func:`mask_tree` as one label map (pixel value = class),
+    at ``scale`` times 64x64, in ``mode``; a palette map's colours are not its indices."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.zeros((64 * scale, 64 * scale), np.uint16)
+    for (x0, y0, x1, y1), v in zip(((8, 8, 32, 40), (24, 16, 56, 48)), values):
+        arr[y0 * scale:y1 * scale, x0 * scale:x1 * scale] = v
+    if mode == "I;16":
+        im = Image.fromarray(arr)
+    else:
+        im = Image.fromarray(arr.astype(np.uint8), "L" if mode != "P" else "P")
+        if mode == "P":
+            im.putpalette([0, 0, 0, 255, 255, 255, 90, 90, 90] + [7] * 759)
+        else:
+            im = im.convert(mode)
+    im.save(path)
+    return path
+
+
+def test_masks_as_label_maps(mask_tree, tmp_path):
+    root, expected = mask_tree
+    maps = root / "labels"
+    label_map(maps / "a.png")
+    label_map(maps / "b.png", scale=2, mode="I;16")  # 16 bit, twice the size
+    label_map(maps / "c.png", mode="P")
+    label_map(maps / "d.png", mode="RGB")
+    label_map(maps / "e.png", values=(1, 3))
+    img(root / "images/f.png", seed=9)
+    label_map(maps / "f.png", values=(255, 255))
+    img(root / "images/g.png", seed=10)
+    label_map(maps / "g.png", mode="I;16", values=(1, 1000))
+    img(root / "images/h.png", seed=11)  # no label map
+    out = tmp_path / "out"
+    assert run("--dataset", "hipv", "--layout", "masks", "--root", root, "--images", "images",
+               "--masks", "labels", "--mask-mode", "values", "--classes", "left,right",
+               "--out", out, "--role", "pretrain") == 0
+    m = manifest(out, "hipv")
+    assert m["fields"]["mask"]["names"] == ["background", "left", "right"]
+    assert reasons(m) == {
+        "images/d.png": "label map in mode RGB: values are read from gray or palette images",
+        "images/e.png": "label map has value 3, not a class (0 background, 1..2)",
+        "images/f.png": "label map has value 255, not a class (0 background, 1..2); a 0/255 "
+                        "mask is --mask-mode union",
+        "images/g.png": "label map has value 1000, not a class (0 background, 1..2)",
+        "images/h.png": "mask missing: none in labels/"}
+    assert m["splits"]["train"]["images_with_class"] == {"left": 3, "right": 3}
+    data = read_shard(out, "hipv", "train")
+    assert len(data["mask"]) == 3
+    for k in range(3):
+        np.testing.assert_array_equal(data["mask"][k, :, :, 0], expected)
 
 
 # --- coco ----------------------------------------------------------------------------------------

@@ -33,8 +33,10 @@ class Record:
     dataset's task (e.g. TBX11K images without boxes); it always goes to the ``extra`` split.
     ``boxes`` are ``(x, y, w, h, category_id)`` in the pixel space ``box_space = (W, H)``.
     ``masks`` are OR-ed into one foreground class (mask value 1); ``class_masks[k]`` are the
-    masks of class ``k + 1`` (OR-ed per class; where two classes overlap the later one wins).
-    A record uses one or the other. ``value`` is a regression target (``value`` field).
+    masks of class ``k + 1`` (OR-ed per class; where two classes overlap the later one wins);
+    ``label_map`` is one mask whose pixel values are the classes (0 background, 1 to
+    ``label_map_classes``). A record uses one of the three. ``value`` is a regression target
+    (``value`` field).
     """
 
     image: Path
@@ -49,6 +51,8 @@ class Record:
     body_part: int | None = None
     masks: tuple[Path, ...] = ()
     class_masks: tuple[tuple[Path, ...], ...] = ()
+    label_map: Path | None = None
+    label_map_classes: int = 0
     boxes: tuple[tuple[float, float, float, float, int], ...] | None = None
     box_space: tuple[int, int] | None = None
 
