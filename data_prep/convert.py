@@ -392,6 +392,10 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classes", help="csv: the classes of --label-column in index order; "
                                      "masks: the mask class names")
     g.add_argument("--patient-column", help="csv: patient id (groups the split)")
+    g.add_argument("--patient-pattern",
+                   help="folders, masks, coco: a regular expression whose first group finds "
+                        "the patient id in an image's path under --root (groups the split; "
+                        "default: each image its own group)")
     g.add_argument("--split-column", help="csv: train/valid/val/test -> the official split")
     g.add_argument("--masks", nargs="+", action="extend",
                    help="masks layout: one or more mask folders")

@@ -15,8 +15,8 @@ Trade-offs, chosen for safety over convenience:
   image that truly lacks a class.
 - A COCO annotation with an unknown or malformed category/box rejects its whole image (a
   dropped box would teach "nothing here"); one on an unknown image id is itself a reject.
-- A CSV row with an empty patient cell is rejected rather than made its own group (it could
-  put one patient in two splits).
+- A CSV row with an empty patient cell, or a path that ``--patient-pattern`` does not match, is
+  rejected rather than made its own group (it could put one patient in two splits).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "label_columns": ("csv",),
     "value_column": ("csv",),
     "patient_column": ("csv",),
+    "patient_pattern": ("folders", "masks", "coco"),
     "split_column": ("csv",),
     "classes": ("csv", "masks"),
     "masks": ("masks",),
@@ -157,6 +158,8 @@ def build_spec(name: str, layout: str, root: Path, options: dict) -> DatasetSpec
         raise LayoutError(f"{name}: --root {root} is not a folder")
     try:
         spec = BUILDERS[layout](name, root, opts)
+        if "patient_pattern" in opts:
+            spec = replace(spec, scan=grouped_by_pattern(spec.scan, opts["patient_pattern"]))
     except LayoutError as e:
         raise LayoutError(f"{name}: {e}") from None
     except (OSError, ValueError) as e:
@@ -164,6 +167,39 @@ def build_spec(name: str, layout: str, root: Path, options: dict) -> DatasetSpec
                           f"{type(e).__name__}: {e}".replace("\n", " ")) from None
     definition = {"layout": layout, "root": str(root.resolve()), **opts}
     return replace(spec, definition=definition)
+
+
+def grouped_by_pattern(scan, pattern: str):
+    """``scan`` with each image's group (patient) read from its path by ``pattern``.
+
+    The pattern is searched in the image's path relative to ``--root`` (``/`` separators); its
+    first capture group, or the whole match without one, is the patient id. Without it, the
+    folders, masks and coco layouts group by image, and two images of one patient may land in
+    different splits. An image whose path does not match is a reject (``patient missing``),
+    like a CSV row with an empty patient cell, rather than a group of its own."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise LayoutError(f"--patient-pattern {pattern!r} is not a regular expression: {e}") \
+            from None
+
+    def scan_grouped(r: Path) -> Scan:
+        out = scan(r)
+        records = []
+        for rec in out.records:
+            rel = relpath(r, rec.image)
+            m = regex.search(rel)
+            patient = m and (m.group(1) if regex.groups else m.group(0))
+            if patient:
+                records.append(replace(rec, group=patient))
+            else:
+                out.reject(r, rec.image, f"patient missing: {pattern!r} finds no patient id "
+                                         "in the path")
+        out.records = records
+        out.rejects.sort(key=lambda x: x.path)
+        return out
+
+    return scan_grouped
 
 
 # --- folders -------------------------------------------------------------------------------------

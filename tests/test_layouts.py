@@ -137,6 +137,48 @@ def test_folders_without_split_folders_has_no_official_split(tmp_path, capsys):
     assert m["splits"]["train"]["label_counts"] == {"x": 2, "y": 2}
 
 
+def test_a_patient_pattern_keeps_each_patients_images_in_one_split(tmp_path, capsys):
+    root = tmp_path / "xr"  # the pediatric pneumonia download's names: personN_virus_M.jpeg
+    for k in range(36):
+        cls = ("NORMAL", "PNEUMONIA")[k % 2]
+        img(root / cls / f"person{k % 12}_virus_{k}.png", seed=k, size=(16, 16))
+    img(root / "NORMAL/IM-0001.png", seed=99, size=(16, 16))
+    out, pattern = tmp_path / "out", r"person(\d+)_"
+    assert run("--dataset", "xr", "--layout", "folders", "--root", root, "--out", out,
+               "--patient-pattern", pattern) == 0
+    assert reasons(manifest(out, "xr")) == {
+        "NORMAL/IM-0001.png": f"patient missing: {pattern!r} finds no patient id in the path"}
+    split_of: dict[str, set[str]] = {}
+    for split in ("train", "valid", "test"):
+        recs = records_in_shard("xr", root, "folders", {"patient_pattern": pattern}, split)
+        groups = np.load(out / "xr" / f"{split}.groups.npy")
+        assert same_pixels(read_shard(out, "xr", split)["image"], recs)
+        patients = [r.image.name.split("_")[0] for r in recs]
+        for p, g in zip(patients, groups):
+            split_of.setdefault(p, set()).add(split)
+            assert all((q == p) == (h == g) for q, h in zip(patients, groups))
+    assert len(split_of) == 12 and all(len(s) == 1 for s in split_of.values())
+
+    # without it each image is its own group, and patients straddle the splits
+    assert run("--dataset", "xr1", "--layout", "folders", "--root", root, "--out", out) == 0
+    straddle: dict[str, set[str]] = {}
+    for split in ("train", "valid", "test"):
+        for r in records_in_shard("xr1", root, "folders", {}, split):
+            straddle.setdefault(r.image.name.split("_")[0], set()).add(split)
+    assert any(len(s) > 1 for s in straddle.values())
+
+    capsys.readouterr()
+    for extra, message in (
+            (["--patient-pattern", "person([0-9]+"],
+             "error: xr2: --patient-pattern 'person([0-9]+' is not a regular expression: "),
+            (["--layout", "csv", "--patient-pattern", "x"],
+             "error: --patient-pattern does not apply to the csv layout")):
+        assert run("--dataset", "xr2", "--layout", "folders", "--root", root, "--out", out,
+                   *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(message), err
+
+
 # --- csv -----------------------------------------------------------------------------------------
 
 @pytest.fixture
