@@ -348,21 +348,24 @@ def mask(path: Path, box, size=(64, 64), mode="L") -> Path:
     return path
 
 
+# The two structures of the mask tests, x0, y0, x1, y1 in 64x64; they overlap on x 24..32, y 16..40.
+LEFT, RIGHT = (8, 8, 32, 40), (24, 16, 56, 48)
+
+
 @pytest.fixture
 def mask_tree(tmp_path):
     root = tmp_path / "hip"
     modes = {"a": "L", "b": "RGBA", "c": "I;16", "d": "P", "e": "L"}
-    left, right = (8, 8, 32, 40), (24, 16, 56, 48)  # they overlap on x 24..32, y 16..40
     for k, (stem, mode) in enumerate(modes.items()):
         img(root / "images" / f"{stem}.png", mode, seed=k)
         if stem == "c":  # a 16-bit mask at half size, and a palette mask
-            mask(root / "L/c_mask.png", tuple(v // 2 for v in left), (32, 32), "I;16")
-            mask(root / "R/c_mask.png", right, mode="P")
+            mask(root / "L/c_mask.png", tuple(v // 2 for v in LEFT), (32, 32), "I;16")
+            mask(root / "R/c_mask.png", RIGHT, mode="P")
             continue
-        mask(root / "L" / f"{stem}_mask.png", left, mode="1" if stem == "a" else "L")
+        mask(root / "L" / f"{stem}_mask.png", LEFT, mode="1" if stem == "a" else "L")
         if stem != "e":  # e has no right mask
-            mask(root / "R" / f"{stem}_mask.tif", right)  # any image extension
-    mask(root / "L/zzz_mask.png", left)  # orphan
+            mask(root / "R" / f"{stem}_mask.tif", RIGHT)  # any image extension
+    mask(root / "L/zzz_mask.png", LEFT)  # orphan
     write(root / "R/readme.txt", "masks by Dr X")
     write(root / "L/.DS_Store", b"junk")
     write(root / "images/Thumbs.db", b"junk")
@@ -417,20 +420,17 @@ def test_masks_option_errors(mask_tree, tmp_path, capsys):
 
 
 def label_map(path: Path, scale: int = 1, mode: str = "L", values=(1, 2)) -> Path:
-    """The left and right regions of :func:`mask_tree` as one label map (pixel value = class),
+    """``LEFT`` and ``RIGHT`` as one label map (pixel value = class, later wins the overlap),
     at ``scale`` times 64x64, in ``mode``; a palette map's colours are not its indices."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.zeros((64 * scale, 64 * scale), np.uint16)
-    for (x0, y0, x1, y1), v in zip(((8, 8, 32, 40), (24, 16, 56, 48)), values):
+    for (x0, y0, x1, y1), v in zip((LEFT, RIGHT), values):
         arr[y0 * scale:y1 * scale, x0 * scale:x1 * scale] = v
-    if mode == "I;16":
-        im = Image.fromarray(arr)
-    else:
-        im = Image.fromarray(arr.astype(np.uint8), "L" if mode != "P" else "P")
-        if mode == "P":
-            im.putpalette([0, 0, 0, 255, 255, 255, 90, 90, 90] + [7] * 759)
-        else:
-            im = im.convert(mode)
+    im = Image.fromarray(arr if mode == "I;16" else arr.astype(np.uint8))
+    if mode == "P":  # an L image with a palette becomes P, its values the indices
+        im.putpalette([0, 0, 0, 255, 255, 255, 90, 90, 90] + [7] * 759)
+    elif mode not in ("L", "I;16"):
+        im = im.convert(mode)
     im.save(path)
     return path
 
