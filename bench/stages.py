@@ -81,7 +81,8 @@ def _synthetic(overrides: list[str], count: int, size) -> list[str]:
             f"data.synthetic_height={size[1]}"]
 
 
-def moco_workload(arch: str, per_gpu: int, size, count: int, device, shards=None):
+def moco_workload(arch: str, per_gpu: int, size, count: int, device, shards=None,
+                  world: int = 1):
     from functools import partial
 
     import torch.nn.functional as F
@@ -90,14 +91,15 @@ def moco_workload(arch: str, per_gpu: int, size, count: int, device, shards=None
     from muscle_hpc.data.loaders import TwoViewLoader, two_view_loader
     from muscle_hpc.engine import deepspeed_engine
     from muscle_hpc.models.backbone import build_backbone
-    from muscle_hpc.models.moco import MoCo
+    from muscle_hpc.models.moco import MoCo, splits_per_rank
 
     cfg = config.load(ROOT / registry.default_config("mdmoco", SHORT[arch]),
                       _synthetic([f"data.batch_size={per_gpu}"], count, size), config.MocoConfig)
     m = cfg.model
     torch.manual_seed(0)
+    # One GPU of ``world``: its share of the config's shuffle-BN groups.
     moco = MoCo(partial(build_backbone, arch), dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp,
-                bn=m.bn).to(device)
+                bn=m.bn, bn_groups=splits_per_rank(m.bn_groups, world)).to(device)
     engine = deepspeed_engine(moco, list(moco.trainable_parameters()),
                               config.deepspeed_config(cfg, 1, device.type == "cuda"),
                               momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
@@ -278,7 +280,7 @@ def timing(args) -> int:
     archs = args.arch or (list(registry.ARCHS) if cuda else ["resnet18"])
     task_arch = archs[-1]
     plans = [lambda a=a: moco_workload(a, per_gpu(moco_batch), size, count(per_gpu(moco_batch)),
-                                       device) for a in archs]
+                                       device, world=args.world) for a in archs]
     for t in ("pneumonia", "lung", "tbx"):
         b = per_gpu(cl.batch_size(t))
         plans.append(lambda t=t, b=b: task_workload("continual", t, task_arch, b, size, count(b),
@@ -456,7 +458,8 @@ def smoke(args) -> int:
         return ["--config", str(ROOT / registry.default_config("mdmoco", SHORT[arch])),
                 f"model.arch={arch}",
                 f"data.synthetic={16 * world}", *size, f"data.batch_size={4 * world}",
-                f"model.K={32 * world}", "optim.epochs=2", "run.log_every_steps=1",
+                f"model.K={32 * world}", "model.bn_groups=2", "optim.epochs=2",
+                "run.log_every_steps=1",
                 "run.checkpoint_every_steps=3", "run.image_grid_every_steps=0",
                 "run.dir={RUN}"]
 

@@ -97,6 +97,13 @@ class ModelConfig:
     T: float = opt(0.2, gt=0.0)
     mlp: bool = True
     bn: str = opt("shuffle", choices=("shuffle", "sync"))
+    # Shuffle-BN groups over the global batch, at least (rounded up to a whole number per rank:
+    # 8 groups on 1, 2, 4 or 8 ranks, 16 on 16). Each key is normalised with a random group's
+    # statistics, which are its query's with probability 1/groups: with one group (one rank,
+    # bn_groups=1) MoCo can match a query to its key through the batch statistics alone (MoCo
+    # 3.3). 8: MoCo's 8-GPU reference (8 groups of 32) and its one-GPU demo (8 SplitBatchNorm
+    # groups). 1: one group per rank, the reference on any number of GPUs.
+    bn_groups: int = opt(8, lo=1)
 
 
 @dataclass(frozen=True)
@@ -840,11 +847,11 @@ def _check_batch(cfg, world_size: int) -> int:
 
 
 def check_moco(cfg: MocoConfig, world_size: int) -> None:
+    """What a loaded MD-MoCo config must also satisfy on ``world_size`` ranks."""
     for name in cfg.data.datasets:
         if not NAME_PATTERN.fullmatch(name):
             raise ConfigError(f"data.datasets: {name!r} is not a dataset name (letters, digits, "
                               f"'_', '-': a folder under data.root)")
-    """What a loaded MD-MoCo config must also satisfy on ``world_size`` ranks."""
     per_rank = _check_batch(cfg, world_size)
     if per_rank < 2:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} over {world_size} ranks is "
@@ -854,6 +861,18 @@ def check_moco(cfg: MocoConfig, world_size: int) -> None:
                           f"batch {cfg.data.batch_size} (MoCo enqueues whole batches of keys)")
     if cfg.model.bn not in ("shuffle", "sync"):
         raise ConfigError(f"model.bn: {cfg.model.bn!r} is not one of shuffle, sync")
+    if cfg.model.bn == "sync" and cfg.model.bn_groups != 1:
+        raise ConfigError(f"model.bn_groups: {cfg.model.bn_groups} groups are shuffle-BN's; "
+                          f"model.bn=sync normalises over the whole global batch (set "
+                          f"model.bn_groups=1)")
+    from muscle_hpc.models.moco import splits_per_rank
+
+    splits = splits_per_rank(cfg.model.bn_groups, world_size)
+    if cfg.model.bn == "shuffle" and (per_rank % splits or per_rank // splits < 2):
+        raise ConfigError(f"model.bn_groups: {cfg.model.bn_groups} groups over {world_size} "
+                          f"rank(s) are {splits} per rank, which do not cut the {per_rank} "
+                          f"images of each rank into equal groups of at least 2 (batch norm); "
+                          f"change data.batch_size or model.bn_groups")
     if cfg.optim.warmup_epochs >= cfg.optim.epochs:
         raise ConfigError(f"optim.warmup_epochs: {cfg.optim.warmup_epochs} must be less than "
                           f"optim.epochs {cfg.optim.epochs}")

@@ -8,6 +8,10 @@ training (README, "Is pre-training working?").
   it moves when the features become more useful, which the contrastive loss alone cannot show.
 - **Collapse** (``collapse_std``): the spread of the L2-normalised embeddings over a batch,
   label-free, from the batch the step computed anyway.
+- **Shortcut** (``HistogramShortcut``): the top-1 that the views' gray-level histograms alone
+  reach on MoCo's own task (the same batch, a queue of the same keys), label-free. When it is
+  near or above MoCo's top-1, the views leave a cue that tells images apart without anatomy
+  (exposure, gamma, collimation), and a rising MoCo top-1 says little about the features.
 
 Ranks embed disjoint shares of a split and gather small records (features, labels), so the
 monitor costs one forward pass per image however many ranks run it, and every rank computes the
@@ -235,6 +239,59 @@ def knn_eval(encoder: nn.Module, loaders: dict[str, dict[str, tuple[object, int]
         out[name] = {**knn_metrics(scores, valid.labels), "train_images": len(train.labels),
                      "valid_images": len(valid.labels)}
     return out
+
+
+# Gray levels at the quantiles (k + 1/2) / 16 of an image: its histogram in 16 numbers, the
+# probe the project's data tests use to show that a label cannot be read from gray levels.
+QUANTILES = 16
+
+
+@torch.no_grad()
+def gray_quantiles(images: torch.Tensor, n: int = QUANTILES, max_pixels: int = 1 << 14
+                   ) -> torch.Tensor:
+    """(B, ``n``) the gray levels of each image of ``images`` (B, 1, H, W) at the quantiles
+    (k + 1/2) / n, over every ``ceil(H·W / max_pixels)``-th pixel: sorting 400,000 pixels of an
+    800x500 view would cost more than the histogram needs."""
+    flat = images.detach().flatten(1).float()
+    flat = flat[:, ::max(1, -(-flat.shape[1] // max_pixels))]
+    levels = (torch.arange(n, device=flat.device, dtype=torch.float32) + 0.5) / n
+    return torch.quantile(flat, levels, dim=1).T.contiguous()
+
+
+class HistogramShortcut:
+    """MoCo's pretext task solved by gray-level histograms alone: each query view's
+    ``gray_quantiles`` matched, by Euclidean distance, against its key view's and a queue of
+    the last ``K`` keys' (all ranks' keys, enqueued after each step as MoCo enqueues its
+    keys). Its top-1, the share of queries whose own key is nearest (ties count for the key,
+    as MoCo's argmax gives them to the positive), is what MoCo could reach without looking at
+    anatomy at all. Queue entries not yet filled are not candidates. ``state_dict`` /
+    ``load_state_dict``: the queue and its pointer, for exact resume of the logged curve."""
+
+    def __init__(self, K: int, device, n: int = QUANTILES):
+        self.K = K
+        self.queue = torch.full((K, n), math.nan, device=device)
+        self.ptr = 0
+
+    @torch.no_grad()
+    def step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> torch.Tensor:
+        """This rank's top-1 on its views (a 0-dim tensor); then all ranks' keys enqueued."""
+        from muscle_hpc.models.moco import all_gather_cat
+
+        q, k = gray_quantiles(im_q), gray_quantiles(im_k)
+        positive = (q - k).norm(dim=1)
+        negative = torch.cdist(q, self.queue).nan_to_num(math.inf).amin(dim=1)
+        top1 = (positive <= negative).float().mean()
+        keys = all_gather_cat(k)
+        self.queue[self.ptr:self.ptr + len(keys)] = keys
+        self.ptr = (self.ptr + len(keys)) % self.K
+        return top1
+
+    def state_dict(self) -> dict:
+        return {"queue": self.queue.cpu(), "ptr": self.ptr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queue.copy_(state["queue"])
+        self.ptr = int(state["ptr"])
 
 
 @torch.no_grad()

@@ -80,7 +80,7 @@ def task_shards(tmp_path_factory):
 def moco_overrides(shards, run_dir, *extra):
     # 34 images, 17 per rank at 2 ranks: 4 steps of 4 per epoch on each rank.
     return [f"data.root={shards}", "data.datasets=nih,shenzhen", "data.batch_size=8",
-            "model.K=32", "optim.epochs=6", "run.log_every_steps=1",
+            "model.K=32", "model.bn_groups=2", "optim.epochs=6", "run.log_every_steps=1",
             "run.checkpoint_every_steps=3", "run.image_grid_every_steps=4", "run.max_steps=0",
             "run.monitor_every_steps=0",  # these shards hold no task set to run the kNN on
             f"run.dir={run_dir}", *extra]

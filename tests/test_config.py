@@ -158,6 +158,23 @@ def test_check_moco():
         check_moco(load_config(None, ["optim.warmup_epochs=200"]), 1)
 
 
+def test_batch_norm_groups_must_cut_each_ranks_batch_into_groups_of_two_or_more():
+    """model.bn_groups (8) is rounded up to a whole number per rank; each group needs >= 2."""
+    check_moco(load_config(None, ["data.batch_size=16", "model.K=64"]), 1)  # 8 groups of 2
+    check_moco(load_config(None, ["data.batch_size=54", "model.K=108"]), 3)  # 3 x 3 groups of 6
+    check_moco(load_config(None), 16)  # 16 groups (one per rank) of 16
+    for batch, world, splits in ((8, 1, 8), (48, 3, 3)):
+        with pytest.raises(ConfigError, match=f"^model.bn_groups: 8 groups over {world} rank.* "
+                                              f"{splits} per rank, which do not cut") as e:
+            check_moco(load_config(None, [f"data.batch_size={batch}", "model.K=96"]), world)
+        assert "\n" not in str(e.value)
+    check_moco(load_config(None, ["data.batch_size=8", "model.K=96", "model.bn_groups=4"]), 1)
+    with pytest.raises(ConfigError, match="^model.bn_groups: 8 groups are shuffle-BN's"):
+        check_moco(load_config(None, ["model.bn=sync"]), 8)
+    check_moco(load_config(None, ["model.bn=sync", "model.bn_groups=1"]), 8)
+
+
+
 @pytest.mark.parametrize("name, world", [("mdmoco_r50", 8), ("mdmoco_r18", 4),
                                          ("mdmoco_demo", 2)])
 def test_shipped_configs_load_and_validate(name, world):
@@ -279,7 +296,7 @@ def test_a_config_may_start_from_a_base_and_lay_its_sections_over_it(tmp_path):
 def test_a_dataset_of_the_users_may_be_pre_trained_on():
     from muscle_hpc.config import check_moco
 
-    cfg = load_config(None, ["data.datasets=[nih,knee_ap]", "data.batch_size=8"])
+    cfg = load_config(None, ["data.datasets=[nih,knee_ap]", "data.batch_size=16"])
     check_moco(cfg, 1)
     with pytest.raises(ConfigError, match="'../x' is not a dataset name"):
         check_moco(load_config(None, ["data.datasets=[nih,../x]", "data.batch_size=8"]), 1)

@@ -86,8 +86,11 @@ def test_one_rank_resume_tensorboard_and_exported_backbone(shards, tmp_path, sta
     ref, resumed = final_state(ref_dir), final_state(cut_dir)
     assert resumed["step"] == ref["step"] == 8  # 34 images, batches of 8
     assert_bit_equal(resumed["model"], ref["model"])  # ZeRO 0: optimizer in checkpoint.pth
+    # The shortcut monitor's key histograms resume with the run: the same queue, the same curve.
+    assert torch.equal(resumed["shortcut"]["queue"], ref["shortcut"]["queue"])
 
     scalars = read_scalars(cut_dir / "tb")
+    assert scalars["monitor/shortcut_top1"] == read_scalars(ref_dir / "tb")["monitor/shortcut_top1"]
     for tag in ("loss", "lr", "top1", "images_per_s", "data_wait", "grad_norm", "epoch"):
         steps = [s for s, _ in scalars[f"train/{tag}"]]
         assert steps == list(range(1, 9)), tag  # one curve across the resume, no step twice
@@ -144,8 +147,11 @@ def test_bad_configs_fail_in_one_line_before_training(shards, tmp_path, stage_er
     assert "do not fill one batch" in stage_error(*base, "data.batch_size=64", "model.K=64")
     assert "run.precision: fp16 is not supported" in stage_error(*base, "run.precision=fp16")
     assert "run.zero_stage: ZeRO stage 3 is not supported" in stage_error(*base, "run.zero_stage=3")
+    assert "model.bn_groups: 8 groups over 1 rank(s) are 8 per rank, which do not cut the 8 " \
+        "images" in stage_error(*base, "model.bn_groups=8")
     if not torch.cuda.is_available():
-        assert "model.bn: sync needs GPUs" in stage_error(*base, "model.bn=sync")
+        assert "model.bn: sync needs GPUs" in stage_error(*base, "model.bn=sync",
+                                                          "model.bn_groups=1")
     assert not (tmp_path / "run").exists()  # nothing was trained, nothing written
 
 
@@ -173,7 +179,7 @@ def test_pretraining_reads_the_training_sets_and_extra_only_when_asked(task_shar
     assert [s.dataset for s in extra] == ["tbx11k"] and extra[0].count > 0
 
     args = [f"data.root={task_shards}", "data.datasets=tbx11k,mura", "data.batch_size=4",
-            "model.K=16", "run.max_steps=1", "run.log_every_steps=1"]
+            "model.K=16", "model.bn_groups=2", "run.max_steps=1", "run.log_every_steps=1"]
     out = run(1, [*args, f"run.dir={tmp_path / 'train'}"])
     assert "pretrain_extra" not in out
     steps = final_state(tmp_path / "train")["steps_per_epoch"]

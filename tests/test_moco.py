@@ -7,8 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from muscle_hpc.models import MoCo, build_backbone, moco_collective_bytes
-from muscle_hpc.models.moco import bn_channels
-from muscle_hpc.models.norm import GroupStatsBatchNorm2d
+from muscle_hpc.models.moco import bn_channels, splits_per_rank
+from muscle_hpc.models.norm import GroupStatsBatchNorm2d, SplitBatchNorm2d
 
 R18 = functools.partial(build_backbone, "resnet18")
 B, K, DIM, STEPS = 4, 32, 16, 5
@@ -125,34 +125,101 @@ def test_group_stats_bn_is_batch_norm_over_each_group():
     torch.testing.assert_close(gbn(x), bn(x))
 
 
+def test_split_bn_is_batch_norm_over_each_group_of_consecutive_samples():
+    """Each of ``splits`` consecutive groups normalised alone, as that many GPUs would; running
+    statistics the mean of the groups' updates (MoCo's demo ``SplitBatchNorm``)."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, 5, 7) * 3 + 10
+    split = SplitBatchNorm2d(3)
+    with torch.no_grad():
+        split.weight.uniform_(0.5, 2)
+        split.bias.uniform_(-1, 1)
+    split.splits = 4
+    refs = [torch.nn.BatchNorm2d(3) for _ in range(4)]
+    for r in refs:
+        r.load_state_dict(split.state_dict())
+    y = split(x)
+    for g, r in enumerate(refs):
+        torch.testing.assert_close(y[3 * g:3 * g + 3], r(x[3 * g:3 * g + 3]))
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(split, name),
+                                   torch.stack([getattr(r, name) for r in refs]).mean(0))
+    assert int(split.num_batches_tracked) == 1
+    y.sum().backward()  # trains like BN: gradients reach its affine parameters
+    assert split.weight.grad is not None
+    split.eval()  # evaluation: plain BN with the running statistics
+    torch.testing.assert_close(split(x), torch.nn.functional.batch_norm(
+        x, split.running_mean, split.running_var, split.weight, split.bias, False, 0.0, 1e-5))
+    with pytest.raises(ValueError, match="does not split into 4"):
+        split.train()(x[:10])
+
+
+def test_groups_per_rank_round_up_to_at_least_the_asked_number():
+    assert [splits_per_rank(8, w) for w in (1, 2, 3, 4, 8, 16)] == [8, 4, 3, 2, 1, 1]
+    assert [splits_per_rank(1, w) for w in (1, 2, 8)] == [1, 1, 1]
+
+
+@torch.no_grad()
+def reference_groups(moco, steps, world, b, dtype=torch.float64):
+    """MoCo's reference on ``world`` GPUs with ``b`` images each, in one process: each rank's
+    query encoder normalises over its own batch; the key batch is gathered, shuffled by the
+    permutation rank 0 draws, split into one slice per rank, each encoded on its own
+    (train-mode BN over that slice), unshuffled, enqueued. Returns each step's logits (global
+    batch order) and the final queue."""
+    moco.train()
+    logits = []
+    for step in range(steps):
+        nudge(moco, step)
+        im_q, im_k = (x.to(dtype) for x in inputs(step, world * b // B))
+        q = torch.cat([torch.nn.functional.normalize(moco.encoder_q(im_q[r * b:(r + 1) * b]),
+                                                     dim=1) for r in range(world)])
+        moco.momentum_update()
+        torch.manual_seed(step)
+        perm = torch.randperm(world * b)
+        shuffled = im_k[perm]
+        k = torch.cat([torch.nn.functional.normalize(moco.encoder_k(shuffled[r * b:(r + 1) * b]),
+                                                     dim=1) for r in range(world)])
+        keys = torch.empty_like(k)
+        keys[perm] = k
+        logits.append(torch.cat([(q * keys).sum(1, keepdim=True), q @ moco.queue], 1) / moco.T)
+        moco._dequeue_and_enqueue(keys)
+    return logits, moco.queue.clone()
+
+
+def test_one_rank_with_g_groups_is_g_ranks_of_the_reference_in_float64():
+    """One rank with bn_groups=G gives the logits, keys and queue that G GPUs of MoCo's
+    reference give, each holding one group of consecutive samples, to 1e-6 in float64 (the
+    embeddings are fp32, as the reference's)."""
+    groups, steps, n = 4, 3, 2 * B  # a global batch of 8: 4 groups of 2
+    ours = make("shuffle", bn_groups=groups).double().train()
+    ref = make("none").double()
+    ref.load_state_dict(ours.state_dict())
+    ref_logits, ref_queue = reference_groups(ref, steps, groups, n // groups)
+    plain = make("shuffle").double().train()  # one group: plain BN, the leak
+    plain.load_state_dict(ours.state_dict())
+    for step in range(steps):
+        for moco in (ours, plain):
+            nudge(moco, step)
+        im_q, im_k = (x.double() for x in inputs(step, n // B))
+        torch.manual_seed(step)  # the same permutation in both runs
+        logits, _ = ours(im_q, im_k)
+        torch.manual_seed(step)
+        leaky, _ = plain(im_q, im_k)
+        torch.testing.assert_close(logits, ref_logits[step].float(), atol=1e-6, rtol=0)
+        assert not torch.allclose(leaky, logits, atol=1e-3)
+    torch.testing.assert_close(ours.queue, ref_queue, atol=1e-6, rtol=0)
+
+
 def run_steps(moco, rank, train, b=B):
-    """STEPS steps on this rank's ``b`` samples of a 2-rank global batch."""
+    """STEPS steps on this rank's ``b`` samples of a 2-rank global batch (the shuffle's
+    permutation drawn from the seed ``step``, as ``reference_groups`` draws it)."""
     moco.train(train)
     for step in range(STEPS):
         nudge(moco, step)
         im_q, im_k = inputs(step)
+        torch.manual_seed(step)
         moco(im_q[rank * b:(rank + 1) * b], im_k[rank * b:(rank + 1) * b])
     return moco.queue.clone(), moco.queue_ptr.clone()
-
-
-@torch.no_grad()
-def reference_shuffle_bn_queue(moco, world=2):
-    """The MoCo reference's shuffle-BN, in one process: shuffle the gathered key batch with the
-    permutation rank 0 would draw, encode each rank's slice on its own (train-mode BN over
-    that slice), unshuffle, enqueue."""
-    moco.train()
-    for step in range(STEPS):
-        nudge(moco, step)
-        _, im_k = inputs(step, world)
-        moco.momentum_update()
-        perm = torch.randperm(world * B)
-        shuffled = im_k[perm]
-        k = torch.cat([torch.nn.functional.normalize(moco.encoder_k(shuffled[r * B:(r + 1) * B]),
-                                                     dim=1) for r in range(world)])
-        keys = torch.empty_like(k)
-        keys[perm] = k
-        moco._dequeue_and_enqueue(keys)
-    return moco.queue.clone()
 
 
 def _rank(rank, world, init_file, out_file):
@@ -161,9 +228,10 @@ def _rank(rank, world, init_file, out_file):
                             world_size=world)
     try:
         out = {}
-        for name, bn, train in (("none_eval", "none", False), ("shuffle_eval", "shuffle", False),
-                                ("shuffle_train", "shuffle", True)):
-            out[name] = run_steps(make(bn), rank, train)
+        for name, bn, train, groups in (
+                ("none_eval", "none", False, 1), ("shuffle_eval", "shuffle", False, 1),
+                ("shuffle_train", "shuffle", True, 1), ("shuffle_train_g4", "shuffle", True, 4)):
+            out[name] = run_steps(make(bn, bn_groups=groups), rank, train)
         torch.save(out, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -186,8 +254,13 @@ def test_two_gloo_ranks_share_one_queue(tmp_path):
     # Train-mode shuffle-BN normalises with shuffled per-rank batch statistics: other keys,
     # the very keys of the reference's gather-shuffle-encode-unshuffle, without moving images.
     assert not torch.allclose(r0["shuffle_train"][0], one, atol=1e-3)
-    ref = reference_shuffle_bn_queue(make("none"))
+    _, ref = reference_groups(make("none"), STEPS, 2, B, torch.float32)
     torch.testing.assert_close(r0["shuffle_train"][0], ref, atol=1e-5, rtol=1e-4)
+    # bn_groups=4 on 2 ranks (2 groups per rank): the reference on 4 GPUs of 2 images each,
+    # the key groups spanning both ranks through the all-reduced group sums.
+    _, ref4 = reference_groups(make("none"), STEPS, 4, B // 2, torch.float32)
+    torch.testing.assert_close(r0["shuffle_train_g4"][0], ref4, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(ref4, ref, atol=1e-3)
 
 
 def test_shuffle_bn_on_one_rank_and_sync_bn_refused_on_cpu():
@@ -198,3 +271,5 @@ def test_shuffle_bn_on_one_rank_and_sync_bn_refused_on_cpu():
         make("sync")(*[x[:B] for x in inputs(0)])
     with pytest.raises(ValueError, match="bn must be one of"):
         make("ghost")
+    with pytest.raises(ValueError, match="1 unless bn is shuffle"):
+        make("sync", bn_groups=8)

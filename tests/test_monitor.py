@@ -202,7 +202,8 @@ def test_a_stage_without_the_task_sets_says_so_in_one_line(moco_shards, tmp_path
 def test_stage_logs_the_monitors(task_shards, tmp_path):
     # pneumonia + mura: 60 training images, 7 steps of 8; the kNN at 0 (init), 2 and 3 (end).
     args = ["--config", str(DEMO), f"data.root={task_shards}", "data.datasets=pneumonia,mura",
-            "data.batch_size=8", "model.K=32", "optim.epochs=1", "run.max_steps=3",
+            "data.batch_size=8", "model.K=32", "model.bn_groups=4", "optim.epochs=1",
+            "run.max_steps=3",
             "run.log_every_steps=1", "run.image_grid_every_steps=0",
             "run.monitor_every_steps=2", "run.monitor_max_images=16"]
     out = run_ranks("mdmoco", 1, [*args, f"run.dir={tmp_path}"])
@@ -213,11 +214,52 @@ def test_stage_logs_the_monitors(task_shards, tmp_path):
             points = scalars[f"monitor/knn/{task}/{metric}"]
             assert [s for s, _ in points] == [0, 2, 3]
             assert all(0 <= v <= 1 for _, v in points)
-    for tag in ("collapse_std", "collapse_std_x_sqrt_dim", "cos_positive", "cos_negative"):
+    for tag in ("collapse_std", "collapse_std_x_sqrt_dim", "cos_positive", "cos_negative",
+                "shortcut_top1"):
         assert [s for s, _ in scalars[f"monitor/{tag}"]] == [1, 2, 3], tag
     for (_, std), (_, scaled) in zip(scalars["monitor/collapse_std"],
                                      scalars["monitor/collapse_std_x_sqrt_dim"]):
         assert 0 < std < 1 and scaled == pytest.approx(std * math.sqrt(128), rel=1e-5)
     assert all(-1 <= v <= 1 for tag in ("cos_positive", "cos_negative")
                for _, v in scalars[f"monitor/{tag}"])
+    assert all(0 <= v <= 1 for _, v in scalars["monitor/shortcut_top1"])
+    assert "(histograms alone " in out
+
+
+def _films(step, b=8, seed=0):
+    """``b`` films of one smooth picture, each with its own exposure (gain and offset): images
+    told apart by their gray levels alone."""
+    g = torch.Generator().manual_seed(1000 * seed + step)
+    yy, xx = torch.meshgrid(torch.linspace(0, 3, 20), torch.linspace(0, 5, 30), indexing="ij")
+    picture = (torch.sin(xx) * torch.cos(yy))[None, None]
+    gain = torch.rand(b, 1, 1, 1, generator=g) * 2 + 0.5
+    return picture * gain + torch.randn(b, 1, 1, 1, generator=g)
+
+
+def test_the_shortcut_monitor_finds_keys_by_their_histograms_and_only_by_them():
+    """Views of one film that keep its gray levels (a flip) are matched to their keys by the
+    histograms alone, every time; views whose gray levels are redrawn per view (jitter) or
+    keys of other films are not; the queue holds all keys of the last K/N steps."""
+    K, steps = 32, 6  # 48 keys: the queue wraps
+    same, jitter, other = (monitor.HistogramShortcut(K, "cpu") for _ in range(3))
+    tops = {"same": [], "jitter": [], "other": []}
+    for step in range(steps):
+        films = _films(step)
+        tops["same"].append(float(same.step(films, films.flip(-1))))
+        tops["jitter"].append(float(jitter.step(films, _films(step, seed=1).flip(-1))))
+        tops["other"].append(float(other.step(films, films.roll(1, 0))))
+    assert tops["same"] == [1.0] * steps
+    assert max(tops["jitter"][2:]) <= 0.25 and max(tops["other"][2:]) <= 0.25
+    assert same.ptr == steps * 8 % K and not same.queue.isnan().any()
+    torch.testing.assert_close(same.queue[8:16], monitor.gray_quantiles(_films(5).flip(-1)))
+    # gray_quantiles: the levels at (k + 1/2)/16, as numpy's linear quantile
+    x = torch.rand(3, 1, 7, 9)
+    np.testing.assert_allclose(monitor.gray_quantiles(x).numpy(), np.quantile(
+        x.flatten(1).numpy(), (np.arange(16) + 0.5) / 16, axis=1).T, rtol=1e-5, atol=1e-6)
+    # a resumed monitor (its state dict) goes on with the same queue
+    resumed = monitor.HistogramShortcut(K, "cpu")
+    resumed.load_state_dict(same.state_dict())
+    films = _films(9)
+    assert float(resumed.step(films, films)) == float(same.step(films, films))
+    assert torch.equal(resumed.queue, same.queue) and resumed.ptr == same.ptr
 

@@ -361,7 +361,8 @@ def tiny_stages(moco_shards: Path, task_shards: Path) -> list[str]:
     flags) for the tiny pipeline."""
     stages = {
         "mdmoco": [f"data.root={moco_shards}", "data.datasets=nih,shenzhen",
-                   "data.batch_size=8", "model.K=32", "optim.epochs=1", "run.max_steps=0",
+                   "data.batch_size=8", "model.K=32", "model.bn_groups=2", "optim.epochs=1",
+                   "run.max_steps=0",
                    "run.monitor_every_steps=0"],  # moco_shards hold no task set for the kNN
         "cl": [f"data.root={task_shards}", "cl.rounds=1", "run.visit_steps=2",
                "run.validate=false"],  # 4 tasks' valid sets after each visit: most of its time

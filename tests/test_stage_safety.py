@@ -142,6 +142,7 @@ def test_every_stage_takes_the_lock(stage, tmp_path, capsys):
     demo = ROOT / "configs" / f"{stage}_demo.yaml"
     common = [f"run.dir={run_dir}", "run.allow_cpu=true"]
     synthetic = {"mdmoco": ["data.synthetic=16", "data.batch_size=4", "model.K=16",
+                            "model.bn_groups=2",
                             "run.monitor_every_steps=0"],
                  "continual": ["data.synthetic=8", "model.init=''"]}[stage]
     main = {"mdmoco": mdmoco.main, "continual": continual.main}[stage]

@@ -95,7 +95,8 @@ def test_stages_check_no_shards_when_synthetic(tmp_path):
     build from their configs are the synthetic ones."""
     missing = f"data.root={tmp_path / 'none'}"
     cfg, shards, _ = mdmoco.prepare(None, [missing, "data.synthetic=16", "data.batch_size=4",
-                                           "model.K=16", "run.allow_cpu=true"], 1, False)
+                                           "model.K=16", "model.bn_groups=2",
+                                           "run.allow_cpu=true"], 1, False)
     assert shards is None
     assert isinstance(two_view_loader(shards, 4, cfg.data, distributed=False),
                       SyntheticTwoViewLoader)

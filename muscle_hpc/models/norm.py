@@ -1,5 +1,8 @@
-"""Batch norm whose statistics span ranks.
+"""Batch norm over groups of the batch, and whose statistics span ranks.
 
+- ``SplitBatchNorm2d``: each of ``splits`` groups of a rank's batch normalised on its own, as
+  MoCo's one-GPU ``SplitBatchNorm`` (facebookresearch/moco, the CIFAR-10 demo): one rank's
+  query encoder sees the per-group statistics that ``splits`` GPUs would give it.
 - ``GroupStatsBatchNorm2d``: each sample normalised with the statistics of its group, a set of
   samples spread over all ranks: MoCo's shuffle-BN without moving images (``moco.py``).
 - ``GlobalBatchNorm2d``: one group, the global batch: torch's ``SyncBatchNorm``, for the
@@ -22,6 +25,47 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
 from muscle_hpc.dist import rank_world
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training with ``splits`` > 1, cuts the batch into ``splits``
+    consecutive groups and normalises each with its own statistics: what ``splits`` GPUs of
+    MoCo's reference compute, each over its consecutive slice of the global batch.
+
+    MoCo's one-GPU demo (``SplitBatchNorm``, facebookresearch/moco's CIFAR-10 notebook) does the
+    same over interleaved groups (a free view of the batch as ``B / splits`` samples of
+    ``splits x C`` channels): the same partition up to the batch's random order. Consecutive
+    groups make one rank equal to ``splits`` reference GPUs sample for sample (tested), at the
+    price of one batch-norm call per group. The running statistics are the mean of the groups'
+    updates, as in the demo. Evaluation, and ``splits`` = 1, are plain ``BatchNorm2d``; same
+    parameters and buffers, so state dicts are interchangeable."""
+
+    splits: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.splits
+        if not self.training or s == 1:
+            return super().forward(x)
+        if len(x) % s:
+            raise ValueError(f"a batch of {len(x)} does not split into {s} batch-norm groups")
+        track = self.track_running_stats
+        momentum = self.momentum
+        if track:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # a cumulative average, as nn.BatchNorm2d keeps it
+                momentum = 1.0 / float(self.num_batches_tracked)
+        outs, stats = [], []
+        for chunk in x.chunk(s):
+            mean = self.running_mean.clone() if track else None
+            var = self.running_var.clone() if track else None
+            outs.append(nn.functional.batch_norm(chunk, mean, var, self.weight, self.bias, True,
+                                                 momentum or 0.0, self.eps))
+            stats.append((mean, var))
+        if track:
+            with torch.no_grad():
+                self.running_mean.copy_(torch.stack([m for m, _ in stats]).mean(0))
+                self.running_var.copy_(torch.stack([v for _, v in stats]).mean(0))
+        return torch.cat(outs)
 
 
 class GroupStatsBatchNorm2d(nn.BatchNorm2d):

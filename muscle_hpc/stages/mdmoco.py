@@ -6,10 +6,11 @@ Runs the same under torchrun, srun and submitit (``dist.py`` reads rank and worl
 environment) and alone. Everything is checked before training starts; a bad config or a missing
 shard is one line on stderr and exit status 2. ``run.dir`` gets the resolved ``config.yaml``,
 the rolling checkpoint, TensorBoard events under ``tb/`` (``train/`` curves, and the
-``monitor/`` ones of ``monitor.py``: kNN accuracy and AUC on the classification task sets, and
-the collapse spread) and, when training ends, ``backbone_torchvision.pth``. Started again on a
-run directory with a checkpoint, it resumes exactly where that stopped. SIGTERM, SIGUSR1/2 or
-Ctrl-C: checkpoint after the current step, exit with 128 + the signal number.
+``monitor/`` ones of ``monitor.py``: kNN accuracy and AUC on the classification task sets, the
+collapse spread and the histograms' top-1 on MoCo's own task, the shortcut) and, when training
+ends, ``backbone_torchvision.pth``. Started again on a run directory with a checkpoint, it
+resumes exactly where that stopped. SIGTERM, SIGUSR1/2 or Ctrl-C: checkpoint after the current
+step, exit with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from muscle_hpc.data.loaders import two_view_loader
 from muscle_hpc.data.shards import ShardError, pretrain_shards
 from muscle_hpc.engine import StageError, TrainLoop, deepspeed_engine
 from muscle_hpc.models.backbone import build_backbone, export_torchvision
-from muscle_hpc.models.moco import MoCo, all_gather_cat
+from muscle_hpc.models.moco import MoCo, all_gather_cat, splits_per_rank
 from muscle_hpc.stages import common
 
 # Config sections that may change between a run and its resume; anything else would make the
@@ -94,7 +95,7 @@ def train(cfg, start, loader, knn, ds_config) -> int:
     device, m, world = dist.train_device(), cfg.model, start.env.world_size
     torch.manual_seed(cfg.run.seed)
     moco = MoCo(partial(build_backbone, m.arch), dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp,
-                bn=m.bn).to(device)
+                bn=m.bn, bn_groups=m.bn_groups).to(device)
     engine = deepspeed_engine(moco, list(moco.trainable_parameters()), ds_config,
                               momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     steps_per_epoch = len(loader)
@@ -104,10 +105,14 @@ def train(cfg, start, loader, knn, ds_config) -> int:
                          f"give every rank as many")
     total = cfg.optim.epochs * steps_per_epoch
     end = min(total, cfg.run.max_steps or total)
+    shortcut = monitor.HistogramShortcut(m.K, device)
     loop = TrainLoop("mdmoco", cfg, start, engine, moco, {"steps_per_epoch": steps_per_epoch},
-                     total=total, end=end)
-    loop.say(f"mdmoco: {world} rank(s), {cfg.data.batch_size} images/step, {steps_per_epoch} "
-             f"steps/epoch, {total} steps, "
+                     total=total, end=end, state=lambda: {"shortcut": shortcut.state_dict()})
+    if "shortcut" in loop.shared:
+        shortcut.load_state_dict(loop.shared["shortcut"])
+    groups = world * splits_per_rank(m.bn_groups, world) if m.bn == "shuffle" else 1
+    loop.say(f"mdmoco: {world} rank(s), {cfg.data.batch_size} images/step in {groups} "
+             f"batch-norm group(s) ({m.bn}), {steps_per_epoch} steps/epoch, {total} steps, "
              f"{'resuming at step ' + str(loop.step) if loop.resumed else 'new run'} in "
              f"{start.ckpt.run_dir}")
     if cfg.data.pretrain_extra and not cfg.data.synthetic:
@@ -133,12 +138,13 @@ def train(cfg, start, loader, knn, ds_config) -> int:
             f"{r['train_images']} train)" for t, r in results.items()) + f" in {seconds:.1f}s")
         loop.timer.window()  # a fresh timing window: the kNN pass is not step time
 
-    def report(logits) -> str:
-        """Top-1 and the mean cosines of positive pairs and queue negatives averaged over
-        ranks, and the collapse spread of the global batch's queries."""
+    def report(logits, shortcut_top1) -> str:
+        """Top-1, the histograms' top-1 on the same task (the shortcut monitor) and the mean
+        cosines of positive pairs and queue negatives averaged over ranks, and the collapse
+        spread of the global batch's queries."""
         top1 = (logits.argmax(dim=1) == 0).float().mean()
         cos = logits.detach() * moco.T  # MoCo's logits are cosines over T
-        stats = torch.stack([top1, cos[:, 0].mean(), cos[:, 1:].mean()]).cpu()
+        stats = torch.stack([top1, cos[:, 0].mean(), cos[:, 1:].mean(), shortcut_top1]).cpu()
         if world > 1:
             torch.distributed.all_reduce(stats)
             stats /= world
@@ -147,11 +153,12 @@ def train(cfg, start, loader, knn, ds_config) -> int:
         loop.log.scalars(loop.step, "train/", top1=stats[0], epoch=loop.step / steps_per_epoch)
         loop.log.scalars(loop.step, "monitor/", collapse_std=spread,
                          collapse_std_x_sqrt_dim=spread_x_sqrt_dim, cos_positive=stats[1],
-                         cos_negative=stats[2])
+                         cos_negative=stats[2], shortcut_top1=stats[3])
         warning = monitor.collapse_warning(spread_x_sqrt_dim, cfg.run.monitor_collapse_warn)
         if warning:
             loop.say(f"mdmoco: {warning}")
-        return f"top1 {stats[0]:.3f} spread {spread_x_sqrt_dim:.3f} "
+        return (f"top1 {stats[0]:.3f} (histograms alone {stats[3]:.3f}) spread "
+                f"{spread_x_sqrt_dim:.3f} ")
 
     if knn and not loop.resumed:  # the Kaiming init's baseline
         knn_report()
@@ -169,7 +176,9 @@ def train(cfg, start, loader, knn, ds_config) -> int:
                     schedule.set_lr(engine.optimizer, lr)
                     logits, labels = engine(im_q, im_k)
                     loss = F.cross_entropy(logits.float(), labels)
-                    loop.train_step(loss, lr, cfg.data.batch_size, partial(report, logits))
+                    shortcut_top1 = shortcut.step(im_q, im_k)
+                    loop.train_step(loss, lr, cfg.data.batch_size,
+                                    partial(report, logits, shortcut_top1))
                     if knn and (loop.step % cfg.run.monitor_every_steps == 0 or loop.step == end):
                         knn_report()
                     every = cfg.run.image_grid_every_steps
