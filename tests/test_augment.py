@@ -294,3 +294,22 @@ def test_mocov2_draws_follow_torchvisions_distributions():
         qs = [0.1, 0.25, 0.5, 0.75, 0.9]
         np.testing.assert_allclose(np.quantile(stat(ours), qs), np.quantile(stat(theirs), qs),
                                    atol=0.03)
+
+
+def test_mocov2_gamma_is_torchvisions_at_every_gray_level():
+    """Gamma goes through a table (augment.GAMMA_TABLE): every level from 0 to 255, and
+    levels between them, against adjust_gamma at the ends of the range drawn."""
+    levels = np.linspace(0, 255, 1021)
+    src = np.round(levels).astype(np.uint8)[None, None].repeat(2, axis=1)  # 2 x 1021 ramp
+    n, width = 4, src.shape[2]
+    params = {"top": np.zeros(n, np.int64), "left": np.zeros(n, np.int64),
+              "crop_h": np.full(n, 2), "crop_w": np.full(n, width - 3),  # resampled: in-between
+              "jitter": np.ones(n, bool), "brightness": np.ones(n), "contrast": np.ones(n),
+              "gamma": np.array([0.6, 0.8, 1.2, 1.4]), "sigma": np.zeros(n),
+              "flip": np.zeros(n, bool)}
+    got = _render("mocov2", src, np.zeros(n, np.int64), params)
+    for k in range(n):
+        ref = TF.resized_crop(_tensor(src[0]), 0, 0, 2, width - 3, [2, width],
+                              InterpolationMode.BILINEAR, antialias=False)
+        ref = 255 * TF.adjust_gamma(ref, params["gamma"][k])[0].numpy()
+        assert np.abs(got[k] - ref).max() < GRAY_ATOL
