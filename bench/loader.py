@@ -1,12 +1,16 @@
-"""MD-MoCo two-view loader vs. a torchvision ImageFolder + PIL + DataLoader pipeline.
+"""MD-MoCo two-view loader vs. a torchvision ImageFolder + PIL + DataLoader pipeline, and the
+cost of each view recipe (``data.views``).
 
     python -m bench.loader [--images 3000] [--size 800x500] [--workers 2] [--batch-size 64]
+                           [--views paper,mococxr,mocov2]
 
 Both read the same gray images (PNG files for torchvision, as users have them; our FFCV shard
 made from those files by the converter) and produce two views per image with the same
-augmentation: horizontal flip p=0.5, rotation in [-10, 10] degrees (bilinear, zero fill), Z-score
-normalisation. Same batch size and number of workers. Each is warmed up, then timed over the
-same number of images. Prints images/s of each and the ratio last.
+augmentation, the paper's: horizontal flip p=0.5, rotation in [-10, 10] degrees (bilinear, zero
+fill), Z-score normalisation. Same batch size and number of workers. Each is warmed up, then
+timed over the same number of images. Prints images/s of our loader for each recipe of
+``--views`` (the paper's first, the others also as a ratio to it), then torchvision's, and the
+ratio ours / torchvision for the paper's recipe last.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +29,7 @@ from PIL import Image
 from data_prep.convert import convert_dataset, parse_size
 from data_prep.datasets.base import DatasetSpec, Record, Scan
 from muscle_hpc.data import MEAN, STD, TwoViewLoader, pretrain_shards
+from muscle_hpc.data.augment import RECIPES, view_size
 
 
 def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -96,8 +102,15 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
+    p.add_argument("--views", default=",".join(RECIPES),
+                   help=f"recipes to time, comma separated, of {', '.join(RECIPES)} (the "
+                        f"paper's is always timed, first)")
     args = p.parse_args(argv)
     size = parse_size(args.size)
+    recipes = ["paper", *(v for v in dict.fromkeys(args.views.split(",")) if v != "paper")]
+    unknown = set(recipes) - set(RECIPES)
+    if unknown:
+        p.error(f"--views: {', '.join(sorted(unknown))} not one of {', '.join(RECIPES)}")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
@@ -110,14 +123,22 @@ def main(argv=None) -> None:
               f"{args.workers} workers, {os.cpu_count()} cores")
         per_epoch = args.images // args.batch_size
         timed = max(4, per_epoch - 4)
-        ours = TwoViewLoader(pretrain_shards(tmp / "shards", ["bench"]), args.batch_size,
-                             num_workers=args.workers)
-        ffcv_ips = images_per_second(lambda: iter(ours), lambda b: b[0], args.batch_size, 3, timed)
-        print(f"ours (FFCV shard + numba two-view warp): {ffcv_ips:8.1f} img/s")
+        rates = {}
+        for views in recipes:
+            ours = TwoViewLoader(pretrain_shards(tmp / "shards", ["bench"]), args.batch_size,
+                                 num_workers=args.workers, views=views)
+            rates[views] = images_per_second(partial(iter, ours), lambda b: b[0],
+                                             args.batch_size, 3, timed)
+            w, h = view_size(views, *size)
+            vs_paper = "" if views == "paper" else f", {rates[views] / rates['paper']:.2f}x " \
+                                                  f"the paper's"
+            print(f"ours (FFCV shard + numba two-view kernel), views={views} ({w}x{h}): "
+                  f"{rates[views]:8.1f} img/s{vs_paper}")
+        ffcv_ips = rates["paper"]
         tv = torchvision_loader(tmp / "png", args.batch_size, args.workers)
         tv_ips = images_per_second(lambda: iter(tv), lambda b: b[0][0], args.batch_size, 3, timed)
         print(f"torchvision ImageFolder + PIL + DataLoader: {tv_ips:8.1f} img/s")
-        print(f"ratio ours / torchvision: {ffcv_ips / tv_ips:.2f}x")
+        print(f"ratio ours / torchvision (views=paper): {ffcv_ips / tv_ips:.2f}x")
 
 
 if __name__ == "__main__":

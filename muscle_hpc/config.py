@@ -71,12 +71,12 @@ class DataConfig:
     num_workers: int = opt(2, lo=1)
     max_degrees: float = opt(10.0, lo=0.0, hi=180.0)
     flip_prob: float = opt(0.5, lo=0.0, hi=1.0)
-    # MoCo v2's brightness/contrast jitter per view (factors in [1 - x, 1 + x]), applied with
-    # probability jitter_prob. 0 (the paper: no jitter for X-rays) leaves the two views with
-    # one gray-level histogram, which MoCo can match instead of anatomy (README, fidelity).
-    brightness: float = opt(0.0, lo=0.0, hi=1.0)
-    contrast: float = opt(0.0, lo=0.0, hi=1.0)
-    jitter_prob: float = opt(0.8, lo=0.0, hi=1.0)
+    # The two views' recipe (muscle_hpc/data/augment.py; README, fidelity): paper (flip and
+    # rotation: the views share their gray-level histogram and position, cues MoCo can match
+    # instead of anatomy), mococxr (MoCo-CXR's: + a random square crop of side min(H, W),
+    # views min(H, W) square), mocov2 (MoCo v2's: resized crop, brightness/contrast/gamma,
+    # blur, flip). max_degrees is the paper's and mococxr's rotation; flip_prob every recipe's.
+    views: str = opt("paper", choices=("paper", "mococxr", "mocov2"))
     mean: float = 122.786
     std: float = opt(18.390, gt=0.0)
     seed: int = 0

@@ -4,6 +4,7 @@ import os
 import threading
 from collections import Counter
 from contextlib import closing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,15 +152,62 @@ def test_ffcv_never_touches_cuda_on_a_gpu_host(flat_shards):
     assert out.stdout.split() == ["20", "20"]
 
 
-def test_jitter_gives_each_view_its_own_gray_levels_and_still_replays(flat_shards):
+def _views_by_key(batches):
+    """{(shard, index): (query view, key view)} of every image of ``batches``."""
+    return {tuple(key): (q[i].clone(), k[i].clone())
+            for q, k, keys in batches for i, key in enumerate(keys.tolist())}
+
+
+@pytest.mark.parametrize("views", ["mococxr", "mocov2"])
+def test_a_recipe_gives_each_image_its_views_in_any_batch_and_on_resume(task_shards, views):
+    """Every recipe's views are a pure function of (seed, epoch, image): another batch size,
+    another number of threads or a resumed epoch gives each image the same two views."""
+    shards = pretrain_shards(task_shards, ["pneumonia", "mura"])  # 128x80 chest-like images
+    loader = TwoViewLoader(shards, 4, seed=2, num_workers=1, with_keys=True, views=views)
+    assert loader.view_size == {"mococxr": (80, 80), "mocov2": (128, 80)}[views]
+    full = _views_by_key(loader.epoch_batches(1))
+    q, k = next(iter(full.values()))
+    assert q.shape == k.shape == (1, 80, loader.view_size[0])
+    other = TwoViewLoader(shards, 6, seed=2, num_workers=2, with_keys=True, views=views)
+    resumed = _views_by_key(other.epoch_batches(1, start_step=2))
+    common = full.keys() & resumed.keys()
+    assert len(common) >= 30
+    for key in common:
+        assert all(torch.equal(a, b) for a, b in zip(full[key], resumed[key])), key
+    assert sum(not torch.equal(q, k) for q, k in full.values()) == len(full)
+    again = _views_by_key(loader.epoch_batches(2))
+    assert sum(torch.equal(full[key][0], again[key][0]) for key in full.keys() & again.keys()) \
+        == 0  # a new epoch, new views
+
+
+def test_mocov2_views_of_one_image_differ_in_gray_levels(flat_shards):
+    """The cue the paper's views leave: both views of a flat image keep its gray level."""
     shards = pretrain_shards(flat_shards, ["dark", "bright"])
-    jittered = TwoViewLoader(shards, 8, seed=2, num_workers=1, max_degrees=0, brightness=0.4,
-                             contrast=0.4, jitter_prob=1.0)
-    q, k = next(iter(jittered))
-    assert (_values(q) != _values(k)) and max(_values(q)) <= 255
-    for (q1, k1), (q2, k2) in zip(list(jittered.epoch_batches(1))[2:],
-                                  jittered.epoch_batches(1, start_step=2)):
-        assert torch.equal(q1, q2) and torch.equal(k1, k2)
+    q, k = next(iter(TwoViewLoader(shards, 16, seed=2, num_workers=1, views="mocov2")))
+    assert (q.shape, k.shape) == ((16, 1, 24, 40),) * 2
+    levels = torch.stack([q.mean(dim=(1, 2, 3)), k.mean(dim=(1, 2, 3))]) * STD + MEAN
+    assert (levels[0] - levels[1]).abs().gt(1).float().mean() > 0.5
+    paper_q, paper_k = next(iter(TwoViewLoader(shards, 16, seed=2, num_workers=1, max_degrees=0)))
+    torch.testing.assert_close(paper_q.mean(dim=(1, 2, 3)), paper_k.mean(dim=(1, 2, 3)))
+
+
+def test_data_views_is_checked_by_the_config_and_sizes_the_views(tmp_path):
+    from muscle_hpc import config
+    from muscle_hpc.data import augment
+    from muscle_hpc.data.loaders import two_view_loader
+
+    demo = Path(__file__).parents[1] / "configs" / "mdmoco_demo.yaml"
+    assert config.load(demo).data.views == "paper"
+    with pytest.raises(config.ConfigError) as e:
+        config.load(demo, ["data.views=simclr"])
+    assert str(e.value) == "data.views: 'simclr' is not one of paper, mococxr, mocov2"
+    assert config.DataConfig.__dataclass_fields__["views"].metadata["choices"] == \
+        augment.RECIPES
+    cfg = config.load(demo, ["data.views=mococxr", "data.synthetic=8",
+                             "data.synthetic_width=64", "data.synthetic_height=40"])
+    loader = two_view_loader(None, 4, cfg.data, distributed=False)
+    q, k = next(iter(loader.epoch_batches(0)))
+    assert loader.view_size == (40, 40) and q.shape == k.shape == (4, 1, 40, 40)
 
 
 def test_a_training_fraction_is_one_seeded_subset(task_shards):

@@ -212,17 +212,19 @@ class _Ring:
 
 
 class TwoViewLoader:
-    """MD-MoCo batches ``(query_view, key_view)``, each (B, 1, H, W) float32, Z-scored.
+    """MD-MoCo batches ``(query_view, key_view)``, each (B, 1, h, w) float32, Z-scored, where
+    ``view_size`` = (w, h) is the recipe's (``augment.view_size``: the shard size, or
+    min(H, W) square for ``mococxr``).
 
     All shards are mixed at the sample level: each epoch every rank draws a seeded random
     interleaving of its samples of every shard, so a batch holds images of all datasets in
-    proportion to their size, without a merged copy of the data on disk. Each view gets its
-    own horizontal flip and rotation in ``[-max_degrees, max_degrees]``; no crop, blur or
-    intensity jitter by default (the paper's choice for X-rays). ``brightness``/``contrast``
-    > 0 add MoCo v2's brightness/contrast jitter with probability ``jitter_prob`` per view
-    (``augment.intensity_jitter``): without it the two views of an image share their
-    gray-level histogram, a cue that tells images apart with no anatomy at all (README,
-    fidelity). ``len()`` is the number of full batches per epoch; the remainder is dropped.
+    proportion to their size, without a merged copy of the data on disk. ``views`` names the
+    two views' recipe (``augment.RECIPES``; README, fidelity): ``paper`` (default) gives each
+    view its own horizontal flip and rotation in ``[-max_degrees, max_degrees]``, no crop,
+    blur or intensity change (the paper's choice for X-rays), which leaves the two views of an
+    image with one gray-level histogram and one position; ``mococxr`` adds MoCo-CXR's random
+    square crop (a translation), ``mocov2`` is MoCo v2's crop, intensity jitter and blur.
+    ``len()`` is the number of full batches per epoch; the remainder is dropped.
     ``with_keys=True`` adds a (B, 2) tensor of (shard position, sample index) identifying each
     image. A batch's memory is reused once the batch after the next is drawn: copy
     (``.to(device)``, ``.clone()``) what must outlive that. ``device``: where the batches will
@@ -233,8 +235,7 @@ class TwoViewLoader:
                  max_degrees: float = 10.0, flip_prob: float = 0.5, mean: float = MEAN,
                  std: float = STD, num_workers: int = 2, distributed: bool = False,
                  sub_batch: int = 32, prefetch_depth: int = 2, with_keys: bool = False,
-                 device=None, brightness: float = 0.0, contrast: float = 0.0,
-                 jitter_prob: float = 0.8):
+                 device=None, views: str = "paper"):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.rank, self.world = rank_and_world(distributed)
@@ -242,8 +243,9 @@ class TwoViewLoader:
         self.max_degrees, self.flip_prob, self.mean, self.std = max_degrees, flip_prob, mean, std
         self.num_workers, self.prefetch_depth = num_workers, prefetch_depth
         self.with_keys, self.device = with_keys, device
-        self.brightness, self.contrast, self.jitter_prob = brightness, contrast, jitter_prob
-        self.width, self.height = shards[0].size
+        self.width, self.height = shards[0].size  # the shards' images
+        self.views = views
+        self.view_size = augment.view_size(views, self.width, self.height)
         self.loaders = [ffcv_loader(s, sub_batch, ("image", "index"), shuffle=True,
                                     seed=seed + 1000 * k, rank=self.rank, world=self.world,
                                     num_workers=num_workers, drop_last=False,
@@ -273,11 +275,13 @@ class TwoViewLoader:
             s.start(epoch)
         seq = self.interleaving(epoch)
         b, h, w = self.batch_size, self.height, self.width
+        view_w, view_h = self.view_size
         src_of = np.concatenate([np.arange(b), np.arange(b)])
         pinned = pins(self.device)
 
         def views():
-            return torch.empty((2 * b, 1, h, w), dtype=torch.float32, pin_memory=pinned)
+            return torch.empty((2 * b, 1, view_h, view_w), dtype=torch.float32,
+                               pin_memory=pinned)
         ring = _Ring(self.prefetch_depth, lambda: {
             "image": np.empty((b, h, w), np.uint8), "index": np.empty(b, np.int64),
             "views": None if pinned else views()})
@@ -299,33 +303,17 @@ class TwoViewLoader:
                     stream.take(len(rows), raw, rows)
             if raw is None:
                 continue
-            degrees, flip = (np.concatenate(p) for p in zip(*(
-                self._views(epoch, which, raw["index"], v) for v in (0, 1))))
-            gain = offset = None  # off: the kernel's plain path, no per-pixel affine
-            if self.brightness or self.contrast:
-                means = raw["image"].mean(axis=(1, 2), dtype=np.float64)
-                gain, offset = (np.concatenate(p) for p in zip(*(
-                    self._jitter(epoch, which, raw["index"], v, means) for v in (0, 1))))
+            params = augment.draw(self.views, self.seed, epoch, which, raw["index"],
+                                  width=self.width, height=self.height,
+                                  max_degrees=self.max_degrees, flip_prob=self.flip_prob)
             out = raw["views"] if raw["views"] is not None else views()
-            augment.rotate_flip_normalize(raw["image"], src_of, degrees, flip, self.mean,
-                                          self.std, out.numpy(), gain, offset)
+            augment.render(self.views, raw["image"], src_of, params, self.mean, self.std,
+                           out.numpy())
             if self.with_keys:
                 keys = torch.from_numpy(np.stack([which, raw["index"]], axis=1))
                 yield out[:b], out[b:], keys
             else:
                 yield out[:b], out[b:]
-
-    def _views(self, epoch, dataset, index, view):
-        u_flip, u_angle = (augment.uniforms(self.seed, epoch, dataset, index, view, s)
-                           for s in (0, 1))
-        return (2 * u_angle - 1) * self.max_degrees, u_flip < self.flip_prob
-
-    def _jitter(self, epoch, dataset, index, view, image_means):
-        """(gain, offset) of one view of each image: its own keyed uniforms (streams 2-4)."""
-        u_apply, u_bright, u_contrast = (
-            augment.uniforms(self.seed, epoch, dataset, index, view, s) for s in (2, 3, 4))
-        return augment.intensity_jitter(u_apply, u_bright, u_contrast, image_means,
-                                        self.jitter_prob, self.brightness, self.contrast)
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator:
         """The batches of ``epoch`` from ``start_step`` on (resume mid-epoch)."""
@@ -335,20 +323,23 @@ class TwoViewLoader:
 def two_view_loader(shards: list[Shard] | None, batch_size: int, data_cfg, *,
                     distributed: bool = True, device=None):
     """MD-MoCo's loader from its ``data`` config: a ``TwoViewLoader`` over ``shards``, or
-    with ``data.synthetic`` random images (``synthetic.py``)."""
+    with ``data.synthetic`` random images (``synthetic.py``) made at the size of the views of
+    ``data.views`` (its views are mirror images, not the recipe's). Either has ``view_size``,
+    the (w, h) of its views."""
     if data_cfg.synthetic:
         from .synthetic import SyntheticTwoViewLoader
 
-        return SyntheticTwoViewLoader(
-            data_cfg.synthetic, batch_size, (data_cfg.synthetic_width, data_cfg.synthetic_height),
-            seed=data_cfg.seed, mean=data_cfg.mean, std=data_cfg.std, distributed=distributed,
-            device=device)
+        size = augment.view_size(data_cfg.views, data_cfg.synthetic_width,
+                                 data_cfg.synthetic_height)
+        loader = SyntheticTwoViewLoader(
+            data_cfg.synthetic, batch_size, size, seed=data_cfg.seed, mean=data_cfg.mean,
+            std=data_cfg.std, distributed=distributed, device=device)
+        loader.view_size = size
+        return loader
     return TwoViewLoader(shards, batch_size, seed=data_cfg.seed,
                          max_degrees=data_cfg.max_degrees, flip_prob=data_cfg.flip_prob,
                          mean=data_cfg.mean, std=data_cfg.std, num_workers=data_cfg.num_workers,
-                         distributed=distributed, device=device,
-                         brightness=data_cfg.brightness, contrast=data_cfg.contrast,
-                         jitter_prob=data_cfg.jitter_prob)
+                         distributed=distributed, device=device, views=data_cfg.views)
 
 
 def task_loader(shard: Shard | None, batch_size: int, task, data_cfg, *, train: bool,
