@@ -36,19 +36,37 @@ def test_bad_options_are_one_line(capsys):
 
 
 @pytest.mark.timeout(900)
-def test_quick_run_prints_every_init_and_writes_json_and_chart(tmp_path):
+def test_quick_run_prints_every_row_and_writes_json_and_chart(tmp_path):
+    """The linear probe's rows (Scratch, Scratch-BN and the recipe's three inits) through the
+    real stages at --quick size; the Scratch-BN init is Scratch's Kaiming trunk with batch-norm
+    statistics of the task's training images."""
+    import torch
+
+    from muscle_hpc.models.backbone import build_backbone, export_torchvision
+
     work = tmp_path / "bl"
     proc = subprocess.run([sys.executable, "-m", "bench.learning", "--quick", "--seeds", "1",
-                           "--fractions", "1", "--tasks", "pneumonia,lung", "--work", str(work)],
+                           "--fractions", "1", "--tasks", "pneumonia,lung", "--views", "paper",
+                           "--protocols", "linear", "--work", str(work)],
                           capture_output=True, text=True, timeout=880)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
-    for line in ("| pneumonia | auc | ", "| lung | dice | ", "mdmoco better than scratch",
-                 "muscle better than muscle--", "goal (MD-MoCo and MUSCLE beat Scratch on >= 2",
-                 "monitor/knn/pneumonia/auc: ", "Continual stage (muscle--)"):
-        assert line in out
+    for line in ("model.m=0.99", "| task | metric | scratch | scratch-bn | mdmoco | muscle-- | "
+                 "muscle |", "| pneumonia | auc | ", "| lung | dice | ",
+                 "mdmoco better than scratch beyond", "mdmoco better than scratch-bn beyond",
+                 "muscle better than muscle-- beyond", "MD-MoCo and MUSCLE beat scratch-bn on >= 2",
+                 "monitor/knn/pneumonia/auc: ", "monitor/shortcut_top1: ",
+                 "Continual stage [paper] (muscle--)", "not judged, this run does not include"):
+        assert line in out, line
     results = json.loads((work / "learning.json").read_text())
-    scores = results["summary"]["1"]["tasks"]["lung"]["scores"]
-    assert set(scores) >= {"scratch", "mdmoco", "muscle--", "muscle"}
+    scores = results["summary"]["paper/linear/1"]["tasks"]["lung"]["scores"]
+    assert set(scores) == {"scratch", "scratch-bn", "mdmoco", "muscle--", "muscle"}
     assert all(len(v) == 1 and 0 <= v[0] <= 1 for v in scores.values())
+    assert results["goal"] is None
     assert (work / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    torch.manual_seed(0)
+    scratch = export_torchvision(build_backbone("resnet18"))
+    bn = torch.load(work / "runs" / "scratch_bn" / "pneumonia_s0.pth", weights_only=True)
+    assert torch.equal(bn["layer4.1.conv2.weight"], scratch["layer4.1.conv2.weight"])
+    assert torch.equal(scratch["bn1.running_var"], torch.ones(64))
+    assert not torch.allclose(bn["bn1.running_var"], torch.ones(64), atol=1e-2)
