@@ -126,6 +126,8 @@ def counts(labels) -> dict[str, int]:
 # --- pictures ----------------------------------------------------------------------------------
 # One function per dataset draws one image of it with a given label from the image's own rng,
 # exactly as its writer does (the writers call them), so tests can check what the demo holds.
+# Each draws the film (acquisition) first, then the body, then the finding: the rng stream up
+# to the finding does not depend on the label.
 
 @dataclass
 class Sample:
@@ -139,8 +141,11 @@ class Sample:
         return self.right | self.left
 
 
-def _chest_sample(ch: A.Chest, rng) -> Sample:
-    return Sample(A.finish(ch.image, rng), ch.right, ch.left)
+def _chest_sample(ch: A.Chest, film: A.Film) -> Sample:
+    """Develop a chest; the collimation and the marker stay 6 % of the film clear of the lung
+    fields (not of a finding: that would make the borders depend on the label), so the masks
+    are exactly what the film shows and lesions at the lungs' edges stay in view."""
+    return Sample(A.expose(ch.image, film, ch.lungs, margin=0.06), ch.right, ch.left)
 
 
 def tb_chest(h, w, rng, sick: bool) -> A.Chest:
@@ -161,7 +166,8 @@ def nih_chest(h, w, rng, findings) -> A.Chest:
 
 def tb_image(rng, sick: bool, h: int, w: int) -> Sample:
     """A Shenzhen / Montgomery / chest-masks film of h x w, with TB when ``sick``."""
-    return _chest_sample(tb_chest(h, w, rng, sick), rng)
+    film = A.film(rng, pa_chest=True)
+    return _chest_sample(tb_chest(h, w, rng, sick), film)
 
 
 def shenzhen_image(rng, sick: bool, px: int) -> Sample:
@@ -170,32 +176,40 @@ def shenzhen_image(rng, sick: bool, px: int) -> Sample:
 
 
 def nih_image(rng, findings, h: int, w: int) -> Sample:
-    return _chest_sample(nih_chest(h, w, rng, findings), rng)
+    film = A.film(rng, pa_chest=True)
+    return _chest_sample(nih_chest(h, w, rng, findings), film)
 
 
 def pneumonia_image(rng, label: int, px: int) -> Sample:
     """A Kermany film: NORMAL (0) or PNEUMONIA (1)."""
     h = jitter(rng, px * 0.95)
-    ch = A.chest(h, jitter(rng, px * 1.2, 0.95, 1.25), rng)
+    w = jitter(rng, px * 1.2, 0.95, 1.25)
+    film = A.film(rng, pa_chest=True)
+    ch = A.chest(h, w, rng)
     if label:
         A.pneumonia(ch, rng)
-    return _chest_sample(ch, rng)
+    return _chest_sample(ch, film)
 
 
 def mura_image(rng, label: int, px: int, part: str) -> Sample:
     """A MURA image of ``part``: normal (0) or abnormal (1, a fracture)."""
     h = jitter(rng, px * 1.15)
-    return Sample(A.finish(A.limb(h, jitter(rng, px * 0.9), rng, part, label), rng))
+    w = jitter(rng, px * 0.9)
+    film = A.film(rng)
+    return Sample(A.expose(A.limb(h, w, rng, part, label), film))
 
 
 def boneage_image(rng, age: float, px: int) -> Sample:
     h = jitter(rng, px * 1.25)
-    return Sample(A.finish(A.hand(h, jitter(rng, px), rng, age), rng))
+    w = jitter(rng, px)
+    film = A.film(rng)
+    return Sample(A.expose(A.hand(h, w, rng, age), film))
 
 
 def tbx_image(rng, label: int | None, cats: list[int] | None = None) -> Sample:
     """A TBX11K film (always 512 px): healthy (0), sick but not TB (1, pneumonia), TB (2,
     lesions of ``cats`` with their boxes) or unlabeled (None: TB or not, at random)."""
+    film = A.film(rng, pa_chest=True)
     ch = A.chest(TBX, TBX, rng)
     boxes = []
     if label == 2:
@@ -204,7 +218,7 @@ def tbx_image(rng, label: int | None, cats: list[int] | None = None) -> Sample:
         A.pneumonia(ch, rng)
     elif label is None and rng.random() < 0.5:
         A.tb(ch, rng)
-    out = _chest_sample(ch, rng)
+    out = _chest_sample(ch, film)
     out.boxes = boxes
     return out
 
@@ -624,6 +638,7 @@ TBX = 512
 def _tbx_boxes(ch: A.Chest, rng, cats: list[int]) -> list[list[float]]:
     """Boxes around TB lesions drawn inside them (latent = small calcified spots)."""
     boxes = []
+    weight = ch.lungs.astype(np.float32)  # lesions lie in the lung parenchyma
     for cat in cats:
         ys, xs = np.nonzero(ch.lungs)
         upper = ys < np.percentile(ys, 65)
@@ -632,7 +647,8 @@ def _tbx_boxes(ch: A.Chest, rng, cats: list[int]) -> list[list[float]]:
         bw, bh = (rng.uniform(28, 60, 2) if cat == 2 else rng.uniform(50, 110, 2))
         x0, y0 = max(0.0, cx - bw / 2), max(0.0, cy - bh / 2)
         bw, bh = min(bw, TBX - x0), min(bh, TBX - y0)
-        A.tb_lesion(ch.image, x0 + bw / 2, y0 + bh / 2, 0.6 * min(bw, bh), cat, rng)
+        A.tb_lesion(ch.image, x0 + bw / 2, y0 + bh / 2, 0.6 * min(bw, bh), cat, rng, weight,
+                    ch.density)
         boxes.append([round(x0, 2), round(y0, 2), round(bw, 2), round(bh, 2), cat])
     return boxes
 
