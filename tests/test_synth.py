@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -239,10 +240,21 @@ def test_boneage_bones_grow_with_age(tiny):
     for r in rows:
         p = folder / f"{r['id']}.png"
         if p.exists():
-            img = np.asarray(Image.open(p), np.float32)
             ages.append(float(r["boneage"]))
-            bone.append((img > 120).mean())
+            bone.append(_bone_fraction(np.asarray(Image.open(p))))
     assert np.corrcoef(ages, bone)[0, 1] > 0.5
+
+
+def _bone_fraction(img: np.ndarray) -> float:
+    """Bone's share of the film's middle (collimator leaves cover at most 12 % of a side):
+    Otsu splits background from the hand, then bone from soft tissue. Thresholds of the
+    image's own, since each film has its own exposure, contrast and gamma."""
+    h, w = img.shape
+    mid = np.ascontiguousarray(img[int(0.13 * h):int(0.87 * h), int(0.13 * w):int(0.87 * w)])
+    hand, _ = cv2.threshold(mid, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    bone, _ = cv2.threshold(mid[mid > hand].reshape(1, -1), 0, 255,
+                            cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float((mid > bone).mean())
 
 
 def test_pneumonia_quirks(tiny):
@@ -356,15 +368,58 @@ def test_tbx11k_lesions_lie_inside_their_boxes():
             assert added[int(y):int(y + h), int(x):int(x + w)].max() > 40
 
 
+@pytest.mark.parametrize("name", ["pneumonia", "shenzhen", "montgomery", "chestmasks",
+                                  "tbx11k", "nih"])
+def test_lung_masks_are_the_dark_fields_on_every_film(name):
+    """Whatever the body's size, position and tilt and the film's exposure, collimation and
+    marker: just inside a lung mask is darker than just outside it."""
+    from data_prep.synth import layouts
+
+    labels = {"nih": [["No Finding"], ["Effusion", "Mass"]], "tbx11k": [0, 2]}.get(name, [0, 1])
+    for i in range(6):
+        s = layouts.sample(name, labels[i % 2], seed=4, index=i, px=256, h=300, w=250)
+        mask = s.lungs.astype(np.uint8)
+        assert mask.any() and not (s.right & s.left).any()
+        k = np.ones((5, 5), np.uint8)
+        inner = (mask & ~cv2.erode(mask, k)).astype(bool)
+        outer = (cv2.dilate(mask, k) & ~mask).astype(bool)
+        img = s.image.astype(np.float32)
+        assert img[outer].mean() > img[inner].mean() + 15, (name, i)
+        assert s.right.nonzero()[1].mean() < s.left.nonzero()[1].mean()
+
+
+def test_tbx11k_boxes_hold_their_lesions_on_the_film():
+    """On the film as written (exposure, collimation, marker, grain): a TB image and the same
+    rng drawn healthy differ only in the boxes (up to the film's blur), and in every box."""
+    from data_prep.synth import layouts
+
+    for seed, cats in enumerate(([1], [2], [3], [1, 2, 3], [2, 2], [3, 1])):
+        sick = layouts.tbx_image(np.random.default_rng(seed), 2, cats)
+        healthy = layouts.tbx_image(np.random.default_rng(seed), 0)
+        diff = np.abs(sick.image.astype(np.int16) - healthy.image) > 8
+        near = np.zeros(diff.shape, bool)
+        for x, y, w, h, _ in sick.boxes:
+            assert 0 <= x < x + w <= 512 and 0 <= y < y + h <= 512
+            assert diff[int(y):int(y + h), int(x):int(x + w)].any()
+            near[max(0, int(y) - 6):int(np.ceil(y + h)) + 6,
+                 max(0, int(x) - 6):int(np.ceil(x + w)) + 6] = True
+        assert diff.any() and not (diff & ~near).any()
+        assert (sick.lungs == healthy.lungs).all()
+
+
 # --- the two external datasets (generic layouts) -------------------------------------------------
 
 def _joint_space(path: Path) -> int:
-    """The narrowest dark run between two bright (bone) runs over the middle columns."""
-    arr = np.asarray(Image.open(path).convert("L"), np.float32)
+    """The narrowest dark run between two bright (bone) runs over the middle columns. Bone is
+    what is brighter than the image's own Otsu threshold there: each film has its own
+    exposure, contrast and gamma, so no fixed gray level separates bone from soft tissue."""
+    arr = np.asarray(Image.open(path).convert("L"))
     h, w = arr.shape
+    middle = np.ascontiguousarray(arr[:, int(0.3 * w):int(0.7 * w)])
+    level, _ = cv2.threshold(middle, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     best = h
     for x in range(int(0.3 * w), int(0.7 * w)):
-        bright = np.flatnonzero(arr[:, x] > 120)
+        bright = np.flatnonzero(arr[:, x] > level)
         if len(bright) < 2:
             continue
         gaps = np.diff(bright) - 1

@@ -4,7 +4,11 @@ in the generic layouts that ``configs/external_datasets.yaml`` converts.
 
     python -m data_prep.synth --out DIR [--scale tiny|small] [--seed S] [--workers N]
 
-The pictures are synthetic but learnable (see :mod:`.anatomy`); the layouts follow
+The pictures are synthetic films, learnable through anatomy only (see :mod:`.anatomy`):
+exposure, contrast, gamma, collimation, side marker, noise and the body's size and position
+are drawn per image independently of the label, and findings are local, so a picture's
+gray-level histogram does not tell its label (``tests/test_demo_data.py``). Each dataset's
+pictures come from one function of :mod:`.layouts` (``layouts.sample``). The layouts follow
 ``data_prep/LAYOUTS.md`` to the letter, so the converters are exercised exactly as on the real
 downloads. :func:`generate` returns (and writes to ``DIR/synth_manifest.json``) the ground
 truth a correct converter must reproduce, so converter tests need not re-derive it.

@@ -96,7 +96,10 @@ def knee(root: Path, cfg: dict, seed: int) -> dict:
     labels, splits = [], []
     for i, (rel, grade) in enumerate(files):
         r = image_rng(seed, "knee", i)
-        img = A.finish(knee_image(jitter(r, px * 1.2), jitter(r, px), r, grade), r)
+        h, w = jitter(r, px * 1.2), jitter(r, px)
+        film = A.film(r)  # before the grade: its distribution is every grade's
+        drawn = knee_image(h, w, r, grade)
+        img = A.expose(drawn, film, clear=drawn > 100)  # no collimator leaf over a bone
         mode = "RGB" if i == rgb else "I;16" if i == i16 else "L"
         save_png(root / rel, img, mode)
         if i == rgb:
@@ -152,10 +155,11 @@ def hip(root: Path, cfg: dict, seed: int) -> dict:
         stem = f"hip_{i + 1:04d}"
         r = image_rng(seed, "hip", i)
         h, w = jitter(r, px * 0.8), jitter(r, px)
+        film = A.film(r)
         img, masks = hip_image(h, w, r)
         rel = f"images/{stem}.png"
         mode = "P" if i == palette else "RGBA" if i == rgba else "L"
-        save_png(root / rel, A.finish(img, r), mode)
+        save_png(root / rel, A.expose(img, film, clear=img > 30), mode)  # leaves off the body
         if mode != "L":
             t["quirks"]["palette" if mode == "P" else "rgba"] = rel
         for cls, m in zip(HIP_CLASSES, masks):

@@ -15,6 +15,7 @@ import io
 import json
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -123,6 +124,29 @@ def counts(labels) -> dict[str, int]:
 
 
 # --- pictures ----------------------------------------------------------------------------------
+# One function per dataset draws one image of it with a given label from the image's own rng,
+# exactly as its writer does (the writers call them), so tests can check what the demo holds.
+# Each draws the film (acquisition) first, then the body, then the finding: the rng stream up
+# to the finding does not depend on the label.
+
+@dataclass
+class Sample:
+    image: np.ndarray  # uint8 (H, W), the pixels the writer saves
+    right: np.ndarray | None = None  # chests: the patient's right lung field (image left), bool
+    left: np.ndarray | None = None  # the patient's left lung field (image right)
+    boxes: list[list[float]] | None = None  # TBX11K: [x, y, w, h, category] in 512 space
+
+    @property
+    def lungs(self) -> np.ndarray:
+        return self.right | self.left
+
+
+def _chest_sample(ch: A.Chest, film: A.Film) -> Sample:
+    """Develop a chest; the collimation and the marker stay 6 % of the film clear of the lung
+    fields (not of a finding: that would make the borders depend on the label), so the masks
+    are exactly what the film shows and lesions at the lungs' edges stay in view."""
+    return Sample(A.expose(ch.image, film, ch.lungs, margin=0.06), ch.right, ch.left)
+
 
 def tb_chest(h, w, rng, sick: bool) -> A.Chest:
     ch = A.chest(h, w, rng)
@@ -140,8 +164,93 @@ def nih_chest(h, w, rng, findings) -> A.Chest:
     return ch
 
 
+def tb_image(rng, sick: bool, h: int, w: int) -> Sample:
+    """A Shenzhen / Montgomery / chest-masks film of h x w, with TB when ``sick``."""
+    film = A.film(rng, pa_chest=True)
+    return _chest_sample(tb_chest(h, w, rng, sick), film)
+
+
+def shenzhen_image(rng, sick: bool, px: int) -> Sample:
+    h = jitter(rng, px)
+    return tb_image(rng, sick, h, jitter(rng, px))
+
+
+def nih_image(rng, findings, h: int, w: int) -> Sample:
+    film = A.film(rng, pa_chest=True)
+    return _chest_sample(nih_chest(h, w, rng, findings), film)
+
+
+def pneumonia_image(rng, label: int, px: int) -> Sample:
+    """A Kermany film: NORMAL (0) or PNEUMONIA (1)."""
+    h = jitter(rng, px * 0.95)
+    w = jitter(rng, px * 1.2, 0.95, 1.25)
+    film = A.film(rng, pa_chest=True)
+    ch = A.chest(h, w, rng)
+    if label:
+        A.pneumonia(ch, rng)
+    return _chest_sample(ch, film)
+
+
+def mura_image(rng, label: int, px: int, part: str) -> Sample:
+    """A MURA image of ``part``: normal (0) or abnormal (1, a fracture)."""
+    h = jitter(rng, px * 1.15)
+    w = jitter(rng, px * 0.9)
+    film = A.film(rng)
+    return Sample(A.expose(A.limb(h, w, rng, part, label), film))
+
+
+def boneage_image(rng, age: float, px: int) -> Sample:
+    h = jitter(rng, px * 1.25)
+    w = jitter(rng, px)
+    film = A.film(rng)
+    return Sample(A.expose(A.hand(h, w, rng, age), film))
+
+
+def tbx_image(rng, label: int | None, cats: list[int] | None = None) -> Sample:
+    """A TBX11K film (always 512 px): healthy (0), sick but not TB (1, pneumonia), TB (2,
+    lesions of ``cats`` with their boxes) or unlabeled (None: TB or not, at random)."""
+    film = A.film(rng, pa_chest=True)
+    ch = A.chest(TBX, TBX, rng)
+    boxes = []
+    if label == 2:
+        boxes = _tbx_boxes(ch, rng, cats or [1])
+    elif label == 1:
+        A.pneumonia(ch, rng)
+    elif label is None and rng.random() < 0.5:
+        A.tb(ch, rng)
+    out = _chest_sample(ch, film)
+    out.boxes = boxes
+    return out
+
+
 def mask_png(ch_mask: np.ndarray) -> np.ndarray:
     return (ch_mask * 255).astype(np.uint8)
+
+
+def sample(name: str, label, seed: int = 0, index: int = 0, px: int | None = None,
+           part: str = "XR_WRIST", h: int | None = None, w: int | None = None) -> Sample:
+    """Image ``index`` of dataset ``name`` drawn with ``label`` as its writer draws it at
+    ``px`` (default: the demo's, ``--scale small``). ``label``: 0/1 for pneumonia, mura (of
+    ``part``), shenzhen, montgomery and chestmasks; 0/1/2/None for tbx11k (TB gets one
+    active lesion); a list of findings for nih; the age in months for boneage. Montgomery and
+    chestmasks take the film's ``h`` x ``w`` (default px x px)."""
+    rng = image_rng(seed, name, index)
+    px = px or SCALES["small"]["px"]
+    if name == "pneumonia":
+        return pneumonia_image(rng, label, px)
+    if name == "mura":
+        return mura_image(rng, label, px, part)
+    if name == "shenzhen":
+        return shenzhen_image(rng, bool(label), px)
+    if name in ("montgomery", "chestmasks"):
+        return tb_image(rng, bool(label), h or px, w or px)
+    if name == "tbx11k":
+        return tbx_image(rng, label, [1] if label == 2 else None)
+    if name == "nih":
+        return nih_image(rng, list(label), px, px)
+    if name == "boneage":
+        return boneage_image(rng, float(label), px)
+    raise ValueError(f"no sampler for {name!r}")
 
 
 # --- writers -----------------------------------------------------------------------------------
@@ -181,7 +290,7 @@ def nih(root: Path, cfg: dict, seed: int) -> dict:
         rel = f"{folder}/images/{name}"
         if i != missing:
             r = image_rng(seed, "nih", i)
-            img = A.finish(nih_chest(px, px, r, findings[i]).image, r)
+            img = nih_image(r, findings[i], px, px).image
             save_png(root / rel, img, "RGBA" if i == rgba else "L")
         if i == rgba:
             t["quirks"]["rgba"] = rel
@@ -221,14 +330,14 @@ def shenzhen(root: Path, cfg: dict, seed: int) -> dict:
     for i, (num, lab) in enumerate(ids):
         stem = f"CHNCXR_{num:04d}_{lab}"
         r = image_rng(seed, "shenzhen", i)
-        img = A.finish(tb_chest(jitter(r, px), jitter(r, px), r, bool(lab)).image, r)
+        img = shenzhen_image(r, bool(lab), px).image
         save_png(root / "CXR_png" / f"{stem}.png", img, "RGB")
         sex, age = rng.choice(["male", "female"]), int(rng.integers(18, 80))
         write(root / "ClinicalReadings" / f"{stem}.txt",
               f"{sex} {age}yrs\n{'PTB in the right upper field' if lab else 'normal'}\n")
     bad = root / "CXR_png" / "CHNCXR_0999.png"
     r = image_rng(seed, "shenzhen", 10_000)
-    save_png(bad, A.finish(tb_chest(px, px, r, False).image, r), "RGB")
+    save_png(bad, tb_image(r, False, px, px).image, "RGB")
     reject(t, "CXR_png/CHNCXR_0999.png", "bad name")
     write(root / "CXR_png" / "Thumbs.db", THUMBS_DB)
     t["junk"].append("CXR_png/Thumbs.db")
@@ -249,8 +358,8 @@ def montgomery(root: Path, cfg: dict, seed: int) -> dict:
     for i, (num, lab) in enumerate(ids):
         name = f"MCUCXR_{num:04d}_{lab}.png"
         r = image_rng(seed, "montgomery", i)
-        ch = tb_chest(*((w, h) if i == landscape else (h, w)), r, bool(lab))
-        save_png(root / "CXR_png" / name, A.finish(ch.image, r))
+        ch = tb_image(r, bool(lab), *((w, h) if i == landscape else (h, w)))
+        save_png(root / "CXR_png" / name, ch.image)
         save_png(root / "ManualMask" / "leftMask" / name, mask_png(ch.left))
         if i == no_right:
             reject(t, f"CXR_png/{name}", "mask missing")
@@ -311,17 +420,18 @@ def indiana(root: Path, cfg: dict, seed: int) -> dict:
         for j, stem in enumerate(stems):
             r = image_rng(seed, "indiana", k)
             hh, ww = jitter(r, px * 1.15), jitter(r, px)
-            img = A.lateral(hh, ww, r) if j else nih_chest(hh, ww, r, [f for _, f in pick]).image
+            img = A.finish(A.lateral(hh, ww, r), r) if j else \
+                nih_image(r, [f for _, f in pick], hh, ww).image
             rel = f"NLMCXR_png/{stem}.png"
             mode = "I;16" if "i16" not in t["quirks"] and j == 0 and uid > 1 else "L"
             if mode == "I;16":
                 t["quirks"]["i16"] = rel
-            save_png(root / rel, A.finish(img, r), mode)
+            save_png(root / rel, img, mode)
             labels.append(int(not normal))
             k += 1
     orphan = f"NLMCXR_png/CXR{n + 7}_1_IM-9999-3001.png"
     r = image_rng(seed, "indiana", 10_000)
-    save_png(root / orphan, A.finish(A.chest(px, px, r).image, r))
+    save_png(root / orphan, tb_image(r, False, px, px).image)
     reject(t, orphan, "no report")
     t["quirks"]["report_without_image"] = f"ecgen-radiology/{empty}.xml"
     t.update(usable=len(labels), label_counts=counts(labels))
@@ -343,8 +453,7 @@ def boneage(root: Path, cfg: dict, seed: int) -> dict:
         rel = f"{folder}/{bid}.png"
         if i != nofile:
             r = image_rng(seed, "boneage", i)
-            img = A.hand(jitter(r, px * 1.25), jitter(r, px), r, age)
-            save_png(root / rel, A.finish(img, r))
+            save_png(root / rel, boneage_image(r, age, px).image)
         if i == norow:
             reject(t, rel, "label missing")
         else:
@@ -392,10 +501,7 @@ def pneumonia(root: Path, cfg: dict, seed: int) -> dict:
     labels = []
     for i, (rel, label) in enumerate(files):
         r = image_rng(seed, "pneumonia", i)
-        ch = A.chest(jitter(r, px * 0.95), jitter(r, px * 1.2, 0.95, 1.25), r)
-        if label:
-            A.pneumonia(ch, r)
-        save_jpeg(root / rel, A.finish(ch.image, r), rgb=i in rgb)
+        save_jpeg(root / rel, pneumonia_image(r, label, px).image, rgb=i in rgb)
         if i in rgb:
             t["quirks"]["rgb"].append(rel)
         if i == broken:
@@ -462,7 +568,7 @@ def mura(root: Path, cfg: dict, seed: int) -> dict:
             if (e_i, j) == missing:
                 reject(t, rel, "file missing")
                 continue
-            img = A.finish(A.limb(jitter(r, px * 1.15), jitter(r, px * 0.9), r, part, label), r)
+            img = mura_image(r, label, px, part).image
             mode = "RGB" if k - 1 in rgb else "L"
             if mode == "RGB":
                 t["quirks"]["rgb"].append(rel)
@@ -494,9 +600,9 @@ def chestmasks(root: Path, cfg: dict, seed: int) -> dict:
         r = image_rng(seed, "chestmasks", i)
         h, w = (jitter(r, px * 1.2), jitter(r, px)) if stem[0] == "M" else \
             (jitter(r, px), jitter(r, px))
-        ch = tb_chest(h, w, r, stem.endswith("1"))
+        ch = tb_image(r, stem.endswith("1"), h, w)
         rel = f"CXR_png/{stem}.png"
-        save_png(root / rel, A.finish(ch.image, r), "P" if i == palette else "L")
+        save_png(root / rel, ch.image, "P" if i == palette else "L")
         if i == palette:
             t["quirks"]["palette"] = rel
         if i == nomask:
@@ -515,7 +621,7 @@ def chestmasks(root: Path, cfg: dict, seed: int) -> dict:
         num, lab = n_ch + 1 + j, j % 2
         r = image_rng(seed, "chestmasks", 10_000 + j)
         rel = f"test/CHNCXR_{num:04d}_{lab}.png"
-        save_png(root / rel, A.finish(tb_chest(px, px, r, bool(lab)).image, r))
+        save_png(root / rel, tb_image(r, bool(lab), px, px).image)
         reject(t, rel, "mask missing")
     t.update(usable=len(labels), label_counts=counts(labels), masks=len(labels),
              task_images=len(labels))
@@ -532,6 +638,7 @@ TBX = 512
 def _tbx_boxes(ch: A.Chest, rng, cats: list[int]) -> list[list[float]]:
     """Boxes around TB lesions drawn inside them (latent = small calcified spots)."""
     boxes = []
+    weight = ch.lungs.astype(np.float32)  # lesions lie in the lung parenchyma
     for cat in cats:
         ys, xs = np.nonzero(ch.lungs)
         upper = ys < np.percentile(ys, 65)
@@ -540,7 +647,8 @@ def _tbx_boxes(ch: A.Chest, rng, cats: list[int]) -> list[list[float]]:
         bw, bh = (rng.uniform(28, 60, 2) if cat == 2 else rng.uniform(50, 110, 2))
         x0, y0 = max(0.0, cx - bw / 2), max(0.0, cy - bh / 2)
         bw, bh = min(bw, TBX - x0), min(bh, TBX - y0)
-        A.tb_lesion(ch.image, x0 + bw / 2, y0 + bh / 2, 0.6 * min(bw, bh), cat, rng)
+        A.tb_lesion(ch.image, x0 + bw / 2, y0 + bh / 2, 0.6 * min(bw, bh), cat, rng, weight,
+                    ch.density)
         boxes.append([round(x0, 2), round(y0, 2), round(bw, 2), round(bh, 2), cat])
     return boxes
 
@@ -571,17 +679,8 @@ def tbx11k(root: Path, cfg: dict, seed: int) -> dict:
     labels, box_counts = [], Counter()
     for i, (rel, label, split) in enumerate(files):
         r = image_rng(seed, "tbx11k", i)
-        ch = A.chest(TBX, TBX, r)
-        boxes = []
-        if label == 2:
-            boxes = _tbx_boxes(ch, r, cats_of.get(i, [1]))
-            if i == no_box:
-                boxes = []
-        elif label == 1:
-            A.pneumonia(ch, r)
-        elif label is None and r.random() < 0.5:
-            A.tb(ch, r)
-        img = A.finish(ch.image, r)
+        drawn = tbx_image(r, label, cats_of.get(i, [1]))
+        img, boxes = drawn.image, [] if i == no_box else drawn.boxes
         save_png(root / "imgs" / rel, img, "RGB" if r.random() < 0.3 else "L")
         if split:
             doc = coco[split]
