@@ -3,7 +3,7 @@ stages, for each MD-MoCo view recipe side by side.
 
     python -m bench.learning [--work DIR] [--views paper,mocov2] [--seeds 3]
                              [--fractions 0.1,0.05] [--protocols finetune,linear]
-                             [--size 128x80] [--moco-epochs 8] [--mdmoco KEY=VALUE ...] [--quick]
+                             [--size 128x80] [--moco-epochs 4] [--mdmoco KEY=VALUE ...] [--quick]
 
 Makes the demo data (``data_prep.synth --scale small``) in the real download layouts, converts
 it at ``--size``, and runs the stages users run, through their own entry points. For each view
@@ -88,7 +88,7 @@ def parse_args(argv):
     p.add_argument("--size", default=None,
                    help="image size WxH of the shards (default 128x80; 64x40 with --quick)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks to fine-tune")
-    p.add_argument("--moco-epochs", type=int, default=8)
+    p.add_argument("--moco-epochs", type=int, default=4)
     p.add_argument("--moco-batch", type=int, default=32)
     p.add_argument("--moco-m", type=float, default=0.99,
                    help="key-encoder momentum at this scale (MoCo's CIFAR-10 demo; paper 0.999)")
