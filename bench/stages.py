@@ -316,7 +316,8 @@ def timing(args) -> int:
             print("real two-view loader: ffcv does not import here; skipped (bench.loader "
                   "measures it on CPU)", flush=True)
         else:
-            w = moco_workload(archs[0], b, size, count(b), device, shards=shards)
+            w = moco_workload(archs[0], b, size, count(b), device, shards=shards,
+                              world=args.world)
             real = measure(w, device, args.steps, args.warmup)
             print(f"{'mdmoco ' + archs[0] + ' real shards':32s} {b:5d} {real['resident']:8.1f} "
                   f"{real['fed']:8.1f} {real['wait']:5.0%}", flush=True)
