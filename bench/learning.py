@@ -4,6 +4,7 @@ stages, for each MD-MoCo view recipe side by side.
     python -m bench.learning [--work DIR] [--views paper,mocov2] [--seeds 3]
                              [--fractions 0.1,0.05] [--protocols finetune,linear]
                              [--size 128x80] [--moco-epochs 4] [--mdmoco KEY=VALUE ...] [--quick]
+                             [--resume]
 
 Makes the demo data (``data_prep.synth --scale small``) in the real download layouts, converts
 it at ``--size``, and runs the stages users run, through their own entry points. For each view
@@ -40,6 +41,12 @@ Scratch beyond the spread on at least 3 of the 4 tasks and MUSCLE >= MUSCLE-- on
 tasks. Also ``learning.json`` and ``learning.png`` in ``--work``. ``--quick``: the tiny data and
 a few steps of each stage, to test the benchmark itself (its numbers mean nothing). Fine-tunes
 run two at a time, one thread each.
+
+The full default takes hours on a CPU machine, longer than many sessions and jobs are allowed:
+``--resume`` goes on with an interrupted benchmark in ``--work`` (the same options, else a
+one-line error): each stage resumes from its run directory's checkpoint (the stages' own exact
+resume), a fine-tune that wrote its results is not run again, and the wall times printed are
+this invocation's.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from muscle_hpc import registry
+from muscle_hpc.checkpoint import save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -97,6 +105,9 @@ def parse_args(argv):
     p.add_argument("--mdmoco", action="append", default=[], metavar="KEY=VALUE",
                    help="an MD-MoCo config override for every recipe (repeatable)")
     p.add_argument("--quick", action="store_true", help="tiny data, few steps: tests")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the interrupted benchmark in --work (same options): stages "
+                        "resume from their checkpoints, finished fine-tunes are kept")
     args = p.parse_args(argv)
     try:
         args.fractions = [float(f) for f in args.fractions.split(",")]
@@ -150,6 +161,15 @@ class Plan:
         self.shards, self.runs = self.work / "shards", self.work / "runs"
         self.ft_epochs = 1 if args.quick else args.ft_epochs
         self.moco_batch = 8 if args.quick else args.moco_batch
+
+    def settings(self) -> dict:
+        """The options that make this benchmark what it is (all but where and whether to
+        resume), as JSON values: a resumed run must have the same."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.args).items()
+                if k not in ("work", "resume")}
+
+    def settings_file(self) -> Path:
+        return self.runs / "settings.json"
 
     def recipe_root(self, views: str) -> Path:
         return self.runs / views
@@ -253,6 +273,19 @@ class Plan:
                             for views in ([None] if row.startswith("scratch") else a.views):
                                 out.append((task, row, views, seed, fraction, protocol))
         return out
+
+
+def check_resumable(plan: Plan) -> None:
+    """Exit with one line unless ``--work`` holds a benchmark begun with the same options."""
+    path = plan.settings_file()
+    if not path.exists():
+        sys.exit(f"bench.learning: --resume: no benchmark begun in {plan.work} (no {path.name})")
+    before, now = json.loads(path.read_text()), plan.settings()
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        sys.exit(f"bench.learning: --resume: {plan.work} holds a benchmark begun with other "
+                 f"options ({', '.join(f'{k} was {before.get(k)!r}' for k in changed)}); run "
+                 f"without --resume to start again")
 
 
 def write_scratch_bn(plan: Plan, task_name: str, seed: int) -> None:
@@ -467,11 +500,14 @@ def bar_chart(summary: dict, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     plan = Plan(args)
-    print(header(plan), flush=True)
+    if args.resume:
+        check_resumable(plan)
+    print(header(plan) + (" (resumed)" if args.resume else ""), flush=True)
     seconds = {}
     start = time.monotonic()
     logs = plan.work / "logs"
-    shutil.rmtree(logs, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(logs, ignore_errors=True)
     marker = plan.shards / f"done_{args.size[0]}x{args.size[1]}_{'tiny' if args.quick else 'small'}"
     if not marker.exists():
         for cmd in plan.data():
@@ -483,8 +519,11 @@ def main(argv=None) -> int:
         for fraction in args.fractions:
             run([*plan.finetune(task, "scratch", None, 0, fraction, "finetune"), "--check"],
                 logs / f"check_{task}_f{fraction:g}.log")
-    # Stages resume from what they find: a fresh benchmark must not pick up an earlier one.
-    shutil.rmtree(plan.runs, ignore_errors=True)
+    if not args.resume:
+        # Stages resume from what they find: a fresh benchmark must not pick up an earlier one.
+        shutil.rmtree(plan.runs, ignore_errors=True)
+        plan.runs.mkdir(parents=True)
+        save_json(plan.settings_file(), plan.settings())
     for views in args.views:
         t = time.monotonic()
         print(f"bench.learning: MD-MoCo [{views}]", flush=True)
@@ -502,9 +541,13 @@ def main(argv=None) -> int:
     if "linear" in args.protocols:
         for task in args.tasks:
             for seed in range(args.seeds):
-                write_scratch_bn(plan, task, seed)
+                if not plan.scratch_bn(task, seed).exists():
+                    write_scratch_bn(plan, task, seed)
     jobs = plan.jobs()
-    print(f"bench.learning: {len(jobs)} fine-tunes, two at a time", flush=True)
+    done = [job for job in jobs if plan.result(*job).exists()] if args.resume else []
+    jobs = [job for job in jobs if job not in done]
+    print(f"bench.learning: {len(jobs)} fine-tunes, two at a time"
+          + (f" ({len(done)} finished before, kept)" if args.resume else ""), flush=True)
 
     def finetune(job):
         task, row, views, seed, fraction, protocol = job

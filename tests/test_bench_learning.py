@@ -35,20 +35,21 @@ def test_bad_options_are_one_line(capsys):
     assert "--fractions: each in (0, 1]" in capsys.readouterr().err
 
 
-@pytest.mark.timeout(900)
-def test_quick_run_prints_every_row_and_writes_json_and_chart(tmp_path):
+@pytest.mark.timeout(1500)
+def test_quick_run_prints_every_row_resumes_and_writes_json_and_chart(tmp_path):
     """The linear probe's rows (Scratch, Scratch-BN and the recipe's three inits) through the
     real stages at --quick size; the Scratch-BN init is Scratch's Kaiming trunk with batch-norm
-    statistics of the task's training images."""
+    statistics of the task's training images. ``--resume`` on the finished benchmark runs no
+    fine-tune again and gives the same tables; with other options it is refused in one line."""
     import torch
 
     from muscle_hpc.models.backbone import build_backbone, export_torchvision
 
     work = tmp_path / "bl"
-    proc = subprocess.run([sys.executable, "-m", "bench.learning", "--quick", "--seeds", "1",
-                           "--fractions", "1", "--tasks", "pneumonia,lung", "--views", "paper",
-                           "--protocols", "linear", "--work", str(work)],
-                          capture_output=True, text=True, timeout=880)
+    cmd = [sys.executable, "-m", "bench.learning", "--quick", "--seeds", "1", "--fractions", "1",
+           "--tasks", "pneumonia,lung", "--views", "paper", "--protocols", "linear", "--work",
+           str(work)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=880)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
     for line in ("model.m=0.99", "| task | metric | scratch | scratch-bn | mdmoco | muscle-- | "
@@ -68,5 +69,19 @@ def test_quick_run_prints_every_row_and_writes_json_and_chart(tmp_path):
     scratch = export_torchvision(build_backbone("resnet18"))
     bn = torch.load(work / "runs" / "scratch_bn" / "pneumonia_s0.pth", weights_only=True)
     assert torch.equal(bn["layer4.1.conv2.weight"], scratch["layer4.1.conv2.weight"])
+
+    # Resumed on the finished run: no fine-tune again, the same tables; other options refused.
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "bench.learning: 0 fine-tunes, two at a time (10 finished before, kept)" \
+        in resumed.stdout
+    again = json.loads((work / "learning.json").read_text())
+    assert again["summary"] == results["summary"]
+    other = subprocess.run([*cmd, "--seeds", "2", "--resume"], capture_output=True, text=True,
+                           timeout=120)
+    assert other.returncode == 1
+    assert other.stderr.strip().splitlines() == [
+        f"bench.learning: --resume: {work} holds a benchmark begun with other options (seeds was "
+        f"1); run without --resume to start again"]
     assert torch.equal(scratch["bn1.running_var"], torch.ones(64))
     assert not torch.allclose(bn["bn1.running_var"], torch.ones(64), atol=1e-2)
