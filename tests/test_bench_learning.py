@@ -69,6 +69,8 @@ def test_quick_run_prints_every_row_resumes_and_writes_json_and_chart(tmp_path):
     scratch = export_torchvision(build_backbone("resnet18"))
     bn = torch.load(work / "runs" / "scratch_bn" / "pneumonia_s0.pth", weights_only=True)
     assert torch.equal(bn["layer4.1.conv2.weight"], scratch["layer4.1.conv2.weight"])
+    assert torch.equal(scratch["bn1.running_var"], torch.ones(64))
+    assert not torch.allclose(bn["bn1.running_var"], torch.ones(64), atol=1e-2)
 
     # Resumed on the finished run: no fine-tune again, the same tables; other options refused.
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
@@ -83,5 +85,3 @@ def test_quick_run_prints_every_row_resumes_and_writes_json_and_chart(tmp_path):
     assert other.stderr.strip().splitlines() == [
         f"bench.learning: --resume: {work} holds a benchmark begun with other options (seeds was "
         f"1); run without --resume to start again"]
-    assert torch.equal(scratch["bn1.running_var"], torch.ones(64))
-    assert not torch.allclose(bn["bn1.running_var"], torch.ones(64), atol=1e-2)
