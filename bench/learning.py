@@ -136,13 +136,14 @@ def parse_args(argv):
 
 
 def run(cmd: list[str], log: Path, threads: int | None = None) -> None:
-    """``python -m <cmd>`` with its output in ``log``; a failure ends the benchmark with the
-    log's last lines (never a silent gap in the tables)."""
+    """``python -m <cmd>`` with its output appended to ``log`` (a resumed stage keeps what it
+    logged before the interruption); a failure ends the benchmark with the log's last lines
+    (never a silent gap in the tables)."""
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
+    with open(log, "a") as f:
         code = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=env, stdout=f,
                               stderr=subprocess.STDOUT).returncode
     if code:

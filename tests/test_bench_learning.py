@@ -40,7 +40,8 @@ def test_quick_run_prints_every_row_resumes_and_writes_json_and_chart(tmp_path):
     """The linear probe's rows (Scratch, Scratch-BN and the recipe's three inits) through the
     real stages at --quick size; the Scratch-BN init is Scratch's Kaiming trunk with batch-norm
     statistics of the task's training images. ``--resume`` on the finished benchmark runs no
-    fine-tune again and gives the same tables; with other options it is refused in one line."""
+    fine-tune again, keeps the stages' logs and gives the same tables; with other options it is
+    refused in one line."""
     import torch
 
     from muscle_hpc.models.backbone import build_backbone, export_torchvision
@@ -73,8 +74,12 @@ def test_quick_run_prints_every_row_resumes_and_writes_json_and_chart(tmp_path):
     assert not torch.allclose(bn["bn1.running_var"], torch.ones(64), atol=1e-2)
 
     # Resumed on the finished run: no fine-tune again, the same tables; other options refused.
+    stage_log = work / "logs" / "mdmoco_paper.log"
+    before = stage_log.read_text()
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    after = stage_log.read_text()  # what a stage logged before the interruption is kept
+    assert after.startswith(before) and len(after) > len(before)
     assert "bench.learning: 0 fine-tunes, two at a time (10 finished before, kept)" \
         in resumed.stdout
     again = json.loads((work / "learning.json").read_text())
