@@ -392,8 +392,8 @@ def monitors(plan: Plan) -> dict:
         out[views] = {}
         for tag, values in sorted(scalars.items()):
             if tag.startswith("monitor/knn/") and tag.endswith("/auc") or tag in (
-                    "monitor/collapse_std_x_sqrt_dim", "monitor/shortcut_top1", "train/loss",
-                    "train/top1"):
+                    "monitor/collapse_std_x_sqrt_dim", "monitor/shortcut_top1",
+                    "monitor/top1_in_batch", "train/loss", "train/top1"):
                 pick = min if tag == "train/loss" else max  # the loss is best low
                 out[views][tag] = {"first": values[0], "last": values[-1],
                                    "best": pick(values, key=lambda sv: sv[1])}

@@ -295,6 +295,20 @@ class HistogramShortcut:
 
 
 @torch.no_grad()
+def in_batch_top1(q: torch.Tensor, keys: torch.Tensor, first: int) -> torch.Tensor:
+    """MoCo's task among the step's own keys: the share of the queries ``q`` (b, D) whose own
+    key, row ``first + i`` of ``keys`` (all ranks' keys of the step, (B, D)), is the most
+    similar of the B (a 0-dim tensor; chance 1/B). Every one of these keys comes from this
+    step's key encoder, so none can be told from the positive by its age, as a queue's keys,
+    encoded by earlier key encoders, can: when the encoder moves fast, the fresh positive
+    beats stale negatives whatever the images. MoCo's top-1 far above this one (which faces
+    B - 1 negatives, not K) says the queue's task is solved through that staleness."""
+    sims = q.float() @ keys.float().T
+    own = torch.arange(first, first + len(q), device=q.device)
+    return (sims.argmax(dim=1) == own).float().mean()
+
+
+@torch.no_grad()
 def collapse_std(z: torch.Tensor) -> float:
     """The standard deviation over the batch (population, all ``N`` rows) of the L2-normalised
     embeddings ``z`` (N, D), per dimension, averaged over dimensions (SimSiam, Chen & He 2021).
@@ -315,3 +329,57 @@ def collapse_warning(std_x_sqrt_dim: float, threshold: float) -> str | None:
             f"(collapse_std x sqrt(dim)) is {std_x_sqrt_dim:.3f}, below "
             f"run.monitor_collapse_warn {threshold:g} (about 1 when healthy, 0 when every image "
             f"gets the same embedding); check the learning rate and the augmentations")
+
+
+def _quarters(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Means of the first and the last quarter of a curve's logged values (one logged batch
+    is noisy: at batch 16 a top-1 moves in steps of 1/16)."""
+    values = [v for _, v in points]
+    n = max(1, len(values) // 4)
+    return sum(values[:n]) / n, sum(values[-n:]) / n
+
+
+def pretext_report(scalars: dict[str, list[tuple[int, float]]], K: int, batch: int
+                   ) -> list[str]:
+    """An MD-MoCo run's monitors (``scalars`` as ``tblog.read_scalars`` gives them; ``K`` and
+    ``batch``, the global batch, from its config) in lines for a person: each curve from its
+    first logged quarter to its last, beside its chance level, the kNN AUCs from the first
+    pass to the last; then what they say together. The readings compare measured values only
+    (no tuned thresholds): MoCo's top-1 against K queue keys above its top-1 among the step's
+    B - 1 own keys means the queue's task is solved through the keys' age; the histograms'
+    top-1 at or above MoCo's means the views leave a cue that needs no anatomy; a kNN AUC at
+    or below its first pass (the Kaiming start of a new run) means the features do not carry
+    the finding."""
+    loss, top1 = _quarters(scalars["train/loss"]), _quarters(scalars["train/top1"])
+    in_batch = _quarters(scalars["monitor/top1_in_batch"])
+    histograms = _quarters(scalars["monitor/shortcut_top1"])
+    spread = _quarters(scalars["monitor/collapse_std_x_sqrt_dim"])
+    lines = [f"loss {loss[0]:.3f} -> {loss[1]:.3f} (chance ln(1+K) = {math.log(1 + K):.3f})",
+             f"top-1 against the queue {top1[0]:.3f} -> {top1[1]:.3f} (chance 1/(1+K) = "
+             f"{1 / (1 + K):.3f})",
+             f"top-1 among the step's own keys {in_batch[0]:.3f} -> {in_batch[1]:.3f} (chance "
+             f"1/B = {1 / batch:.3f})",
+             f"top-1 of the gray-level histograms alone {histograms[0]:.3f} -> "
+             f"{histograms[1]:.3f}",
+             f"spread of the embeddings {spread[0]:.3f} -> {spread[1]:.3f} (about 1 healthy, 0 "
+             f"collapsed)"]
+    knn = {tag.split("/")[2]: points for tag, points in sorted(scalars.items())
+           if tag.startswith("monitor/knn/") and tag.endswith("/auc")}
+    for task, points in knn.items():
+        (s0, first), (s1, last) = points[0], points[-1]
+        lines.append(f"kNN {task} valid AUC {first:.3f} at step {s0} -> {last:.3f} at step {s1}")
+    if top1[1] > in_batch[1]:
+        lines.append("reading: MoCo finds the positive among the K queue keys more often than "
+                     "among the step's B - 1 own keys: it tells the queue's keys from the "
+                     "fresh one by their age (the older key encoders that made them) rather "
+                     "than by the image")
+    if histograms[1] >= top1[1]:
+        lines.append("reading: the gray-level histograms alone find the positive at least as "
+                     "often as MoCo: the views leave a cue that needs no anatomy (data.views)")
+    flat = [t for t, p in knn.items() if p[-1][1] <= p[0][1]]
+    if flat:
+        lines.append(f"reading: the kNN AUC of {', '.join(flat)} ended at or below its first "
+                     f"pass: the features do not carry the finding{'s' * (len(flat) > 1)}")
+    elif knn:
+        lines.append(f"reading: the kNN AUC of {', '.join(knn)} rose above its first pass")
+    return lines

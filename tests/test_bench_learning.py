@@ -58,6 +58,7 @@ def test_quick_run_prints_every_row_resumes_and_writes_json_and_chart(tmp_path):
                  "mdmoco better than scratch beyond", "mdmoco better than scratch-bn beyond",
                  "muscle better than muscle-- beyond", "MD-MoCo and MUSCLE beat scratch-bn on >= 2",
                  "monitor/knn/pneumonia/auc: ", "monitor/shortcut_top1: ",
+                 "monitor/top1_in_batch: ",
                  "Continual stage [paper] (muscle--)", "not judged, this run does not include"):
         assert line in out, line
     results = json.loads((work / "learning.json").read_text())

@@ -193,8 +193,8 @@ def test_shipped_configs_are_the_papers():
         assert cfg == MocoConfig(data=cfg.data, model=cfg.model, optim=MocoConfig().optim,
                                  run=cfg.run)
     demo = load_config(CONFIGS / "mdmoco_demo.yaml")
-    assert (demo.model.arch, demo.data.batch_size, demo.model.K, demo.optim.epochs) == \
-        ("resnet18", 16, 256, 2)
+    assert (demo.model.arch, demo.data.batch_size, demo.model.K, demo.optim.epochs,
+            demo.model.m) == ("resnet18", 16, 256, 1, 0.99)  # a short run: MoCo's CIFAR demo m
     assert demo.data.root == "demo_run/shards"
 
 
@@ -255,6 +255,21 @@ def test_demo_finetunes_at_the_paper_configs_learning_rate_per_image():
     for name in ("pneumonia", "mura", "lung", "tbx"):
         ours, theirs = demo.task(name), paper.task(name)
         assert ours.lr / ours.batch_size == pytest.approx(theirs.lr / theirs.batch_size), name
+
+
+def test_the_demo_grid_is_bench_learnings_fine_tune_on_10_percent():
+    """The demo fine-tunes as bench.learning does at its headline fraction (one seed of it):
+    10 % of each split, 15 epochs, the LR divided after 10, finetune_demo.yaml's LR and batch."""
+    from bench.learning import FT_BATCH
+    from muscle_hpc.config import FinetuneConfig, load
+
+    demo = load(CONFIGS / "finetune_demo.yaml", [], FinetuneConfig)
+    scarce = load(CONFIGS / "finetune_demo_10pct.yaml", [], FinetuneConfig)
+    assert scarce.grid.fractions == [0.1] and scarce.grid.protocols == ["finetune"]
+    for name in ("pneumonia", "mura", "lung", "tbx"):
+        task = scarce.task(name)
+        assert (task.epochs, task.lr_step_epochs) == (15, max(1, 15 * 2 // 3)), name
+        assert (task.lr, task.batch_size) == (demo.task(name).lr, FT_BATCH[name]), name
 
 
 def test_a_global_batch_of_one_is_refused():

@@ -26,7 +26,8 @@ TASKS = ["pneumonia", "mura", "lung", "tbx"]
 
 def overrides(shards, run_dir, *extra):
     return ["--config", str(DEMO), f"data.root={shards}", "model.init=''", "run.log_every_steps=1",
-            "run.checkpoint_every_steps=100", f"run.dir={run_dir}", *extra]
+            "run.checkpoint_every_steps=100", "cl.rounds=2", "run.visit_steps=4",
+            f"run.dir={run_dir}", *extra]
 
 
 def state(run_dir):

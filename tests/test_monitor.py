@@ -215,15 +215,73 @@ def test_stage_logs_the_monitors(task_shards, tmp_path):
             assert [s for s, _ in points] == [0, 2, 3]
             assert all(0 <= v <= 1 for _, v in points)
     for tag in ("collapse_std", "collapse_std_x_sqrt_dim", "cos_positive", "cos_negative",
-                "shortcut_top1"):
+                "shortcut_top1", "top1_in_batch"):
         assert [s for s, _ in scalars[f"monitor/{tag}"]] == [1, 2, 3], tag
     for (_, std), (_, scaled) in zip(scalars["monitor/collapse_std"],
                                      scalars["monitor/collapse_std_x_sqrt_dim"]):
         assert 0 < std < 1 and scaled == pytest.approx(std * math.sqrt(128), rel=1e-5)
     assert all(-1 <= v <= 1 for tag in ("cos_positive", "cos_negative")
                for _, v in scalars[f"monitor/{tag}"])
-    assert all(0 <= v <= 1 for _, v in scalars["monitor/shortcut_top1"])
-    assert "(histograms alone " in out
+    assert all(0 <= v <= 1 for tag in ("shortcut_top1", "top1_in_batch")
+               for _, v in scalars[f"monitor/{tag}"])
+    assert "(in-batch " in out and ", histograms alone " in out
+    report = monitor.pretext_report(scalars, 32, 8)  # what the demo prints, from this run
+    assert report[0].startswith("loss ") and "(chance ln(1+K) = 3.497)" in report[0]
+    assert "kNN pneumonia valid AUC" in "\n".join(report)
+
+
+def _curves(top1, in_batch, histograms, knn_first, knn_last):
+    """Logged curves of 8 steps whose last quarter averages the given values."""
+    def curve(first, last):
+        return [(s, first if s <= 4 else last) for s in range(1, 9)]
+
+    return {"train/loss": curve(5.5, 5.0), "train/top1": curve(0.0, top1),
+            "monitor/top1_in_batch": curve(0.1, in_batch),
+            "monitor/shortcut_top1": curve(0.5, histograms),
+            "monitor/collapse_std_x_sqrt_dim": curve(0.2, 0.4),
+            "monitor/knn/pneumonia/auc": [(0, knn_first), (8, knn_last)]}
+
+
+def test_the_pretext_report_says_what_the_monitors_show():
+    lines = monitor.pretext_report(_curves(0.3, 0.1, 0.6, 0.6, 0.5), 256, 16)
+    assert lines[:2] == ["loss 5.500 -> 5.000 (chance ln(1+K) = 5.549)",
+                         "top-1 against the queue 0.000 -> 0.300 (chance 1/(1+K) = 0.004)"]
+    assert "kNN pneumonia valid AUC 0.600 at step 0 -> 0.500 at step 8" in lines
+    readings = [line for line in lines if line.startswith("reading: ")]
+    assert len(readings) == 3
+    assert "by their age" in readings[0] and "histograms alone" in readings[1]
+    assert "do not carry the finding" in readings[2]
+    # MoCo as good among its own keys, above the histograms, the kNN risen: no warning
+    healthy = monitor.pretext_report(_curves(0.3, 0.6, 0.1, 0.6, 0.8), 256, 16)
+    assert [line for line in healthy if line.startswith("reading: ")] == [
+        "reading: the kNN AUC of pneumonia rose above its first pass"]
+
+
+def test_the_in_batch_monitor_is_blind_to_the_age_of_keys():
+    """Embeddings that carry only the encoder's state when they were made (a shared "age"
+    direction per step) and noise: the fresh positive beats every stale queue key, so MoCo's
+    top-1 is 1, while among the step's own keys the queries find theirs at chance. Keys that
+    carry their image are found by both."""
+    from muscle_hpc.models.moco import contrastive_logits
+
+    g = torch.Generator().manual_seed(0)
+    B, b, D, K = 64, 16, 128, 4096
+
+    def unit(x):
+        return torch.nn.functional.normalize(x, dim=1)
+
+    now, before = unit(torch.randn(2, D, generator=g))
+    noise = 0.3 / math.sqrt(D)  # |noise| about 0.3
+    queue = unit(before + noise * torch.randn(K, D, generator=g)).T
+    keys = unit(now + noise * torch.randn(B, D, generator=g))
+    first = 2 * b  # rank 2's queries
+    q = unit(now + noise * torch.randn(b, D, generator=g))  # no trace of their own images
+    moco_top1 = (contrastive_logits(q, keys[first:first + b], queue, 0.2).argmax(1) == 0)
+    assert moco_top1.float().mean() == 1.0
+    assert monitor.in_batch_top1(q, keys, first) <= 4 / b  # chance: 1 / 64
+    seen = unit(keys[first:first + b] + noise / 3 * torch.randn(b, D, generator=g))
+    assert monitor.in_batch_top1(seen, keys, first) == 1.0
+    assert monitor.in_batch_top1(seen, keys, first + 1) == 0.0  # the wrong rank's rows
 
 
 def _films(step, b=8, seed=0):

@@ -156,9 +156,11 @@ class MoCo(nn.Module):
         self.group_bns = [m for m in self.encoder_k.modules()
                           if isinstance(m, GroupStatsBatchNorm2d)]
         self.traffic: list | None = None  # set to [] to record (op, payload bytes) per call
-        # The last step's query embeddings, detached: the stage's collapse monitor reads them
-        # on logging steps (a B x dim tensor, so keeping it costs nothing).
+        # The last step's query embeddings (this rank's) and keys (all ranks'), detached: the
+        # stage's collapse and in-batch monitors read them on logging steps (B x dim tensors,
+        # so keeping them costs nothing).
         self.last_q: torch.Tensor | None = None
+        self.last_keys: torch.Tensor | None = None
         for p in self.encoder_k.parameters():
             p.requires_grad = False
         self.register_buffer("queue", nn.functional.normalize(torch.randn(dim, K), dim=0))
@@ -238,6 +240,7 @@ class MoCo(nn.Module):
                 keys = self._gather(embed(self.encoder_k, im_k))
         rank, _ = rank_world()
         b = im_q.shape[0]
+        self.last_keys = keys
         k = keys[rank * b:(rank + 1) * b]
         logits = contrastive_logits(q, k, self.queue.clone().detach(), self.T)
         labels = torch.zeros(b, dtype=torch.long, device=logits.device)

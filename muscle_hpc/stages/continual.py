@@ -156,7 +156,8 @@ def train(cfg, start, loaders, val, init, ds_config) -> int:
     matrix += loop.shared.get("matrix", [])
     ended += loop.shared.get("ended", [])
     loop.say(f"continual: {cfg.cl.method}, {start.env.world_size} rank(s), {len(visits)} visits "
-             f"({cfg.cl.rounds} rounds x {len(tasks)} tasks), {total} steps, "
+             f"({cfg.cl.rounds} round{'s' * (cfg.cl.rounds > 1)} x {len(tasks)} tasks), "
+             f"{total} steps, "
              f"{'resuming at step ' + str(loop.step) if loop.resumed else 'new run'} in "
              f"{start.ckpt.run_dir}")
     for t in [] if cfg.data.synthetic else tasks:

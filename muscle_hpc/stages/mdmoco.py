@@ -7,7 +7,8 @@ environment) and alone. Everything is checked before training starts; a bad conf
 shard is one line on stderr and exit status 2. ``run.dir`` gets the resolved ``config.yaml``,
 the rolling checkpoint, TensorBoard events under ``tb/`` (``train/`` curves, and the
 ``monitor/`` ones of ``monitor.py``: kNN accuracy and AUC on the classification task sets, the
-collapse spread and the histograms' top-1 on MoCo's own task, the shortcut) and, when training
+collapse spread, the top-1 among the step's own keys and the histograms' top-1 on MoCo's own
+task, the shortcut) and, when training
 ends, ``backbone_torchvision.pth``. Started again on a run directory with a checkpoint, it
 resumes exactly where that stopped. SIGTERM, SIGUSR1/2 or Ctrl-C: checkpoint after the current
 step, exit with 128 + the signal number.
@@ -139,12 +140,16 @@ def train(cfg, start, loader, knn, ds_config) -> int:
         loop.timer.window()  # a fresh timing window: the kNN pass is not step time
 
     def report(logits, shortcut_top1) -> str:
-        """Top-1, the histograms' top-1 on the same task (the shortcut monitor) and the mean
-        cosines of positive pairs and queue negatives averaged over ranks, and the collapse
-        spread of the global batch's queries."""
+        """Top-1, the top-1 among the step's own keys (no stale queue keys), the histograms'
+        top-1 on the same task (the shortcut monitor) and the mean cosines of positive pairs
+        and queue negatives averaged over ranks, and the collapse spread of the global
+        batch's queries."""
         top1 = (logits.argmax(dim=1) == 0).float().mean()
+        in_batch = monitor.in_batch_top1(moco.last_q, moco.last_keys,
+                                         start.env.rank * len(moco.last_q))
         cos = logits.detach() * moco.T  # MoCo's logits are cosines over T
-        stats = torch.stack([top1, cos[:, 0].mean(), cos[:, 1:].mean(), shortcut_top1]).cpu()
+        stats = torch.stack([top1, cos[:, 0].mean(), cos[:, 1:].mean(), shortcut_top1,
+                             in_batch]).cpu()
         if world > 1:
             torch.distributed.all_reduce(stats)
             stats /= world
@@ -153,12 +158,13 @@ def train(cfg, start, loader, knn, ds_config) -> int:
         loop.log.scalars(loop.step, "train/", top1=stats[0], epoch=loop.step / steps_per_epoch)
         loop.log.scalars(loop.step, "monitor/", collapse_std=spread,
                          collapse_std_x_sqrt_dim=spread_x_sqrt_dim, cos_positive=stats[1],
-                         cos_negative=stats[2], shortcut_top1=stats[3])
+                         cos_negative=stats[2], shortcut_top1=stats[3],
+                         top1_in_batch=stats[4])
         warning = monitor.collapse_warning(spread_x_sqrt_dim, cfg.run.monitor_collapse_warn)
         if warning:
             loop.say(f"mdmoco: {warning}")
-        return (f"top1 {stats[0]:.3f} (histograms alone {stats[3]:.3f}) spread "
-                f"{spread_x_sqrt_dim:.3f} ")
+        return (f"top1 {stats[0]:.3f} (in-batch {stats[4]:.3f}, histograms alone "
+                f"{stats[3]:.3f}) spread {spread_x_sqrt_dim:.3f} ")
 
     if knn and not loop.resumed:  # the Kaiming init's baseline
         knn_report()
