@@ -332,18 +332,31 @@ class Table:
     by_key: dict  # (task, backbone, init) -> Result, of one setting
 
 
+def grid_settings(by_setting: dict) -> list[tuple[str, float]]:
+    """The settings the paper's grid is reported in (its two tables, its missing results):
+    each with results of the paper's tasks, or the paper's own when none has any (its empty
+    tables then say what there is to run). A run that fine-tuned the paper's tasks only on a
+    fraction of the labels (the demo) is not shown empty tables of all the labels."""
+    found = [s for s, by_key in by_setting.items() if {t for t, _, _ in by_key} & set(PAPER_TASKS)]
+    return sorted(found, key=setting_order) or [PAPER_SETTING]
+
+
+def setting_order(setting: tuple[str, float]) -> tuple:
+    return setting != PAPER_SETTING, registry.PROTOCOLS.index(setting[0]), -setting[1]
+
+
 def tables_of(by_setting: dict) -> list[Table]:
-    """The paper's two tables (always), the same two for every other setting with results of
-    their tasks, and one table per task of the user's per setting it has results in."""
+    """The paper's two tables in each of ``grid_settings`` (the paper's setting: both, even
+    empty; another: those with results), and one table per task of the user's per setting it
+    has results in."""
     out = []
-    order = sorted(by_setting, key=lambda s: (s != PAPER_SETTING, registry.PROTOCOLS.index(s[0]),
-                                              -s[1]))
-    for setting in order if PAPER_SETTING in by_setting else [PAPER_SETTING, *order]:
+    grid = grid_settings(by_setting)
+    for setting in sorted({*by_setting, *grid}, key=setting_order):
         by_key = by_setting.get(setting, {})
         suffix, words = setting_names(setting)
         present = {t for t, _, _ in by_key}
         for name, (title, tasks) in TABLES.items():
-            if setting == PAPER_SETTING or present & set(tasks):
+            if setting == PAPER_SETTING and setting in grid or present & set(tasks):
                 out.append(Table(name + suffix, title + (f"; {words}" if words else ""), tasks,
                                  by_key))
         for task in sorted(present - set(PAPER_TASKS)):
@@ -355,8 +368,9 @@ def tables_of(by_setting: dict) -> list[Table]:
     return out
 
 
-def missing_line(by_key: dict) -> str:
-    """How many of the 40 grid results are missing, listed per task and backbone."""
+def missing_line(by_key: dict, words: str = "") -> str:
+    """How many of the 40 grid results are missing, listed per task and backbone; ``words``:
+    the setting, when not the paper's."""
     parts, count = [], 0
     for t in TASKS:
         for b in BACKBONES:
@@ -366,7 +380,8 @@ def missing_line(by_key: dict) -> str:
                 parts.append(f"{t} {b}: " + ("all" if len(gone) == len(INITS)
                                              else ", ".join(gone)))
     total = len(TASKS) * len(BACKBONES) * len(INITS)
-    return f"Missing {count} of {total} results" + (": " + "; ".join(parts) if parts else ".")
+    return (f"Missing {count} of {total} results" + (f" ({words})" if words else "")
+            + (": " + "; ".join(parts) if parts else "."))
 
 
 def degenerate(result: Result, name: str) -> str:
@@ -612,7 +627,6 @@ def build_report(results: list[Result], rejects: list[tuple[Path, str]], out: Pa
     by_setting: dict[tuple[str, float], dict] = {}
     for r in results:
         by_setting.setdefault(r.setting, {})[(r.task, r.backbone, r.init)] = r
-    by_key = by_setting.get(PAPER_SETTING, {})
     tables = {}
     for table in tables_of(by_setting):
         tables[table.name] = markdown_table(table.title, table.tasks, table.by_key)
@@ -631,7 +645,8 @@ def build_report(results: list[Result], rejects: list[tuple[Path, str]], out: Pa
         lines.append("")
     if notes:
         lines += [f"- {note}" for note in notes] + [""]
-    lines.append(missing_line(by_key))
+    lines += [missing_line(by_setting.get(setting, {}), setting_names(setting)[1])
+              for setting in grid_settings(by_setting)]
     for setting, results_here in by_setting.items():
         own = sorted({t for t, _, _ in results_here} - set(PAPER_TASKS))
         words = setting_names(setting)[1]

@@ -523,6 +523,33 @@ def test_a_task_of_the_users_and_a_probe_at_10pct_get_tables_of_their_own(tmp_pa
     assert (out / "roc_pneumonia_r18_linear_10pct.png").is_file()
 
 
+def test_a_run_of_the_papers_tasks_at_10pct_only_gets_no_empty_tables_of_all_labels(tmp_path):
+    """The demo's layout: the paper's tasks fine-tuned on 10 % of the labels, a task of the
+    user's on all of them. The paper's grid is reported at 10 % (its tables and its missing
+    results), not as empty tables of all the labels."""
+    scarce = cls_result("pneumonia", "r18", "scratch", 0.6)
+    scarce.update(train_fraction=0.1)
+    write_result(tmp_path, scarce, "pneumonia_r18_scratch_10pct")
+    test = {"acc": 0.5, "auc": 0.7, "auc_ci": [0.6, 0.8], "n": 30,
+            **{f"{m}_{c}": 0.5 for c in ("none", "mild", "severe") for m in ("sen", "spe")}}
+    write_result(tmp_path, own_result("knee", "classification", ["none", "mild", "severe"],
+                                      "scratch", test))
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert report.main([str(tmp_path)]) == 0
+    text = stdout.getvalue()
+    out = tmp_path / "report"
+    assert sorted(p.stem for p in out.glob("table*.md")) == ["table2_10pct", "table_knee"]
+    assert "(no results)" not in text and "Missing 39 of 40 results (10% of the training " \
+        "labels): pneumonia r18: imagenet, mdmoco, muscle--, muscle; " in text
+    assert text.count("Missing ") == 1
+    write_result(tmp_path, PNEU_R18_SCRATCH)  # and one of all the labels: both grids reported
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert report.main([str(tmp_path)]) == 0
+    assert sorted(p.stem for p in out.glob("table*.md")) == [
+        "table2", "table2_10pct", "table3", "table_knee"]
+    assert "Missing 39 of 40 results: " in stdout.getvalue()
+
+
 def test_a_result_of_an_unknown_task_without_its_definition_is_rejected(tmp_path):
     write_result(tmp_path, PNEU_R18_SCRATCH)
     bad = own_result("knee", "classification", ["a", "b", "c"], "scratch", {"acc": 0.5})
