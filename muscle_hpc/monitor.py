@@ -349,20 +349,24 @@ def pretext_report(scalars: dict[str, list[tuple[int, float]]], K: int, batch: i
     B - 1 own keys means the queue's task is solved through the keys' age; the histograms'
     top-1 at or above MoCo's means the views leave a cue that needs no anatomy; a kNN AUC at
     or below its first pass (the Kaiming start of a new run) means the features do not carry
-    the finding."""
-    loss, top1 = _quarters(scalars["train/loss"]), _quarters(scalars["train/top1"])
-    in_batch = _quarters(scalars["monitor/top1_in_batch"])
-    histograms = _quarters(scalars["monitor/shortcut_top1"])
-    spread = _quarters(scalars["monitor/collapse_std_x_sqrt_dim"])
-    lines = [f"loss {loss[0]:.3f} -> {loss[1]:.3f} (chance ln(1+K) = {math.log(1 + K):.3f})",
-             f"top-1 against the queue {top1[0]:.3f} -> {top1[1]:.3f} (chance 1/(1+K) = "
-             f"{1 / (1 + K):.3f})",
-             f"top-1 among the step's own keys {in_batch[0]:.3f} -> {in_batch[1]:.3f} (chance "
-             f"1/B = {1 / batch:.3f})",
-             f"top-1 of the gray-level histograms alone {histograms[0]:.3f} -> "
-             f"{histograms[1]:.3f}",
-             f"spread of the embeddings {spread[0]:.3f} -> {spread[1]:.3f} (about 1 healthy, 0 "
-             f"collapsed)"]
+    the finding. A curve the run did not log (a run older than its monitor) is left out,
+    with the readings that need it."""
+    quarters = {tag: _quarters(points) for tag, points in scalars.items() if points}
+    lines = []
+    for tag, what, chance in (
+            ("train/loss", "loss", f"chance ln(1+K) = {math.log(1 + K):.3f}"),
+            ("train/top1", "top-1 against the queue", f"chance 1/(1+K) = {1 / (1 + K):.3f}"),
+            ("monitor/top1_in_batch", "top-1 among the step's own keys",
+             f"chance 1/B = {1 / batch:.3f}"),
+            ("monitor/shortcut_top1", "top-1 of the gray-level histograms alone", ""),
+            ("monitor/collapse_std_x_sqrt_dim", "spread of the embeddings",
+             "about 1 healthy, 0 collapsed")):
+        if tag in quarters:
+            first, last = quarters[tag]
+            lines.append(f"{what} {first:.3f} -> {last:.3f}" + (f" ({chance})" if chance else ""))
+    top1 = quarters.get("train/top1", (math.nan, math.nan))
+    in_batch = quarters.get("monitor/top1_in_batch", (math.nan, math.nan))
+    histograms = quarters.get("monitor/shortcut_top1", (math.nan, math.nan))
     knn = {tag.split("/")[2]: points for tag, points in sorted(scalars.items())
            if tag.startswith("monitor/knn/") and tag.endswith("/auc")}
     for task, points in knn.items():

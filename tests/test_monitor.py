@@ -255,6 +255,11 @@ def test_the_pretext_report_says_what_the_monitors_show():
     healthy = monitor.pretext_report(_curves(0.3, 0.6, 0.1, 0.6, 0.8), 256, 16)
     assert [line for line in healthy if line.startswith("reading: ")] == [
         "reading: the kNN AUC of pneumonia rose above its first pass"]
+    older = _curves(0.3, 0.1, 0.6, 0.6, 0.5)  # a run from before the in-batch monitor
+    del older["monitor/top1_in_batch"]
+    lines = monitor.pretext_report(older, 256, 16)
+    assert not any("own keys" in line or "their age" in line for line in lines)
+    assert sum(line.startswith("reading: ") for line in lines) == 2
 
 
 def test_the_in_batch_monitor_is_blind_to_the_age_of_keys():

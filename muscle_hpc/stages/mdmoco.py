@@ -8,10 +8,9 @@ shard is one line on stderr and exit status 2. ``run.dir`` gets the resolved ``c
 the rolling checkpoint, TensorBoard events under ``tb/`` (``train/`` curves, and the
 ``monitor/`` ones of ``monitor.py``: kNN accuracy and AUC on the classification task sets, the
 collapse spread, the top-1 among the step's own keys and the histograms' top-1 on MoCo's own
-task, the shortcut) and, when training
-ends, ``backbone_torchvision.pth``. Started again on a run directory with a checkpoint, it
-resumes exactly where that stopped. SIGTERM, SIGUSR1/2 or Ctrl-C: checkpoint after the current
-step, exit with 128 + the signal number.
+task, the shortcut) and, when training ends, ``backbone_torchvision.pth``. Started again on a
+run directory with a checkpoint, it resumes exactly where that stopped. SIGTERM, SIGUSR1/2 or
+Ctrl-C: checkpoint after the current step, exit with 128 + the signal number.
 """
 
 from __future__ import annotations
