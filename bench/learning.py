@@ -34,13 +34,13 @@ Prints, per recipe, protocol and fraction, the headline test metric (AUC, Dice, 
 task as mean and standard deviation over seeds for every init; a line per comparison saying
 whether the first is better *beyond the seed spread* (mean - sd above the other's mean + sd);
 the MD-MoCo monitors of each recipe (kNN AUC from the Kaiming start to the end, collapse, MoCo's
-top-1 and the histograms' top-1 on the same task: the shortcut monitor) and the continual
-stage's per-visit validation; and the verdict on the goal: with the recommended recipe
-(``RECOMMENDED``), whole-network fine-tuning on 10 % of the labels, MD-MoCo and MUSCLE beat
-Scratch beyond the spread on at least 3 of the 4 tasks and MUSCLE >= MUSCLE-- on the mean over
-tasks. Also ``learning.json`` and ``learning.png`` in ``--work``. ``--quick``: the tiny data and
-a few steps of each stage, to test the benchmark itself (its numbers mean nothing). Fine-tunes
-run two at a time, one thread each.
+top-1, its top-1 among the step's own keys, and the histograms' top-1 on the same task: the
+shortcut monitor) and the continual stage's per-visit validation; and the verdict on the goal:
+with the recommended recipe (``RECOMMENDED``), whole-network fine-tuning on 10 % of the labels,
+MD-MoCo and MUSCLE beat Scratch beyond the spread on at least 3 of the 4 tasks and MUSCLE >=
+MUSCLE-- on the mean over tasks. Also ``learning.json`` and ``learning.png`` in ``--work``.
+``--quick``: the tiny data and a few steps of each stage, to test the benchmark itself (its
+numbers mean nothing). Fine-tunes run two at a time, one thread each.
 
 The full default takes hours on a CPU machine, longer than many sessions and jobs are allowed:
 ``--resume`` goes on with an interrupted benchmark in ``--work`` (the same options, else a
