@@ -218,8 +218,9 @@ def test_launch_requeues_after_the_time_limit_signal_and_resumes_exactly(moco_sh
 def test_sbatch_cl_runs_the_continual_stage_on_two_nodes(task_shards, tmp_path):
     run_dir = tmp_path / "run"
     job = sbatch(tmp_path / "log", f"data.root={task_shards}", "model.init=''",
-                 "run.visit_steps=2", "cl.rounds=1", f"run.dir={run_dir}",
-                 script="slurm/cl.sh", config=ROOT / "configs" / "continual_demo.yaml")
+                 "run.visit_steps=2", "cl.rounds=1", "run.log_every_steps=1",
+                 f"run.dir={run_dir}", script="slurm/cl.sh",
+                 config=ROOT / "configs" / "continual_demo.yaml")
     assert wait_done(job) == "COMPLETED", (tmp_path / "log").read_text()[-3000:]
     log = (tmp_path / "log").read_text()
     assert "continual: muscle, 2 rank(s), 4 visits" in log
