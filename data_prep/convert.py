@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import layouts, shard
 from .datasets import NAMES, get_spec
-from .datasets.base import DatasetSpec, LayoutError, Record, Reject, relpath
+from .datasets.base import DatasetSpec, LayoutError, Record, Reject, printable, relpath
 from .imaging import MAX_BOXES, Decoded, Unusable, decode
 
 SPLITS = ("train", "valid", "test", "extra")
@@ -385,6 +385,8 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--images", help="image folder (csv, masks, coco; default --root for csv "
                                     "and coco)")
     g.add_argument("--csv", help="csv layout: the CSV file (relative to --root or absolute)")
+    g.add_argument("--encoding", help="csv: the CSV's text encoding (default utf-8; e.g. "
+                                      "cp1252 for Excel on Windows)")
     g.add_argument("--image-column", help="csv: column of image paths (default: image)")
     g.add_argument("--label-column", help="csv: one class label per row -> field label")
     g.add_argument("--label-columns", help="csv: C1,C2,... 0/1 columns -> multi-hot labels")
@@ -529,13 +531,13 @@ def main(argv=None) -> int:
                 if len(jobs) == 1:
                     raise ConvertError(str(e)) from None
                 failed += 1
-                print(f"error: {e}", file=sys.stderr)
+                print(f"error: {printable(str(e))}", file=sys.stderr)
         return 1 if failed else 0
     except LayoutError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return 2
     except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return 2
     except Stopped as e:
         print(f"{e}; nothing half-written was left", file=sys.stderr)

@@ -137,6 +137,14 @@ def decode(record: Record, size: tuple[int, int]) -> Decoded:
         xywh = np.array([b[:4] for b in record.boxes], np.float64).reshape(-1, 4)
         xyxy = np.stack([xywh[:, 0] * sx, xywh[:, 1] * sy,
                          (xywh[:, 0] + xywh[:, 2]) * sx, (xywh[:, 1] + xywh[:, 3]) * sy], 1)
-        out.boxes = np.clip(xyxy, 0, [size[0], size[1], size[0], size[1]]).astype(np.float32)
+        boxes = np.clip(xyxy, 0, [size[0], size[1], size[0], size[1]]).astype(np.float32)
+        # Clipping keeps the part of a box inside its image; a box with no such part would be
+        # packed as a zero-area box, which Faster R-CNN refuses (a NaN loss at best).
+        empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        if empty.any():
+            box = ", ".join(f"{float(v):g}" for v in xywh[np.flatnonzero(empty)[0]])
+            raise Unusable(f"bad box: [{box}] (x, y, w, h) is empty after clipping to the "
+                           f"{bw:g}x{bh:g} image")
+        out.boxes = boxes
         out.box_labels = np.array([int(b[4]) for b in record.boxes], np.int64)
     return out

@@ -21,6 +21,7 @@ Trade-offs, chosen for safety over convenience:
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -55,6 +56,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "role": LAYOUTS,
     "images": ("csv", "masks", "coco"),
     "csv": ("csv",),
+    "encoding": ("csv",),
     "image_column": ("csv",),
     "label_column": ("csv",),
     "label_columns": ("csv",),
@@ -305,7 +307,13 @@ def _csv(name: str, root: Path, opts: dict) -> DatasetSpec:
                           "(or --role pretrain)")
     if "classes" in opts and targets != ["label_column"]:
         raise LayoutError("--classes goes with --label-column")
-    rows = read_csv(csv_path)
+    encoding = opts.get("encoding", "utf-8")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise LayoutError(f"--encoding {encoding!r} is not a text encoding Python knows (e.g. "
+                          "utf-8, cp1252, latin-1)") from None
+    rows = read_csv(csv_path, encoding)
     if not rows:
         raise LayoutError(f"{csv_path.name} is empty")
     header, body = rows[0], rows[1:]

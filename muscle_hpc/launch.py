@@ -53,6 +53,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from data_prep.datasets.base import printable
+
 STAGES = {"mdmoco": "muscle_hpc.stages.mdmoco", "cl": "muscle_hpc.stages.continual",
           "finetune": "muscle_hpc.stages.finetune"}
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -379,7 +381,7 @@ def main(argv=None) -> int:
         else:
             steps, root = plan_stage(args, args.nodes * tasks_per_node, on_cuda)
     except (config.ConfigError, ShardError) as e:
-        print(f"launch: error: {e}", file=sys.stderr)
+        print(f"launch: error: {printable(str(e))}", file=sys.stderr)
         return 2
 
     import submitit

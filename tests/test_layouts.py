@@ -5,6 +5,7 @@ one-line refusals."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -318,6 +319,56 @@ def test_csv_errors_are_one_line(csv_tree, tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_a_csv_that_is_not_utf8_is_refused_or_read_in_its_encoding(tmp_path, capsys):
+    """cp1252 (Excel on Windows): decoding with replacement would make légère and lègère one
+    class; the bytes are refused, naming the line, and --encoding reads them as two."""
+    root = tmp_path / "r"
+    for k in range(4):
+        img(root / f"{k}.png", seed=k)
+    text = "image,severity\n0.png,légère\n1.png,lègère\n2.png,légère\n3.png,lègère\n"
+    write(root / "t.csv", text.encode("cp1252"))
+    out = tmp_path / "o"
+    args = ("--dataset", "sev", "--layout", "csv", "--root", root, "--csv", "t.csv",
+            "--label-column", "severity", "--out", out)
+    assert run(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: sev: t.csv line 2: byte b'\\xe9' is not "
+                                               "utf-8"), err
+    assert not (out / "sev").exists()
+    assert run(*args, "--encoding", "cp1252") == 0
+    m = manifest(out, "sev")
+    assert m["fields"]["label"]["names"] == ["lègère", "légère"]
+    counts = Counter()
+    for split in m["splits"].values():
+        counts.update(split["label_counts"])
+    assert counts == {"lègère": 2, "légère": 2}
+    assert run(*args, "--encoding", "klingon") == 2
+    assert "--encoding 'klingon' is not a text encoding" in capsys.readouterr().err
+
+
+def test_names_from_user_files_are_echoed_with_control_characters_escaped(tmp_path, capsys):
+    """A CSV header or class carrying terminal escape codes (set the window title, clear the
+    screen) must never reach the terminal raw."""
+    root = tmp_path / "r"
+    for k in range(2):
+        img(root / f"{k}.png", seed=k)
+    title = "\x1b]0;owned\x07\x1b[2J"
+    write(root / "t.csv", f"image,{title}grade\n0.png,a\n1.png,b\n")
+    out = tmp_path / "o"
+    assert run("--dataset", "g", "--layout", "csv", "--root", root, "--csv", "t.csv",
+               "--label-column", "grade", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err
+    assert err.strip() == ("error: g: no column 'grade' (--label-column) in t.csv; its columns "
+                           "are: image, \\x1b]0;owned\\x07\\x1b[2Jgrade")
+    write(root / "t.csv", f"image,grade\n0.png,a{title}\n1.png,b\n")
+    assert run("--dataset", "g", "--layout", "csv", "--root", root, "--csv", "t.csv",
+               "--label-column", "grade", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and len(err.strip().splitlines()) == 1
+    assert "has a control character" in err and not (out / "g").exists()
+
+
 def test_names_are_checked(tmp_path, capsys):
     img(tmp_path / "x/a.png")
     for name in ("nih", "Bad.Name", "../up", "all"):
@@ -516,6 +567,36 @@ def test_coco_sparse_categories_boxes_and_rejects(tmp_path):
     assert data["box_labels"][2, :3].tolist() == [3, 1, -1]
     assert data["box_labels"][0, 0] == 2
     assert m["splits"]["train"]["box_counts"] == {"nodule": 1, "mass": 1, "effusion": 1}
+
+
+@pytest.mark.parametrize("outside", [[200, 200, 10, 10], [1e30, 10, 10, 10],
+                                     [-50, 10, 20, 10]])
+def test_coco_box_wholly_outside_its_image_rejects_the_image(tmp_path, outside):
+    """A box with no part inside its image would be packed as a zero-area box (Faster R-CNN's
+    loss is NaN on it); a box partly outside is clipped to the image and kept."""
+    root = tmp_path / "det"
+    images, annotations = [], []
+    for k in range(4):
+        img(root / f"{k}.png", seed=k, size=(100, 100))
+        images.append({"id": k, "file_name": f"{k}.png", "width": 100, "height": 100})
+        annotations.append({"id": 2 * k, "image_id": k, "category_id": 1,
+                            "bbox": [50, 10, 60, 20]})  # partly outside: clipped at x = 100
+        if k % 2:
+            annotations.append({"id": 2 * k + 1, "image_id": k, "category_id": 1,
+                                "bbox": outside})
+    write(root / "ann.json", json.dumps({"images": images, "annotations": annotations,
+                                         "categories": [{"id": 1, "name": "nodule"}]}))
+    out = tmp_path / "out"
+    assert run("--dataset", "det", "--layout", "coco", "--root", root, "--coco", "ann.json",
+               "--out", out, "--role", "pretrain") == 0
+    m = manifest(out, "det")
+    assert sorted(reasons(m)) == ["1.png", "3.png"]
+    assert all(r.startswith("bad box: [") and "empty after clipping to the 100x100 image" in r
+               for r in reasons(m).values())
+    data = read_shard(out, "det", "train")
+    assert data["num_boxes"].ravel().tolist() == [1, 1]
+    s = SIZE[0] / 100
+    np.testing.assert_allclose(data["boxes"][:, 0], [[50 * s, 10 * s, 100 * s, 30 * s]] * 2)
 
 
 # --- YAML definitions, groups for the nine, the synth external datasets ----------------------

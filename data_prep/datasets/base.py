@@ -10,7 +10,9 @@ Anything a scanner cannot use (label missing, mask missing, a name it cannot par
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import math
 import os
 from collections.abc import Callable
@@ -104,6 +106,12 @@ class DatasetSpec:
         unknown = set(self.fields) - set(FIELDS)
         if unknown:
             raise ValueError(f"{self.name}: unknown fields {sorted(unknown)}")
+        # Names travel into manifests, logs and reports, which print them as they are.
+        for name in (*self.label_names, *self.box_categories, *self.mask_classes,
+                     self.value_name):
+            if printable(name) != name:
+                raise LayoutError(f"{self.name}: the name {name!r} (a class, category or "
+                                  "column) has a control character; rename it in the source")
 
 
 def is_junk(path: Path) -> bool:
@@ -135,11 +143,34 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def read_csv(path: Path) -> list[list[str]]:
-    """CSV rows with every cell stripped; BOM, blank lines and undecodable bytes tolerated."""
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        rows = [[c.strip() for c in row] for row in csv.reader(f)]
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """The text of a user's file, decoded strictly: bytes that are not ``encoding`` are a
+    one-line error naming the line. Replacing them would merge labels that differ only in those
+    bytes (cp1252's ``légère`` and ``lègère`` both read as ``l\ufffdg\ufffdre``). A UTF-8 BOM
+    is dropped."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise LayoutError(f"{path.name} line {line}: byte {data[e.start:e.start + 1]!r} is not "
+                          f"{encoding}; save the file as UTF-8 (or give its encoding, e.g. "
+                          "--encoding cp1252 for a CSV from Excel on Windows)") from None
+
+
+def read_csv(path: Path, encoding: str = "utf-8") -> list[list[str]]:
+    """CSV rows with every cell stripped; BOM and blank lines tolerated, undecodable bytes
+    refused (:func:`read_text`)."""
+    text = io.StringIO(read_text(path, encoding), newline="")
+    rows = [[c.strip() for c in row] for row in csv.reader(text)]
     return [r for r in rows if any(r)]
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\x1b`` for ESC), for echoing what users'
+    files hold: a CSV header or file name can carry terminal escape codes that clear the screen
+    or set the window title. Newlines are escaped too, so an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _levels(root: Path, max_depth: int):

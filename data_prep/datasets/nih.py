@@ -11,7 +11,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import DatasetSpec, LayoutError, Record, Scan, find_file, is_image, list_files, read_csv
+from .base import (
+    DatasetSpec,
+    LayoutError,
+    Record,
+    Scan,
+    find_file,
+    is_image,
+    list_files,
+    read_csv,
+    read_text,
+)
 
 LABEL_NAMES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
                "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
@@ -43,8 +53,7 @@ def image_dirs(base: Path) -> list[Path]:
 def read_list(path: Path | None) -> set[str]:
     if path is None:
         return set()
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        return {Path(line.strip()).name for line in f if line.strip()}
+    return {Path(line.strip()).name for line in read_text(path).splitlines() if line.strip()}
 
 
 def scan(root: Path) -> Scan:

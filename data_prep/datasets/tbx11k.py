@@ -12,7 +12,8 @@ images, so no task reads it). Group = the file (its path under ``imgs/``).
 
 Rejects: a JSON image whose file is absent (``file missing``), a file outside the five folders
 (``label missing``), a box that is not 4 finite numbers with w, h > 0 and a known category
-(``label missing``), a non-image file (``bad name``).
+(``label missing``), a box wholly outside its image (``bad box``, found when decoding), a
+non-image file (``bad name``).
 """
 
 from __future__ import annotations

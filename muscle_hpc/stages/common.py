@@ -13,6 +13,7 @@ from typing import TypeVar
 import torch
 import torchvision
 
+from data_prep.datasets.base import printable
 from muscle_hpc import checkpoint, config, dist, provenance, runlock
 from muscle_hpc.config import ConfigError
 from muscle_hpc.data.shards import ShardError
@@ -36,7 +37,7 @@ def parse_args(stage: str, doc: str, argv, example: str, *, config_default=None,
 
 def fail(stage: str, message: str) -> int:
     """Say ``message`` on stderr as the stage's error; the exit status of a refused start."""
-    print(f"{stage}: error: {message}", file=sys.stderr)
+    print(f"{stage}: error: {printable(message)}", file=sys.stderr)
     return 2
 
 
