@@ -2,7 +2,7 @@
 
     python -m data_prep.convert --dataset NAME --root DIR --out DIR [--workers N]
         [--size 800x500] [--split paper|official] [--seed S] [--force]
-        [--role task|pretrain --as NEWNAME]
+        [--role task|pretrain --as NEWNAME] [--verify]
     python -m data_prep.convert --dataset NEW --layout folders|csv|masks|coco --root DIR
         --out DIR [layout options]
     python -m data_prep.convert --datasets FILE.yaml --root DIR --out DIR
@@ -12,6 +12,8 @@ one per sample in shard order: the index of its patient in the sorted list of th
 patients), and ``OUT/NAME/manifest.json``. Splits with no image get no shard. ``--dataset all``
 converts every one of the nine datasets found under ``--root`` by its usual download folder
 name; ``--layout`` and ``--datasets`` read your own datasets (``data_prep/LAYOUTS.md``).
+The manifest records each shard's size, sample count and SHA-256: opening a shard checks the
+first two, ``--verify`` (or ``python -m data_prep.verify``) all three.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -33,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from . import layouts, shard
+from . import layouts, shard, verify
 from .datasets import NAMES, get_spec
 from .datasets.base import DatasetSpec, LayoutError, Record, Reject, printable, relpath
 from .imaging import MAX_BOXES, Decoded, Unusable, decode
@@ -256,15 +259,66 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
               "scanned": {"records": len(records), "rejects": len(rejects)}}
     if spec.definition is not None:
         params["definition"] = spec.definition
+    check_places(spec.name, root, out)
     final = out / spec.name
     previous = shard.read_manifest(final)
     if previous and previous.get("params") == params and not force:
         log(f"{spec.name}: already converted in {final} (use --force to redo)")
         return previous
+    with _converting(spec.name, out):
+        return _pack(spec, root, out, records, rejects, split, seed, size, workers, params)
 
+
+def check_places(name: str, root: Path, out: Path) -> None:
+    """Refuse an ``--out`` the conversion would read or destroy: inside the folder it scans
+    (the next run would find the shards as data, e.g. as a class folder), one that holds that
+    folder (publishing replaces ``OUT/NAME``), or an ``OUT/NAME`` that is not a conversion."""
+    final = out / name
+    r, o, f = root.resolve(), out.resolve(), final.resolve()
+    if o == r or r in o.parents:
+        raise ConvertError(f"{name}: --out {out} is inside --root {root}: the next conversion "
+                           "would read the shards as data; choose an --out outside it")
+    if f == r or f in r.parents:
+        raise ConvertError(f"{name}: --root {root} is inside {final}, which the conversion "
+                           "replaces; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{name}: --out {out} is a file, not a folder")
+    if final.exists() and not (final / shard.MANIFEST).is_file():
+        raise ConvertError(f"{name}: {final} exists and is not a finished conversion (it has no "
+                           f"{shard.MANIFEST}); move it away or choose another --out")
+
+
+@contextmanager
+def _converting(name: str, out: Path):
+    """Hold ``OUT/.NAME.lock`` while converting NAME: a second conversion into the same
+    ``--out`` (another shell, another node) is refused in one line, instead of deleting the
+    staging folder the first one is writing. ``runlock`` takes over a dead holder's lock."""
+    from muscle_hpc import runlock
+
+    lock_dir = out / f".{name}.lock"
+    try:
+        lock = runlock.acquire(lock_dir, log=print)
+    except runlock.RunLockError as e:
+        raise ConvertError(f"{name}: another conversion into {out} is running ({e})") from None
+    except OSError as e:
+        raise ConvertError(f"{name}: cannot write to --out {out}: {e.strerror or e}") from None
+    lock.keep_alive()
+    try:
+        yield
+    finally:
+        lock.release()
+        with suppress(OSError):
+            lock_dir.rmdir()
+
+
+def _pack(spec: DatasetSpec, root: Path, out: Path, records: list[Record],
+          rejects: list[Reject], split: str, seed: int, size, workers: int,
+          params: dict) -> dict:
+    """Decode, pack and publish (the caller holds the conversion's lock)."""
     splits = assign_splits(records, spec, split, seed)
     order = sorted(range(len(records)), key=lambda i: SPLITS.index(splits[i]))
     planned = Counter(splits)
+    final = out / spec.name
     stage = shard.staging_dir(out, spec.name)
     try:
         w, h = size
@@ -312,7 +366,10 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
             np.save(stage / f"{s}.groups.npy",
                     np.array([group_ids[p.record.group] for p in rows[s]], np.int32))
             manifest_splits[s] = {"file": f"{s}.beton", "count": len(rows[s]),
-                                  "groups": f"{s}.groups.npy", **_split_summary(spec, rows[s])}
+                                  **shard.identity(stage / f"{s}.beton"),
+                                  "groups": f"{s}.groups.npy",
+                                  "groups_sha256": shard.sha256(stage / f"{s}.groups.npy"),
+                                  **_split_summary(spec, rows[s])}
         del images, masks
         for tmp in stage.glob(".*.npy"):
             tmp.unlink()
@@ -504,6 +561,9 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("paper", "official"), default="paper")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="redo a finished conversion")
+    p.add_argument("--verify", action="store_true",
+                   help="then check every shard's checksum against the manifest (also a "
+                        "finished conversion's: python -m data_prep.verify does the same)")
     _layout_args(p)
     args = p.parse_args(argv)
     # SIGTERM (scancel, kill) and Ctrl-C stop at the next image and remove the staging folder.
@@ -527,6 +587,9 @@ def main(argv=None) -> int:
                 m = convert_dataset(spec, root, args.out, size, mode, args.seed, args.workers,
                                     args.force)
                 _report(m, time.time() - start, print)
+                if args.verify and verify.verify(args.out / spec.name):
+                    raise ConvertError(f"{spec.name}: shards in {args.out / spec.name} differ "
+                                       "from their manifest; convert again with --force")
             except (ConvertError, LayoutError) as e:
                 if len(jobs) == 1:
                     raise ConvertError(str(e)) from None

@@ -10,6 +10,7 @@ bytes of a shard depend only on its inputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +22,8 @@ import numpy as np
 from .imaging import MAX_BOXES
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: SPLIT.groups.npy next to every shard
+# 2: SPLIT.groups.npy next to every shard; 3: each split's bytes and SHA-256 (shard and groups)
+FORMAT_VERSION = 3
 
 
 def import_ffcv() -> None:
@@ -91,6 +93,62 @@ def write_shard(path: Path, fields: dict, columns: dict[str, np.ndarray]) -> Non
     ordered = {k: fields[k] for k in columns}
     writer = DatasetWriter(str(path), ordered, num_workers=1)
     writer.from_indexed_dataset(ArrayDataset(columns), chunksize=64)
+
+
+def sha256(path: Path) -> str:
+    """The file's SHA-256, read in 8 MiB blocks (a shard may be tens of GiB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def identity(path: Path) -> dict:
+    """What the manifest records to know later that a file is the one written: its size (cheap
+    to check whenever a shard is opened) and its SHA-256 (``python -m data_prep.verify``)."""
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+# ``ffcv.types.HeaderType``, the first bytes of a ``.beton`` (a test checks they are equal):
+# importing ffcv to read one integer costs seconds (numba) in processes that never load data,
+# such as the launcher planning a job.
+BETON_HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+                         ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+
+
+def beton_count(path: Path) -> int | None:
+    """The number of samples a ``.beton`` file's header declares (None when the file is shorter
+    than a header)."""
+    header = np.fromfile(path, dtype=BETON_HEADER, count=1)
+    return int(header[0]["num_samples"]) if len(header) else None
+
+
+def mismatch(folder: Path, split: dict, checksums: bool = False) -> str | None:
+    """What differs between a split's files in ``folder`` and what its manifest entry
+    ``split`` recorded when they were written, or None when nothing does. Without
+    ``checksums`` only sizes and the header's sample count are compared (cheap: done whenever a
+    shard is opened); with them, the SHA-256 of the shard and its groups file too (reads every
+    byte). A file cut short, replaced by another dataset's, or rewritten is caught."""
+    if "bytes" not in split:
+        return ("its manifest predates shard checks (converter format < 3): convert it again, "
+                "the converter redoes it")
+    path = folder / split["file"]
+    if not path.is_file():
+        return f"{path} is listed in the manifest but missing"
+    size = path.stat().st_size
+    if size != split["bytes"]:
+        return f"{path} is {size:,} bytes, its manifest says {split['bytes']:,}"
+    count = beton_count(path)
+    if count != split["count"]:
+        return f"{path} holds {count} samples, its manifest says {split['count']}"
+    if checksums:
+        if sha256(path) != split["sha256"]:
+            return f"{path}: SHA-256 differs from its manifest's (same size, other bytes)"
+        groups = folder / split["groups"]
+        if not groups.is_file() or sha256(groups) != split["groups_sha256"]:
+            return f"{groups} is missing or differs from its manifest's SHA-256"
+    return None
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -162,6 +162,35 @@ def test_killed_run_leaves_nothing_complete_and_rerun_finishes(demo, tmp_path):
     assert not list((tmp_path / "term").glob("*"))
 
 
+def test_a_second_conversion_into_the_same_out_is_refused_while_the_first_runs(demo, tmp_path):
+    """It used to delete the staging folder the first was writing (FileNotFoundError there)."""
+    base, _ = demo
+    args = ["--dataset", "nih", "--root", str(base / "downloads" / "ChestX-ray14"), "--size",
+            "800x500", "--workers", "1", "--out", str(tmp_path / "out")]
+    first = _run_cli(args)
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "out").glob(".nih.partial-*/.train.images.npy")) \
+                and time.time() < deadline:
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)  # a live conversion, mid-way
+        (staging,) = (tmp_path / "out").glob(".nih.partial-*")
+        second = subprocess.run([sys.executable, "-m", "data_prep.convert", *args], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        err = second.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            f"error: nih: another conversion into {tmp_path / 'out'} is running ("), err
+        assert f"pid {first.pid}" in err[0]
+        assert staging.is_dir()
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0
+    assert (tmp_path / "out/nih/manifest.json").is_file()
+    assert not list((tmp_path / "out").glob(".nih.*"))
+
+
 def test_stored_pixels_are_the_decoded_image(demo):
     """A shard holds exactly what imaging.decode makes of the file (no silent re-encoding)."""
     from data_prep.imaging import decode

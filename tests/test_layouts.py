@@ -138,6 +138,38 @@ def test_folders_without_split_folders_has_no_official_split(tmp_path, capsys):
     assert m["splits"]["train"]["label_counts"] == {"x": 2, "y": 2}
 
 
+def test_an_out_the_conversion_would_read_or_destroy_is_refused(tmp_path, capsys):
+    """--out inside --root made the shards a class folder on the next --force run (indices
+    shifted, an empty class); --root inside OUT/NAME would be replaced by the shards."""
+    root = tmp_path / "flat"
+    for k, rel in enumerate(("x/1.png", "x/2.png", "y/3.png", "y/4.png")):
+        img(root / rel, seed=k)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    cases = [(root / "shards", f"error: flat: --out {root / 'shards'} is inside --root {root}"),
+             (root, f"error: flat: --out {root} is inside --root {root}"),
+             (tmp_path, f"error: flat: --root {root} is inside {root}, which the conversion "
+                        "replaces")]
+    for out, message in cases:
+        assert run("--dataset", "flat", "--layout", "folders", "--root", root, "--out", out,
+                   "--force") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(message), err
+    write(tmp_path / "file", "x")
+    assert run("--dataset", "flat", "--layout", "folders", "--root", root, "--out",
+               tmp_path / "file") == 2
+    assert capsys.readouterr().err.strip() == f"error: flat: --out {tmp_path / 'file'} is a " \
+                                              "file, not a folder"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == \
+        sorted([*before, Path("file")])
+    (tmp_path / "o" / "flat").mkdir(parents=True)  # someone's folder, not a conversion
+    assert run("--dataset", "flat", "--layout", "folders", "--root", root, "--out",
+               tmp_path / "o") == 2
+    assert "exists and is not a finished conversion" in capsys.readouterr().err
+    assert run("--dataset", "flat", "--layout", "folders", "--root", root, "--out",
+               tmp_path / "out") == 0
+    assert manifest(tmp_path / "out", "flat")["fields"]["label"]["names"] == ["x", "y"]
+
+
 def test_a_patient_pattern_keeps_each_patients_images_in_one_split(tmp_path, capsys):
     root = tmp_path / "xr"  # the pediatric pneumonia download's names: personN_virus_M.jpeg
     for k in range(36):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import augment
-from .shards import Shard
+from .shards import Shard, ShardError
 
 # The paper's Z-score gray normalisation (MUSCLE, sec. 3.1).
 MEAN, STD = 122.786, 18.390
@@ -82,7 +82,7 @@ def ffcv_loader(shard: Shard, batch_size: int, fields: tuple[str, ...], *, shuff
         pipelines[name] = [decoders[doc["type"]]()] if name in fields else None
     missing = set(fields) - set(shard.fields)
     if missing:
-        raise ValueError(f"{shard.dataset}/{shard.split} has no field {sorted(missing)}")
+        raise ShardError(f"{shard.dataset}/{shard.split} has no field {sorted(missing)}")
     order = _order_class(rank, world, shuffle,
                          drop_uneven=drop_last if drop_uneven is None else drop_uneven)
     loader = Loader(str(shard.path), batch_size=batch_size, num_workers=num_workers,
@@ -211,6 +211,10 @@ class _Ring:
         return self.slots[self.i]
 
 
+class BatchSizeError(ValueError):
+    """The batch size cannot be served by these shards (said in one line)."""
+
+
 class TwoViewLoader:
     """MD-MoCo batches ``(query_view, key_view)``, each (B, 1, h, w) float32, Z-scored, where
     ``view_size`` = (w, h) is the recipe's (``augment.view_size``: the shard size, or
@@ -237,7 +241,7 @@ class TwoViewLoader:
                  sub_batch: int = 32, prefetch_depth: int = 2, with_keys: bool = False,
                  device=None, views: str = "paper"):
         if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise BatchSizeError("batch_size must be >= 1")
         self.rank, self.world = rank_and_world(distributed)
         self.shards, self.batch_size, self.seed = shards, batch_size, seed
         self.max_degrees, self.flip_prob, self.mean, self.std = max_degrees, flip_prob, mean, std
@@ -254,8 +258,8 @@ class TwoViewLoader:
         self.counts = np.array([len(ld.first_traversal_order) for ld in self.loaders])
         self.epoch = 0
         if len(self) == 0:
-            raise ValueError(f"{int(self.counts.sum())} samples per rank do not fill one batch "
-                             f"of {batch_size}")
+            raise BatchSizeError(f"{int(self.counts.sum())} samples per rank do not fill one "
+                                 f"batch of {batch_size}")
 
     def __len__(self) -> int:
         return int(self.counts.sum()) // self.batch_size

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep import shard as shard_files
+
 # MD-MoCo reads the training sets (the paper's 169,257 images of Table 1), never a task set's
 # valid/test images; ``extra`` (images that belong to no task, e.g. TBX11K's healthy, sick and
 # test folders) only when asked.
@@ -70,8 +72,11 @@ def open_shard(data_root: Path, dataset: str, split: str) -> Shard:
     if info is None:
         raise ShardError(f"{dataset}: no {split!r} split (has {', '.join(manifest['splits'])})")
     path = Path(data_root) / dataset / info["file"]
-    if not path.is_file():
-        raise ShardError(f"{dataset}: shard {path} is listed in the manifest but missing")
+    problem = shard_files.mismatch(path.parent, info)
+    if problem is not None:
+        hint = " (cut short, replaced or changed since it was converted: convert it again)" \
+            if "bytes" in info else ""
+        raise ShardError(f"{dataset}/{split}: {problem}{hint}")
     return Shard(path, dataset, split, info["count"], tuple(manifest["size"]), manifest)
 
 

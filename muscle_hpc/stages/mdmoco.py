@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from muscle_hpc import checkpoint, config, dist, monitor, registry, schedule
-from muscle_hpc.data.loaders import two_view_loader
+from muscle_hpc.data.loaders import BatchSizeError, two_view_loader
 from muscle_hpc.data.shards import ShardError, pretrain_shards
 from muscle_hpc.engine import StageError, TrainLoop, deepspeed_engine
 from muscle_hpc.models.backbone import build_backbone, export_torchvision
@@ -84,7 +84,7 @@ def run(args) -> int:
         per_rank = cfg.data.batch_size // env.world_size
         try:
             loader = two_view_loader(shards, per_rank, cfg.data, device=dist.train_device())
-        except ValueError as e:
+        except BatchSizeError as e:
             raise StageError(f"data.batch_size: {e}") from None
         knn = monitor.knn_loaders(watched, cfg.run.monitor_tasks, cfg.data, per_rank,
                                   dist.train_device()) if cfg.run.monitor_every_steps else None
