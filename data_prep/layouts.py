@@ -365,7 +365,11 @@ def _csv(name: str, root: Path, opts: dict) -> DatasetSpec:
                 continue
             p = index.find(ref)
             if p is None:
-                out.reject(r, images / ref, "file missing: listed in CSV but file missing")
+                outside = ".." in Path(ref.replace("\\", "/")).parts and \
+                    (images / ref).resolve().is_file()
+                out.reject(r, images / ref, f"outside --images: {ref} leads out of {images} "
+                           "(give paths under it, or absolute ones)" if outside else
+                           "file missing: listed in CSV but file missing")
                 continue
             if p in used:
                 out.reject(r, p, f"listed twice in CSV: {where} repeats row {used[p]}")

@@ -326,6 +326,15 @@ def test_csv_value_rejects_nan_and_labels_sort_numerically(tmp_path):
                "--value-column", "score", "--out", out) == 0
     r = reasons(manifest(out, "s"))
     assert set(r) == {"1.png", "2.png"} and all(v.startswith("bad label") for v in r.values())
+    img(tmp_path / "beside.png", seed=9)  # exists, but ../ leads out of the images folder
+    write(root / "t.csv", "image,grade\n0.png,1\n../beside.png,2\n../gone.png,2\n")
+    assert run("--dataset", "u", "--layout", "csv", "--root", root, "--csv", "t.csv",
+               "--label-column", "grade", "--out", out, "--role", "pretrain") == 0
+    assert reasons(manifest(out, "u")) == {
+        "../beside.png": f"outside --images: ../beside.png leads out of {root} (give paths "
+                         "under it, or absolute ones)",
+        "../gone.png": "file missing: listed in CSV but file missing",
+        "1.png": "not in the CSV", "2.png": "not in the CSV", "3.png": "not in the CSV"}
 
 
 def test_csv_errors_are_one_line(csv_tree, tmp_path, capsys):
