@@ -48,10 +48,13 @@ class ConfigError(ValueError):
 
 
 def opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
-        gt: float | None = None, choices: tuple | None = None, refuse: dict | None = None):
+        gt: float | None = None, choices: tuple | None = None, refuse: dict | None = None,
+        empty: str | None = None):
     """A dataclass field with checks: ``lo <= v <= hi``, ``v > gt``, ``v in choices`` (for a
-    list, every item), and ``refuse``: values refused with their own reason."""
-    meta = {"lo": lo, "hi": hi, "gt": gt, "choices": choices, "refuse": refuse or {}}
+    list, every item), and ``refuse``: values refused with their own reason. ``empty``: what
+    the empty string means, for the message when a string key is given no value."""
+    meta = {"lo": lo, "hi": hi, "gt": gt, "choices": choices, "refuse": refuse or {},
+            "empty": empty}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -242,7 +245,8 @@ class HeadsConfig:
 class ClModelConfig(HeadsConfig):
     arch: str = opt("resnet50", choices=registry.ARCHS)
     # The MD-MoCo backbone (its export); empty: Kaiming init (no pre-training).
-    init: str = str(registry.exported_backbone(registry.mdmoco_dir("runs", "r50")))
+    init: str = opt(str(registry.exported_backbone(registry.mdmoco_dir("runs", "r50"))),
+                    empty="no pre-training, Kaiming init")
 
 
 @dataclass(frozen=True)
@@ -368,6 +372,9 @@ class FtTask:
     headline: str = ""  # the metric that selects the best epoch (default: the kind's)
     box_categories: list[int] | None = None  # detection: the shard category id of each class
     target: str = ""  # regression: the shard field it predicts (default: value)
+    # {class: its mirror class}: what a horizontal flip (data.flip_prob) turns into what. Left
+    # out: read from the class names (registry.lateral_partners, left_x <-> right_x); {}: none.
+    flip_pairs: dict[str, str] | None = None
 
 
 def _default_ft_tasks() -> dict[str, FtTask]:
@@ -384,6 +391,8 @@ def task_definition(name: str, entry: FtTask) -> registry.Task:
     or contradicts itself (a kind without its classes, a headline the kind does not report)."""
     given = {k: getattr(entry, k) for k in _DEFINITION_KEYS if getattr(entry, k)}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    if entry.flip_pairs is not None:  # {} is a statement too: no class mirrors another
+        given["flip_pairs"] = tuple(entry.flip_pairs.items())
     key = f"tasks.{name}"
     if not NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"{key}: a task name is letters, digits, '_' and '-' (it names run "
@@ -437,6 +446,27 @@ def check_definition(defn: registry.Task, where: str = "") -> None:
     if defn.headline not in defn.metrics:
         raise ConfigError(f"{key}.headline: {defn.headline!r} is not one of its metrics "
                           f"({', '.join(defn.metrics)})")
+    paired = [c for pair in defn.flip_pairs or () for c in pair]
+    foreground = defn.classes[1:] if defn.kind == "segmentation" else defn.classes
+    if set(paired) - set(foreground) or len(set(paired)) != len(paired):
+        raise ConfigError(f"{key}.flip_pairs: {{class: its mirror class}}, each of "
+                          f"{list(foreground)} at most once and never its own mirror; got "
+                          f"{dict(defn.flip_pairs or ())}{where}")
+
+
+def check_flips(defn: registry.Task, flip_prob: float) -> None:
+    """A task whose classes name a side and have no mirror class cannot be flipped: the
+    flip would put each on the other side of the body under its own name. Raises
+    ``ConfigError``."""
+    lonely = defn.unpaired_sides
+    if flip_prob > 0 and lonely:
+        which = (f"class {lonely[0]} names a side and has" if len(lonely) == 1 else
+                 f"classes {', '.join(lonely)} name a side and have")
+        raise ConfigError(f"tasks.{defn.name}.flip_pairs: {which} no mirror class among "
+                          f"{list(defn.classes)}, so a flip (data.flip_prob={flip_prob:g}) "
+                          f"would show it on the other side under its own name; give "
+                          f"tasks.{defn.name}.flip_pairs ({{class: its mirror}}, {{}} if none "
+                          f"mirrors) or set data.flip_prob=0")
 
 
 @dataclass(frozen=True)
@@ -735,9 +765,18 @@ def _build(schema: type, data: Any, prefix: str, root: type | None = None, base=
         elif _entries(tp):
             values[f.name] = _build_entries(_entries(tp), data[f.name], key, root,
                                             f.default_factory())
+        elif data[f.name] is None and tp is str:
+            raise ConfigError(_no_value(key, f.metadata))
         else:
             values[f.name] = _check(key, _convert(key, tp, data[f.name]), f.metadata)
     return schema(**values)
+
+
+def _no_value(key: str, meta) -> str:
+    # Often a shell's doing: it turns key='' into key= before we see it.
+    empty = meta.get("empty") or "an empty string"
+    return (f"{key}: no value given: give one, or {key}='' for {empty} (on a shell command "
+            f"line: {key}=\"''\")")
 
 
 def _build_entries(entry: type, data: Any, key: str, root: type, defaults: dict) -> dict:
@@ -767,6 +806,11 @@ def _convert(key: str, tp, v):
             return None
         (tp,) = [a for a in args if a is not type(None)]
         return _convert(key, tp, v)
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(v).__name__} {v!r}")
+        return {_convert(f"{key} key", args[0], k): _convert(f"{key}.{k}", args[1], x)
+                for k, x in v.items()}
     if origin is list:
         if isinstance(v, str):  # data.datasets=nih,mura
             v = [s.strip() for s in v.split(",") if s.strip()]
@@ -800,6 +844,8 @@ def _convert(key: str, tp, v):
 
 
 def _check(key: str, v, meta):
+    if isinstance(v, dict):  # a mapping's checks are its reader's (check_definition)
+        return v
     if isinstance(v, list):
         for x in v:
             _check(key, x, meta)

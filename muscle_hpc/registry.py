@@ -36,7 +36,9 @@ evaluates anything.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +81,45 @@ def task_metrics(kind: str, classes: tuple[str, ...]) -> tuple[str, ...]:
     raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
 
 
+# A name's words: split at anything but letters and digits, and at a lower-to-upper case turn
+# (leftLung), so "Left lung", "left_lung" and "LeftLung" are the same three words apart.
+_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+_SIDE = {"left": "right", "right": "left"}
+_SIDE_LETTER = {"l": "r", "r": "l"}
+
+
+def lateral_partners(classes: Sequence[str]) -> dict[str, str | None]:
+    """The classes whose names say a side of the body, each mapped to its mirror image among
+    ``classes``, or to None when there is none. The one place this rule lives.
+
+    Rule: names are compared as their words, case-insensitively (words split at anything but a
+    letter or digit and at a lower-to-upper case turn). A name says a side when a word of it is
+    ``left`` or ``right`` and it does not hold both (``left_or_right`` is no side); its mirror
+    is the one class whose words are the same with every such word swapped
+    (``left_femoral_head`` and ``right_femoral_head``, "Left lung" and "Right lung"); two
+    classes of the same words (``Left lung`` and ``left_lung``) have no mirror: ambiguous.
+    The single letters ``l`` and ``r`` count as sides only where that swap finds exactly one
+    class (``L_hip`` and ``R_hip``): a lone ``l`` may mean anything else, so without a partner
+    it is no side."""
+    words = {c: tuple(w.lower() for w in _WORDS.findall(c)) for c in classes}
+    by_words: dict[tuple[str, ...], list[str]] = {}
+    for c, ws in words.items():
+        by_words.setdefault(ws, []).append(c)
+    out: dict[str, str | None] = {}
+    for c, ws in words.items():
+        for sides in (_SIDE, _SIDE_LETTER):
+            if len({w for w in ws if w in sides}) != 1:  # no side word, or both
+                continue
+            partners = by_words.get(tuple(sides.get(w, w) for w in ws), [])
+            if len(partners) == 1 and len(by_words[ws]) == 1:
+                out[c] = partners[0]
+                break
+            if sides is _SIDE:
+                out[c] = None
+                break
+    return out
+
+
 @dataclass(frozen=True)
 class Task:
     """A task definition: the same keys a user's task has under ``tasks.<name>`` of a fine-tune
@@ -88,7 +129,9 @@ class Task:
     detection only, the shard's box category id of each class (default 1..K: a box category not
     listed is not learned); ``target``: regression only, the shard field it predicts;
     ``batch_size``: the default global batch of the continual and fine-tune stages (memory
-    differs by kind: a detector's images cost most)."""
+    differs by kind: a detector's images cost most); ``flip_pairs``: the classes a horizontal
+    flip turns into each other, as pairs (None: ``lateral_partners`` of the class names; an
+    empty tuple: the user says none does)."""
 
     name: str
     dataset: str
@@ -99,6 +142,7 @@ class Task:
     headline: str = ""  # empty: the kind's (HEADLINES)
     box_categories: tuple[int, ...] = ()
     target: str = "value"
+    flip_pairs: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self):
         if not self.headline:
@@ -110,6 +154,21 @@ class Task:
     def metrics(self) -> tuple[str, ...]:
         """Its test metrics in the report's column order (``task_metrics``)."""
         return task_metrics(self.kind, self.classes)
+
+    @property
+    def mirrored(self) -> dict[str, str]:
+        """Each class a horizontal flip turns into another, mapped to that one (both ways)."""
+        if self.flip_pairs is None:
+            return {c: p for c, p in lateral_partners(self.classes).items() if p is not None}
+        return {**dict(self.flip_pairs), **{b: a for a, b in self.flip_pairs}}
+
+    @property
+    def unpaired_sides(self) -> tuple[str, ...]:
+        """Classes whose names say a side and that have no mirror class: a flip would teach
+        each on the other side. None when ``flip_pairs`` is given (the user's word)."""
+        if self.flip_pairs is not None:
+            return ()
+        return tuple(c for c, p in lateral_partners(self.classes).items() if p is None)
 
 
 @dataclass(frozen=True)

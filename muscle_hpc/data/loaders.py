@@ -352,7 +352,13 @@ def task_loader(shard: Shard | None, batch_size: int, task, data_cfg, *, train: 
     ``data`` config (seed, flip, Z-score, workers): ``train=True`` for the training split,
     ``False`` to evaluate. A ``TaskLoader`` over ``shard`` reading the fields of the task's kind
     (a regression task's ``target``), or with ``data.synthetic`` random images of the task's
-    kind and classes."""
+    kind and classes. A training loader that flips swaps the classes a flip mirrors
+    (``task.flip_swap``), and refuses a task whose side-naming classes have no mirror."""
+    flips = train and data_cfg.flip_prob > 0
+    if flips:
+        from muscle_hpc.config import check_flips
+
+        check_flips(task.definition, data_cfg.flip_prob)
     if data_cfg.synthetic:
         from .synthetic import SyntheticTaskLoader
 
@@ -365,7 +371,8 @@ def task_loader(shard: Shard | None, batch_size: int, task, data_cfg, *, train: 
     return TaskLoader(shard, batch_size, task.kind, train=train, seed=data_cfg.seed,
                       flip_prob=data_cfg.flip_prob, mean=data_cfg.mean, std=data_cfg.std,
                       num_workers=data_cfg.num_workers, distributed=distributed, device=device,
-                      fraction=fraction, target=getattr(task, "target", "value"))
+                      fraction=fraction, target=getattr(task, "target", "value"),
+                      flip_swap=task.flip_swap() if flips else None)
 
 
 def subset_size(count: int, fraction: float) -> int:
@@ -414,6 +421,9 @@ class TaskLoader:
 
     ``train=True`` shuffles per epoch and flips horizontally (mask and boxes with the image);
     otherwise order is fixed, nothing is flipped and the last partial batch is kept.
+    ``flip_swap``: {stored class value: its mirror's}, applied to a flipped image's mask
+    values, label, label columns or box categories, so that a flipped left stays "left" in
+    the sense the unflipped images teach (the patient's left on the image's right).
     ``device``: where the batches will be copied; a CUDA device pins image and mask.
     ``fraction`` < 1: only that fraction of the split, whole patients drawn by ``seed``
     (``train_subset``), for label-scarce training; ``examples``: the images used.
@@ -422,13 +432,18 @@ class TaskLoader:
     def __init__(self, shard: Shard, batch_size: int, kind: str, *, train: bool,
                  seed: int = 0, flip_prob: float = 0.5, mean: float = MEAN, std: float = STD,
                  num_workers: int = 2, distributed: bool = False, prefetch_depth: int = 2,
-                 device=None, fraction: float = 1.0, target: str = "value"):
+                 device=None, fraction: float = 1.0, target: str = "value",
+                 flip_swap: dict[int, int] | None = None):
         if kind not in TASK_FIELDS:
             raise ValueError(f"kind must be one of {', '.join(TASK_FIELDS)}, not {kind!r}")
         self.rank, self.world = rank_and_world(distributed)
         self.kind, self.train, self.seed, self.shard = kind, train, seed, shard
         self.fields = (target,) if kind == "regression" else TASK_FIELDS[kind]
         self.flip_prob = flip_prob if train else 0.0
+        swap = flip_swap or {}
+        self.mirror = np.arange(max([256, *(k + 1 for k in swap)]), dtype=np.int64)
+        self.mirror[list(swap)] = list(swap.values())
+        self.mirrors = bool(swap)
         self.mean, self.std, self.num_workers = mean, std, num_workers
         self.prefetch_depth, self.device = prefetch_depth, device
         self.width, self.height = shard.size
@@ -476,15 +491,21 @@ class TaskLoader:
         augment.rotate_flip_normalize(raw["image"].reshape(b, h, w), np.arange(b),
                                       np.zeros(b), flip, self.mean, self.std, image.numpy())
         batch = {"image": image, "index": torch.from_numpy(index)}
+        swap = flip if self.mirrors else np.zeros(b, bool)
         if self.kind == "classification":
-            batch["label"] = torch.from_numpy(raw["label"].reshape(b).astype(np.int64))
+            label = raw["label"].reshape(b).astype(np.int64)
+            label[swap] = self.mirror[label[swap]]
+            batch["label"] = torch.from_numpy(label)
         elif self.kind == "multilabel":
-            batch["labels"] = torch.from_numpy(raw["labels"].reshape(b, -1).astype(np.float32))
+            labels = raw["labels"].reshape(b, -1).astype(np.float32)
+            labels[swap] = labels[swap][:, self.mirror[:labels.shape[1]]]
+            batch["labels"] = torch.from_numpy(labels)
         elif self.kind == "regression":
             batch["value"] = torch.from_numpy(raw[self.fields[0]].reshape(b).astype(np.float32))
         elif self.kind == "segmentation":
             mask = np.empty((b, h, w), np.uint8)
             augment.flip_copy(raw["mask"].reshape(b, h, w), flip, mask)
+            mask[swap] = self.mirror[mask[swap]]
             batch["mask"] = torch.empty((b, h, w), dtype=torch.int64, pin_memory=pinned)
             batch["mask"].numpy()[...] = mask
         else:
@@ -495,6 +516,7 @@ class TaskLoader:
                 if flip[i]:
                     bx[:, [0, 2]] = w - bx[:, [2, 0]]
                 boxes.append(torch.from_numpy(bx))
-                labels.append(torch.from_numpy(raw["box_labels"][i, :counts[i]].astype(np.int64)))
+                cats = raw["box_labels"][i, :counts[i]].astype(np.int64)
+                labels.append(torch.from_numpy(self.mirror[cats] if swap[i] else cats))
             batch["boxes"], batch["box_labels"] = boxes, labels
         return batch

@@ -165,6 +165,7 @@ def prepare(cfg, world_size: int, on_cuda: bool, sel: Selection, produced_later:
                                  f"{'synthetic data has' if cfg.data.synthetic else 'shards have'}"
                                  f" no class names to take)")
     task = tasks.build(config.with_classes(defn, names))
+    config.check_flips(task.definition, cfg.data.flip_prob)
     if not cfg.data.synthetic:
         for shard in shards.values():
             task.check(shard)

@@ -84,6 +84,15 @@ class TaskKind:
     def test_metrics(self, records, m: FtEvalConfig) -> tuple[dict, dict]:
         return self.score(records, m), {}
 
+    def _stored(self, name: str) -> int:
+        """The value or column that stands for class ``name`` in the shard's field."""
+        return self.classes.index(name)
+
+    def flip_swap(self) -> dict[int, int]:
+        """What a horizontal flip turns each stored class value (mask value, label, label
+        column, box category) into, for the classes it mirrors (``definition.mirrored``)."""
+        return {self._stored(a): self._stored(b) for a, b in self.definition.mirrored.items()}
+
 
 class ClassificationTask(TaskKind):
     """One label of K >= 2 classes per image (shard field ``label``): a linear head, softmax
@@ -145,6 +154,10 @@ class MultilabelTask(TaskKind):
             self.columns = [list(names).index(c) for c in self.classes]
             return
         self._check_count(shard, "labels", names, "findings")
+
+    def _stored(self, name: str) -> int:
+        k = self.classes.index(name)
+        return k if self.columns is None else self.columns[k]
 
     def _labels(self, batch) -> torch.Tensor:
         labels = batch["labels"]
@@ -318,6 +331,9 @@ class DetectionTask(TaskKind):
                              f"{_names(f'{i} {n}' for i, n in enumerate(names, 1))}, the "
                              f"{self.name} task's box_categories {_names(missing)} are not "
                              f"among them")
+
+    def _stored(self, name: str) -> int:
+        return self.box_categories[self.classes.index(name)]
 
     def unused_categories(self, shard: Shard) -> list[str]:
         names = shard.fields["box_labels"]["names"]
