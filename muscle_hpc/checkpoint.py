@@ -10,8 +10,13 @@ trained on, so every file loads with a plain ``torch.load`` on a host without a 
 from __future__ import annotations
 
 import copy
+import errno
 import os
+import pickle
 import random
+import re
+import shutil
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +39,18 @@ def on_cpu(obj):
     return obj
 
 
+class NoSpaceError(OSError):
+    """A file not written for want of space (or quota); the message is one line naming the
+    file system, what the file needs and what is free. Nothing of the file is left behind."""
+
+
+class UnsafeFileError(ValueError):
+    """A file ``load`` refuses because unpickling it could run code; the message is one line."""
+
+
 def save(path: Path, state: dict) -> None:
+    """``state`` at ``path``, atomically. A full file system raises ``NoSpaceError`` and leaves
+    ``path`` as it was."""
     state = on_cpu(state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +61,12 @@ def save(path: Path, state: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        full = _out_of_space(e)
+        if full is None:
+            raise
+        tmp.unlink(missing_ok=True)  # first: the space it held is free again
+        raise NoSpaceError(_no_space(path, state, full)) from None
     finally:
         tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -64,12 +86,76 @@ def save_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _out_of_space(e: BaseException) -> OSError | None:
+    # torch.save reports a failed write as its own RuntimeError; the OSError is in the chain.
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _no_space(path: Path, state: dict, error: OSError) -> str:
+    need = _CountingSink()
+    torch.save(state, need)  # again, into nothing: only a failed write pays for it
+    mount, kind = _file_system(path.parent)
+    free = shutil.disk_usage(path.parent).free
+    return (f"{path}: {error.strerror} on the {kind} file system mounted at {mount}: the file "
+            f"needs {_size_text(need.bytes)}, {_size_text(free)} free")
+
+
+class _CountingSink:
+    def __init__(self):
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        self.bytes += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _file_system(path: Path) -> tuple[Path, str]:
+    """The mount point that holds ``path`` and its type (``?`` where /proc does not say)."""
+    mount = Path(os.path.realpath(path))
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    kind = "?"
+    with suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == str(mount):
+                kind = fields[2]  # no break: the last mount on a point is the one in use
+    return mount, kind
+
+
+def _size_text(n: float) -> str:
+    """``812 bytes``, ``3.4 MiB``."""
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} bytes" if i == 0 else f"{n:.1f} {units[i]}"
+
+
 def load(path: Path, map_location="cpu") -> dict | None:
-    """The checkpoint at ``path``, or None when there is none yet."""
+    """The checkpoint at ``path``, or None when there is none yet. Raises ``UnsafeFileError``
+    for a file that holds more than tensors and plain containers."""
     path = Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise
+        # torch's own message offers weights_only=False, i.e. running the file's code: not
+        # advice to repeat for a file from elsewhere.
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise UnsafeFileError(f"{path} holds objects other than tensors{what} and is refused "
+                              f"for safety: loading them could run code") from None
 
 
 def rng_state() -> dict:

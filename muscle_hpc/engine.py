@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from . import checkpoint, provenance
 from .config import changed_keys, dump_yaml, to_dict
-from .dist import DistEnv, mean, rank_world
+from .dist import DistEnv, gather_objects, mean, rank_world
 from .tblog import RunLogger
 
 if TYPE_CHECKING:
@@ -183,16 +183,27 @@ class RollingCheckpoint:
         return self.run_dir / "checkpoint" / f"step{step:09d}-rank{rank}.pth"
 
     def save(self, step: int, shared: dict, own: dict) -> None:
-        checkpoint.save(self._own_path(step, self.rank), {"step": step, **own})
-        if self.world > 1:
-            dist.barrier()
-        if self.rank == 0:
-            checkpoint.save(self.path, {"step": step, "world_size": self.world, **shared})
-            for old in (self.run_dir / "checkpoint").glob("step*-rank*.pth"):
-                if not old.name.startswith(f"step{step:09d}-"):
-                    old.unlink(missing_ok=True)
-        if self.world > 1:
-            dist.barrier()  # nobody races ahead to the next save while rank 0 prunes
+        """Raises ``checkpoint.NoSpaceError`` on every rank when a file of any rank did not
+        fit; the previous checkpoint then stands, and none of this step's files remain."""
+        own_path = self._own_path(step, self.rank)
+        full = self._agreed(_no_space(checkpoint.save, own_path, {"step": step, **own}))
+        if not full:
+            if self.rank == 0:
+                full = _no_space(checkpoint.save, self.path,
+                                 {"step": step, "world_size": self.world, **shared})
+                if not full:
+                    for old in (self.run_dir / "checkpoint").glob("step*-rank*.pth"):
+                        if not old.name.startswith(f"step{step:09d}-"):
+                            old.unlink(missing_ok=True)
+            # Also keeps any rank from racing ahead to the next save while rank 0 prunes.
+            full = self._agreed(full)
+        if full:
+            own_path.unlink(missing_ok=True)  # checkpoint.pth does not name this step
+            raise checkpoint.NoSpaceError(full)
+
+    def _agreed(self, message: str) -> str:
+        """The first rank's non-empty ``message``, on every rank ("": none); a barrier."""
+        return next((m for m in gather_objects([message]) if m), "")
 
     def save_training(self, step: int, engine, shared: dict) -> None:
         """``save`` of a training state: ``shared`` plus this rank's RNG state and the
@@ -210,13 +221,14 @@ class RollingCheckpoint:
         checkpoint.set_rng_state(own["rng"])
         return shared
 
-    def load(self, config: dict | None = None, may_change: tuple[str, ...] = ()
-             ) -> tuple[dict, dict] | None:
+    def load(self, config: dict | None = None, may_change: tuple[str, ...] = (),
+             kept: tuple[str, ...] = ()) -> tuple[dict, dict] | None:
         """``(shared, own)`` of the last complete checkpoint, or None when the run is new.
         Raises ``ValueError`` (one line) when the checkpoint cannot be resumed here: another
         world size, or, given the run's ``config`` (a ``to_dict`` tree, stored as
         ``shared["config"]``), a different value of any key not starting with one of
-        ``may_change``. Needs no process group, so a stage refuses before the rendezvous."""
+        ``may_change`` or named in ``kept``, or a ``run.zero_stage`` that stores the optimizer
+        state another way. Needs no process group, so a stage refuses before the rendezvous."""
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             try:
                 shared = checkpoint.load(self.path)
@@ -231,10 +243,18 @@ class RollingCheckpoint:
                                  f"(or start a new run directory)")
             if config is not None:
                 diff = [d for d in changed_keys(shared["config"], config)
-                        if not d.startswith(may_change)]
+                        if not d.startswith(may_change) or d.split(":")[0] in kept]
                 if diff:
                     raise ValueError(f"{self.path} was written with another config "
                                      f"({'; '.join(diff)}); restore it or use a new run.dir")
+                was, now = (c.get("run", {}).get("zero_stage", 0) for c in (shared["config"],
+                                                                             config))
+                if (was > 0) != (now > 0):
+                    raise ValueError(f"run.zero_stage: {self.path} was written with "
+                                     f"run.zero_stage={was}, not {now}: ZeRO 1 and 2 save the "
+                                     f"optimizer state split over the ranks, stage 0 whole, so "
+                                     f"neither resumes the other; resume with run.zero_stage="
+                                     f"{'0' if was == 0 else '1 or 2'}, or use a new run.dir")
             own_path = self._own_path(shared["step"], self.rank)
             try:
                 own = checkpoint.load(own_path)
@@ -244,6 +264,15 @@ class RollingCheckpoint:
             raise ValueError(f"{own_path} is missing: the checkpoint of step {shared['step']} "
                              f"is incomplete")
         return shared, own
+
+
+def _no_space(write: Callable, *args) -> str:
+    """``write(*args)``; the one line of its ``NoSpaceError``, else ""."""
+    try:
+        write(*args)
+    except checkpoint.NoSpaceError as e:
+        return str(e)
+    return ""
 
 
 class Window(NamedTuple):
@@ -304,6 +333,7 @@ class Start(NamedTuple):
 # Not 2 (a refused start) nor 128 + N (stopped by a signal, checkpointed: requeue).
 NONFINITE_EXIT = 1
 LOST_LOCK_EXIT = 3
+NO_SPACE_EXIT = 4
 
 
 def duration(seconds: float) -> str:
@@ -432,7 +462,8 @@ class TrainLoop:
         A NaN/Inf on any rank stops every rank without saving (``NONFINITE_EXIT``), and so
         does a run directory lost to another launch (``LOST_LOCK_EXIT``); else a save every
         ``run.checkpoint_every_steps``, when ``due``, or when a rank got a signal, which then
-        stops every rank after this same step (128 + signal)."""
+        stops every rank after this same step (128 + signal). A save that finds its file
+        system full stops every rank, the previous checkpoint intact (``NO_SPACE_EXIT``)."""
         lost = int(self.lock is not None and self.lock.lost is not None)
         signum, loss_bad, norm_bad, lost = self.stop.agreed(*self._nonfinite, lost)
         if lost:  # another launch took the run directory over: it is theirs now
@@ -442,20 +473,28 @@ class TrainLoop:
         if loss_bad or norm_bad:
             which = " and ".join(w for w, bad in (("loss", loss_bad), ("gradient norm", norm_bad))
                                  if bad)
-            last = (f"the last checkpoint, of step {self.saved_at}, is in {self.ckpt.path}"
-                    if self.saved_at is not None else "no checkpoint was written yet")
             if self.rank == 0:
                 print(f"{self.stage}: error: non-finite {which} at step {self.step} "
-                      f"{self.position}(NaN/Inf on a rank); stopped without saving: {last}",
-                      file=sys.stderr, flush=True)
+                      f"{self.position}(NaN/Inf on a rank); stopped without saving: "
+                      f"{self._last_checkpoint()}", file=sys.stderr, flush=True)
             return NONFINITE_EXIT
         if signum or due or self.step % self.checkpoint_every == 0:
-            self.save()
+            try:
+                self.save()
+            except checkpoint.NoSpaceError as e:
+                if self.rank == 0:
+                    print(f"{self.stage}: error: checkpoint of step {self.step} not saved: {e}; "
+                          f"{self._last_checkpoint()}", file=sys.stderr, flush=True)
+                return NO_SPACE_EXIT
         if not signum:
             return 0
         self.say(f"{self.stage}: stopped by signal {signum} after step {self.step}; checkpoint "
                  f"in {self.ckpt.path}")
         return 128 + signum
+
+    def _last_checkpoint(self) -> str:
+        return (f"the last checkpoint, of step {self.saved_at}, is in {self.ckpt.path}"
+                if self.saved_at is not None else "no checkpoint was written yet")
 
     def save(self) -> None:
         shared = {"model": self.model.state_dict(), "config": to_dict(self.cfg), **self.layout,

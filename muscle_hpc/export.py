@@ -58,6 +58,9 @@ def main(argv=None) -> int:
         if ckpt is None:
             raise ValueError("no such checkpoint")
         state = backbone_state(ckpt, args.encoder)
+    except checkpoint.UnsafeFileError as e:  # names the file itself
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - unreadable files included: one line, not a trace
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"export: error: {path}: {reason}", file=sys.stderr)

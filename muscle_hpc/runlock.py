@@ -88,6 +88,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 LOCK_NAME = "run.lock"
@@ -356,11 +357,24 @@ def acquire(run_dir: str | os.PathLike, *, stale_after_s: float = DEFAULT_STALE_
         raise ValueError(f"heartbeat_every_s ({heartbeat_every_s}) must be positive and below "
                          f"stale_after_s ({stale_after_s})")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     me = describe_self(host)
     tmp = run_dir / f".{LOCK_NAME}.{me['host']}.{me['pid']}.{me['token'][:8]}"
-    _write_new(tmp, me)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RunLockError(f"{run_dir} exists and is not a directory: move it away or choose "
+                           f"another run directory") from None
+    except OSError as e:
+        raise RunLockError(f"{run_dir}: cannot create the run directory: "
+                           f"{_why_not(e, run_dir)}") from None
+    try:
+        _write_new(tmp, me)
+    except OSError as e:
+        with suppress(OSError):  # a read-only file system refuses even that
+            tmp.unlink()
+        raise RunLockError(f"{run_dir}: cannot write in the run directory: {e.strerror}; a run "
+                           f"needs it writable") from None
     try:
         takeover = None
         for _ in range(_MAX_ATTEMPTS):
@@ -390,6 +404,15 @@ def acquire(run_dir: str | os.PathLike, *, stale_after_s: float = DEFAULT_STALE_
 
 
 _UNREADABLE = {"host": "?", "pid": "?", "token": None}
+
+
+def _why_not(e: OSError, run_dir: Path) -> str:
+    """Why ``run_dir`` could not be made, naming the part of its path in the way."""
+    for parent in reversed(run_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} is not a directory"
+    return e.strerror + (f" ({e.filename})" if e.filename and Path(e.filename) != run_dir
+                         else "")
 
 
 def _unreadable_stale(path: Path, mtime: float, stale_after_s: float) -> str:

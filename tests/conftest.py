@@ -113,3 +113,44 @@ def run_ranks(stage: str, world: int, args) -> str:
     codes, outs = finish_ranks(start_ranks(stage, world, args))
     assert codes == [0] * world, [o[-3000:] for o in outs]
     return outs[0]
+
+
+class Tmpfs:
+    """Real tmpfs mounts under one folder, for what only a real file system shows: a full one
+    (``size``), a read-only one. Needs the right to mount (root outside a locked-down
+    container); without it the test is skipped, saying so."""
+
+    def __init__(self, base: Path):
+        self.base, self.mounted = base, []
+
+    def mount(self, size: str, name: str = "fs") -> Path:
+        """A fresh tmpfs of ``size`` (mount's syntax: 1m, 200m) at ``base/name``."""
+        where = self.base / name
+        where.mkdir()
+        self._mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where))
+        self.mounted.append(where)
+        return where
+
+    def read_only(self, where: Path) -> None:
+        self._mount("-o", "remount,ro", str(where))
+
+    @staticmethod
+    def _mount(*args: str) -> None:
+        try:
+            done = subprocess.run(["mount", *args], capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no mount command here, and the test needs a real tmpfs")
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}), and the test "
+                        f"needs a real one")
+
+    def unmount_all(self) -> None:
+        for where in reversed(self.mounted):
+            subprocess.run(["umount", "--lazy", str(where)], check=False)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounts = Tmpfs(tmp_path)
+    yield mounts
+    mounts.unmount_all()

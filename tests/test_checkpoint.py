@@ -1,6 +1,9 @@
 """Rolling checkpoints: atomic under SIGKILL, weights_only, RNG round trip."""
 
+import argparse
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,8 +34,48 @@ def test_code_in_a_checkpoint_is_refused(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"x": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(checkpoint.UnsafeFileError) as refused:
         checkpoint.load(tmp_path / "evil.pth")
+    assert str(refused.value) == (f"{tmp_path / 'evil.pth'} holds objects other than tensors "
+                                  f"(print) and is refused for safety: loading them "
+                                  f"could run code")
+
+
+def test_export_refuses_a_file_with_objects_in_one_line_without_suggesting_to_run_them(
+        tmp_path, capsys):
+    """torch's own refusal tells the user to retry with weights_only=False, i.e. to run
+    whatever the file holds; the export says why it refuses and nothing more."""
+    from muscle_hpc import export
+
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": {}, "config": argparse.Namespace(arch="resnet18")}, path)
+    assert export.main([str(path), "--out", str(tmp_path / "b.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"export: error: {path} holds objects other than tensors "
+                   f"(argparse.Namespace) and is refused for safety: loading them could run "
+                   f"code\n")
+    assert not (tmp_path / "b.pth").exists()
+
+
+def test_a_full_file_system_says_so_in_one_line_and_keeps_the_last_file(tmpfs):
+    """A save that does not fit names the file system and the bytes, leaves the previous file
+    as it was and no part of the new one."""
+    fs = tmpfs.mount("1m")
+    path = fs / "checkpoint.pth"
+    checkpoint.save(path, {"version": 1, "x": torch.zeros(150_000)})  # 600 KB of 1 MiB
+    with pytest.raises(checkpoint.NoSpaceError) as full:
+        checkpoint.save(path, {"version": 2, "x": torch.ones(150_000)})
+    message = str(full.value)
+    found = re.fullmatch(rf"{re.escape(str(path))}: No space left on device on the tmpfs file "
+                         rf"system mounted at {re.escape(str(fs))}: the file needs "
+                         rf"([\d.]+) KiB, ([\d.]+) KiB free", message)
+    assert found, message
+    need, free = (float(x) * 1024 for x in found.groups())
+    assert need == pytest.approx(path.stat().st_size, abs=52)  # the same shapes
+    assert free == pytest.approx(shutil.disk_usage(fs).free, abs=52) and free < need
+    assert [p.name for p in fs.iterdir()] == ["checkpoint.pth"]  # no temporary file left
+    back = checkpoint.load(path)
+    assert back["version"] == 1 and torch.equal(back["x"], torch.zeros(150_000))
 
 
 def test_rng_state_round_trip(tmp_path):

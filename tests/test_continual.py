@@ -5,6 +5,7 @@ shards, real DeepSpeed, real gloo ranks, event files read back)."""
 import json
 import math
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 import torchvision
 from conftest import finish_ranks, run_ranks, start_ranks
 
-from muscle_hpc import dist, schedule
+from muscle_hpc import config, dist, schedule
 from muscle_hpc.engine import RollingCheckpoint
 from muscle_hpc.regularizers import L2SP, omega
 from muscle_hpc.stages import continual
@@ -300,7 +301,8 @@ def test_stop_mid_visit_by_signal_then_resume_equals_uninterrupted_run(task_shar
                                   "needs at least 2 images"),
     (["model.init=/nonexistent/backbone.pth"], "model.init: /nonexistent/backbone.pth not "
                                                "found (run MD-MoCo first, or set model.init='' "
-                                               "to start from Kaiming init)"),
+                                               "to start from Kaiming init; on a shell: "
+                                               "model.init=\"''\")"),
     (["cl.method=muscle-"], "cl.method: 'muscle-' is not one of muscle, muscle--"),
     (["optim.lr_min=1"], "optim.lr_min: 1.0 is above optim.lr_max 0.01"),
     (["cl.round=3"], "cl.round: unknown key (did you mean cl.rounds?)"),
@@ -326,6 +328,39 @@ def test_missing_task_shard_and_wrong_backbone_are_refused(task_shards, tmp_path
     err = capsys.readouterr().err
     assert err.startswith(f"continual: error: model.init: {tmp_path / 'r50.pth'} is not a "
                           f"resnet18 backbone") and err.count("\n") == 1
+
+
+def test_an_init_that_is_a_directory_or_left_empty_says_what_to_give(task_shards, tmp_path,
+                                                                    capsys):
+    """model.init naming MD-MoCo's run directory instead of its backbone file, and
+    model.init='' typed on a shell, which hands the stage model.init= (no value)."""
+    def error(*extra) -> str:
+        assert continual.main(overrides(task_shards, tmp_path / "run", *extra)) == 2
+        return capsys.readouterr().err
+
+    moco = tmp_path / "mdmoco_r18"
+    moco.mkdir()
+    assert error(f"model.init={moco}") == (
+        f"continual: error: model.init: {moco} is a directory; give a file, a torchvision "
+        f"resnet18 state dict (.pth); run MD-MoCo first, or set model.init='' to start from "
+        f"Kaiming init; on a shell: model.init=\"''\"\n")
+    (moco / "backbone_torchvision.pth").write_bytes(b"")
+    assert error(f"model.init={moco}") == (
+        f"continual: error: model.init: {moco} is a directory; give a file, a torchvision "
+        f"resnet18 state dict (.pth): {moco / 'backbone_torchvision.pth'} is one\n")
+
+    typed = "model.init=''"
+    argv = subprocess.run(["bash", "-c", f"printf %s {typed}"], capture_output=True,
+                          text=True, check=True).stdout
+    assert argv == "model.init="  # what the stage gets
+    assert error(argv) == (
+        "continual: error: model.init: no value given: give one, or model.init='' for no "
+        "pre-training, Kaiming init (on a shell command line: model.init=\"''\")\n")
+    advised = "model.init=\"''\""
+    argv = subprocess.run(["bash", "-c", f"printf %s {advised}"], capture_output=True,
+                          text=True, check=True).stdout
+    assert config.load(DEMO, [argv], config.ContinualConfig).model.init == ""
+    assert not (tmp_path / "run").exists()
 
 
 def test_launch_refuses_a_bad_continual_config_before_submitting(task_shards, tmp_path, capsys):

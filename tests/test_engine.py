@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 
+from muscle_hpc import checkpoint
 from muscle_hpc.engine import RollingCheckpoint, StepTimer, StopOnSignal
 
 
@@ -80,3 +81,47 @@ def test_deterministic_kernels_on_and_off():
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     assert not torch.are_deterministic_algorithms_enabled()
     assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_the_previous_one_and_no_file_of_its_own(tmpfs):
+    """Step 2's own file fits, its checkpoint.pth does not: the one line says why, step 1
+    stays the checkpoint, and no file of step 2 remains to be taken for part of it."""
+    fs = tmpfs.mount("1m")
+    ckpt = RollingCheckpoint(fs / "run", rank=0, world=1)
+    ckpt.save(1, {"model": {"w": torch.zeros(150_000)}}, {"rng": torch.tensor([1])})
+    with pytest.raises(checkpoint.NoSpaceError, match=rf"^{fs}/run/checkpoint.pth: No space "
+                                                      rf"left on device on the tmpfs file "
+                                                      rf"system mounted at {fs}: "):
+        ckpt.save(2, {"model": {"w": torch.ones(150_000)}}, {"rng": torch.tensor([2])})
+    assert sorted(p.name for p in (fs / "run").iterdir()) == ["checkpoint", "checkpoint.pth"]
+    assert [p.name for p in (fs / "run" / "checkpoint").iterdir()] == ["step000000001-rank0.pth"]
+    shared, own = ckpt.load()
+    assert shared["step"] == own["step"] == 1 and not shared["model"]["w"].any()
+
+
+def test_a_resume_refuses_what_would_change_the_checkpoints_layout_or_meaning(tmp_path):
+    """ZeRO 0 keeps the optimizer state whole in checkpoint.pth, ZeRO 1 and 2 split over the
+    ranks' files: a resume may move between 1 and 2, not across. A key the stage keeps (the
+    continual stage's run.seed, which draws its visit order) is refused though run.* may
+    change."""
+    ckpt = RollingCheckpoint(tmp_path, rank=0, world=1)
+    ckpt.save(4, {"config": {"run": {"zero_stage": 0, "seed": 0}}}, {})
+
+    def resume(zero_stage, seed=0):
+        return ckpt.load({"run": {"zero_stage": zero_stage, "seed": seed}}, ("run.",),
+                         kept=("run.seed",))
+
+    assert resume(0)
+    with pytest.raises(ValueError) as refused:
+        resume(1)
+    assert str(refused.value) == (
+        f"run.zero_stage: {tmp_path / 'checkpoint.pth'} was written with run.zero_stage=0, not "
+        f"1: ZeRO 1 and 2 save the optimizer state split over the ranks, stage 0 whole, so "
+        f"neither resumes the other; resume with run.zero_stage=0, or use a new run.dir")
+    with pytest.raises(ValueError, match=r"another config \(run.seed: 0 -> 1\)"):
+        resume(0, seed=1)
+
+    ckpt.save(5, {"config": {"run": {"zero_stage": 2, "seed": 0}}}, {})
+    assert resume(1) and resume(2)
+    with pytest.raises(ValueError, match="resume with run.zero_stage=1 or 2, or use a new"):
+        resume(0)

@@ -189,3 +189,17 @@ def test_pretraining_reads_the_training_sets_and_extra_only_when_asked(task_shar
             f"(tbx11k {extra[0].count})") in out
     assert final_state(tmp_path / "extra")["steps_per_epoch"] == \
         sum(s.count for s in with_extra) // 4
+
+
+def test_a_resume_at_another_zero_stage_is_refused_in_one_line(tmp_path, stage_error):
+    """Started at ZeRO 0 and resumed at ZeRO 1, the checkpoint holds no optimizer state
+    where ZeRO looks for it: one line before anything starts, the checkpoint untouched."""
+    args = ["--config", str(DEMO), "data.synthetic=16", "data.batch_size=4", "model.K=16",
+            "model.bn_groups=2", "run.monitor_every_steps=0", f"run.dir={tmp_path}"]
+    run_ranks("mdmoco", 1, [*args, "run.max_steps=1"])  # the demo's run.zero_stage=0
+    assert stage_error(*args, "run.max_steps=2", "run.zero_stage=1") == (
+        f"mdmoco: error: run.zero_stage: {tmp_path / 'checkpoint.pth'} was written with "
+        f"run.zero_stage=0, not 1: ZeRO 1 and 2 save the optimizer state split over the "
+        f"ranks, stage 0 whole, so neither resumes the other; resume with run.zero_stage=0, or "
+        f"use a new run.dir")
+    assert final_state(tmp_path)["step"] == 1

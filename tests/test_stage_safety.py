@@ -155,3 +155,73 @@ def test_every_stage_takes_the_lock(stage, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"in use by pid {os.getpid()}" in err and err.count("\n") == 1
     assert not (run_dir / "checkpoint.pth").exists()
+
+
+SYNTHETIC_MOCO = ["--config", str(ROOT / "configs" / "mdmoco_demo.yaml"), "data.synthetic=16",
+                  "data.batch_size=4", "model.K=16", "model.bn_groups=2",
+                  "run.monitor_every_steps=0", "run.allow_cpu=true"]
+
+
+def test_a_checkpoint_that_fills_the_disk_stops_every_rank_in_one_line(tmpfs):
+    """Two ranks on a real tmpfs with room for one checkpoint (~138 MB at ZeRO 0) but not
+    two: step 1's is saved, step 2's does not fit. Both ranks stop with one status; rank 0
+    says in one line which file system, how much the file needs and how much is free; step 1
+    stays the checkpoint and nothing of step 2 is left (a stray rank file would look like
+    part of a checkpoint)."""
+    fs = tmpfs.mount("200m")
+    run_dir = fs / "run"
+    codes, outs = finish_ranks(start_ranks("mdmoco", 2, [
+        *SYNTHETIC_MOCO, f"run.dir={run_dir}", "run.checkpoint_every_steps=1",
+        "run.max_steps=3"]))
+    assert codes == [4, 4], outs
+    assert not any("Traceback" in out for out in outs), outs
+    errors = [line for line in outs[0].splitlines() if "error" in line]
+    assert len(errors) == 1 and "error" not in outs[1], outs
+    saved = run_dir / "checkpoint.pth"
+    found = re.fullmatch(rf"mdmoco: error: checkpoint of step 2 not saved: {re.escape(str(saved))}"
+                         rf": No space left on device on the tmpfs file system mounted at "
+                         rf"{re.escape(str(fs))}: the file needs ([\d.]+) MiB, ([\d.]+) MiB "
+                         rf"free; the last checkpoint, of step 1, is in "
+                         rf"{re.escape(str(saved))}", errors[0])
+    assert found, errors[0]
+    need, free = (float(x) * 2**20 for x in found.groups())
+    assert need == pytest.approx(saved.stat().st_size, abs=0.06 * 2**20)  # the same shapes
+    assert free < need
+    assert torch.load(saved, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in (run_dir / "checkpoint").iterdir()) == [
+        "step000000001-rank0.pth", "step000000001-rank1.pth"]
+    assert not [p for p in run_dir.rglob(".*tmp*")]
+
+
+def test_a_run_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path, tmpfs, capsys):
+    """A run.dir that is a file, or on a read-only file system (new, or a finished run's):
+    status 2 and one line naming the path and the problem, not an OSError's traceback."""
+    from muscle_hpc.stages import mdmoco
+
+    def error(run_dir) -> str:
+        env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+        try:
+            assert mdmoco.main([*SYNTHETIC_MOCO, f"run.dir={run_dir}"]) == 2
+        finally:
+            os.environ.update(env)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine\n")
+    assert error(afile) == (f"mdmoco: error: {afile} exists and is not a directory: move it "
+                            f"away or choose another run directory\n")
+    assert error(afile / "run") == (f"mdmoco: error: {afile / 'run'}: cannot create the run "
+                                    f"directory: {afile} is not a directory\n")
+    assert afile.read_text() == "mine\n"
+
+    fs = tmpfs.mount("1m")
+    (fs / "finished").mkdir()
+    tmpfs.read_only(fs)
+    assert error(fs / "new" / "run") == (f"mdmoco: error: {fs / 'new' / 'run'}: cannot create "
+                                         f"the run directory: Read-only file system "
+                                         f"({fs / 'new'})\n")
+    assert error(fs / "finished") == (f"mdmoco: error: {fs / 'finished'}: cannot write in the "
+                                      f"run directory: Read-only file system; a run needs it "
+                                      f"writable\n")

@@ -14,10 +14,10 @@ import torch
 import torchvision
 
 from data_prep.datasets.base import printable
-from muscle_hpc import checkpoint, config, dist, provenance, runlock
+from muscle_hpc import checkpoint, config, dist, provenance, registry, runlock
 from muscle_hpc.config import ConfigError
 from muscle_hpc.data.shards import ShardError
-from muscle_hpc.engine import RollingCheckpoint, StageError, Start, select_kernels
+from muscle_hpc.engine import NO_SPACE_EXIT, RollingCheckpoint, StageError, Start, select_kernels
 from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
 
 T = TypeVar("T")
@@ -43,19 +43,24 @@ def fail(stage: str, message: str) -> int:
 
 def main(stage: str, body: Callable[[], int]) -> int:
     """``body()``, the stage's start and run; a refused start (config, shards, checkpoint, GPU,
-    run-directory lock) is one line on stderr and exit status 2, never a traceback."""
+    run-directory lock) is one line on stderr and exit status 2, never a traceback, and so is
+    a file that did not fit on its file system (``NO_SPACE_EXIT``)."""
     try:
         return body()
     except (ConfigError, ShardError, StageError) as e:
         return fail(stage, str(e))
+    except checkpoint.NoSpaceError as e:
+        fail(stage, str(e))
+        return NO_SPACE_EXIT
 
 
 @contextmanager
 def started(stage: str, cfg, env: dist.DistEnv, on_cuda: bool, run_dir: Path,
-            may_change: tuple[str, ...]) -> Iterator[Start]:
+            may_change: tuple[str, ...], kept: tuple[str, ...] = ()) -> Iterator[Start]:
     """The prelude every stage runs once its config and inputs are checked: a start without a
     GPU refused unless ``run.allow_cpu``, the run directory's rolling checkpoint read and
-    checked against ``cfg`` (keys starting with one of ``may_change`` may differ) before any
+    checked against ``cfg`` (keys starting with one of ``may_change`` may differ, those in
+    ``kept`` not) before any
     rendezvous, the GPU kernels chosen (``run.deterministic``), the process group joined, the
     run directory locked by rank 0 (``runlock``: refused while another live run holds it, on
     every rank, so all stop at once instead of waiting in a collective for a rank 0 that
@@ -64,7 +69,7 @@ def started(stage: str, cfg, env: dist.DistEnv, on_cuda: bool, run_dir: Path,
     config.check_device(cfg, on_cuda)
     ckpt = RollingCheckpoint(run_dir, env.rank, env.world_size)
     try:
-        resumed = ckpt.load(config.to_dict(cfg), may_change)
+        resumed = ckpt.load(config.to_dict(cfg), may_change, kept)
     except ValueError as e:
         raise StageError(str(e)) from None
     join(env, cfg.run.deterministic)
@@ -112,8 +117,15 @@ def join(env, deterministic: bool) -> None:
 def backbone_weights(path: str, arch: str, key: str, missing_hint: str) -> dict:
     """The torchvision state dict at ``path`` (the ``key`` of the config or the CLI that named
     it), checked to load into an ``arch`` backbone. Raises ``ConfigError`` in one line."""
+    if Path(path).is_dir():
+        inside = Path(path) / registry.EXPORTED_BACKBONE
+        raise ConfigError(f"{key}: {path} is a directory; give a file, a torchvision {arch} "
+                          f"state dict (.pth)"
+                          + (f": {inside} is one" if inside.is_file() else f"; {missing_hint}"))
     try:
         state = checkpoint.load(Path(path))
+    except checkpoint.UnsafeFileError as e:
+        raise ConfigError(f"{key}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file, in one line
         raise ConfigError(f"{key}: {path} cannot be read ({type(e).__name__})") from None
     if state is None:

@@ -43,6 +43,9 @@ from muscle_hpc.stages import common
 from muscle_hpc.tasks import TASKS
 
 RESUMABLE_CHANGES = ("run.", "data.num_workers")
+# Except run.seed: it draws every round's visit order, which a resume recomputes; another seed
+# would revisit tasks the interrupted round has visited and skip others.
+KEPT_ON_RESUME = ("run.seed",)
 
 
 def parse_args(argv):
@@ -55,7 +58,7 @@ def init_weights(cfg) -> dict | None:
         return None
     return common.backbone_weights(cfg.model.init, cfg.model.arch, "model.init",
                                    "run MD-MoCo first, or set model.init='' to start from "
-                                   "Kaiming init")
+                                   "Kaiming init; on a shell: model.init=\"''\"")
 
 
 def prepare(config_path, overrides, world_size: int, on_cuda: bool):
@@ -87,7 +90,7 @@ def run(args) -> int:
     env, on_cuda = dist.dist_env(), torch.cuda.is_available()
     cfg, shards, init, ds_config = prepare(args.config, args.overrides, env.world_size, on_cuda)
     with common.started("continual", cfg, env, on_cuda, Path(cfg.run.dir),
-                        RESUMABLE_CHANGES) as start:
+                        RESUMABLE_CHANGES, KEPT_ON_RESUME) as start:
         def loader(t, split):
             return task_loader(shards[t][split], cfg.batch_size(t) // env.world_size,
                                TASKS[t], cfg.data, train=split == "train",
