@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import multiprocessing
+import os
 import random
 import shutil
 import signal
@@ -266,7 +267,12 @@ def convert_dataset(spec: DatasetSpec, root: Path, out: Path, size=(800, 500), s
         log(f"{spec.name}: already converted in {final} (use --force to redo)")
         return previous
     with _converting(spec.name, out):
-        return _pack(spec, root, out, records, rejects, split, seed, size, workers, params)
+        try:
+            return _pack(spec, root, out, records, rejects, split, seed, size, workers, params)
+        except OSError as e:  # full after the check, a quota, a file system gone read-only
+            where = f" ({e.filename})" if e.filename else ""
+            raise ConvertError(f"{spec.name}: cannot write in {out}: {e.strerror or e}{where}; "
+                               "nothing half-written was left") from None
 
 
 def check_places(name: str, root: Path, out: Path) -> None:
@@ -295,13 +301,22 @@ def _converting(name: str, out: Path):
     staging folder the first one is writing. ``runlock`` takes over a dead holder's lock."""
     from muscle_hpc import runlock
 
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"{name}: cannot create --out {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        read_only = os.statvfs(out).f_flag & os.ST_RDONLY
+        raise ConvertError(f"{name}: --out {out} is not writable"
+                           + (" (a read-only file system)" if read_only else ""))
     lock_dir = out / f".{name}.lock"
     try:
         lock = runlock.acquire(lock_dir, log=print)
-    except runlock.RunLockError as e:
+    except runlock.InUseError as e:
         raise ConvertError(f"{name}: another conversion into {out} is running ({e})") from None
-    except OSError as e:
-        raise ConvertError(f"{name}: cannot write to --out {out}: {e.strerror or e}") from None
+    except (runlock.RunLockError, OSError) as e:
+        raise ConvertError(f"{name}: cannot write to --out {out}: "
+                           f"{getattr(e, 'strerror', None) or e}") from None
     lock.keep_alive()
     try:
         yield
@@ -319,6 +334,13 @@ def _pack(spec: DatasetSpec, root: Path, out: Path, records: list[Record],
     order = sorted(range(len(records)), key=lambda i: SPLITS.index(splits[i]))
     planned = Counter(splits)
     final = out / spec.name
+    # A memmap on a full file system dies of SIGBUS, with no message: check first. Staging
+    # arrays and shards are both on disk before the arrays are deleted.
+    layers = 2 if "mask" in spec.fields else 1
+    need, free = 2 * layers * len(records) * size[0] * size[1], shutil.disk_usage(out).free
+    if need > free:
+        raise ConvertError(f"{spec.name}: converting needs about {need / 2**20:,.1f} MiB in "
+                           f"{out} (staging arrays, then shards), {free / 2**20:,.1f} MiB free")
     stage = shard.staging_dir(out, spec.name)
     try:
         w, h = size

@@ -66,7 +66,11 @@ def main(argv=None) -> int:
         print(f"export: error: {path}: {reason}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else registry.exported_backbone(path.parent)
-    checkpoint.save(out, state)
+    try:
+        checkpoint.save(out, state)
+    except checkpoint.NoSpaceError as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 1
     print(f"export: {args.encoder} encoder of {path} (step {ckpt.get('step')}) -> {out}")
     return 0
 

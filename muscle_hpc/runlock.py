@@ -98,7 +98,12 @@ _HAVE_PROC = os.path.exists("/proc/self/stat")
 
 
 class RunLockError(ValueError):
-    """A run directory is in use (or its lock was lost); the message is one line."""
+    """A run directory is in use, cannot hold a lock, or its lock was lost; the message is one
+    line."""
+
+
+class InUseError(RunLockError):
+    """A live process holds the lock (``acquire``'s refusal)."""
 
 
 # ---------------------------------------------------------------------------- this process
@@ -216,12 +221,12 @@ def _why_dead_here(pid: int, start_time: int | None) -> str | None:
     return None
 
 
-def _refusal(run_dir, info: dict, mtime: float, me: dict, stale_after_s: float) -> RunLockError:
+def _refusal(run_dir, info: dict, mtime: float, me: dict, stale_after_s: float) -> InUseError:
     age = max(0.0, time.time() - mtime)
     text = f"{run_dir} is in use by {holder_text(info)}, heartbeat {age:.0f} s ago; stop it first"
     if info["host"] != me["host"]:
         text += f", or retry in {max(1.0, stale_after_s - age):.0f} s if it is dead"
-    return RunLockError(text)
+    return InUseError(text)
 
 
 # ------------------------------------------------------------------------------- the lock

@@ -57,6 +57,22 @@ def test_export_refuses_a_file_with_objects_in_one_line_without_suggesting_to_ru
     assert not (tmp_path / "b.pth").exists()
 
 
+def test_an_export_onto_a_full_file_system_is_one_line(tmp_path, tmpfs, capsys):
+    from muscle_hpc import export
+    from muscle_hpc.models.backbone import build_backbone
+
+    trunk = build_backbone("resnet18", in_chans=1).state_dict()
+    path = tmp_path / "checkpoint.pth"
+    checkpoint.save(path, {"model": {f"encoder_q.{k}": v for k, v in trunk.items()},
+                           "config": {"model": {"arch": "resnet18"}}, "step": 3})
+    out = tmpfs.mount("1m") / "backbone.pth"  # a ResNet-18 is ~45 MB
+    assert export.main([str(path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"export: error: {out}: No space left on "
+                                                    "device on the tmpfs file system"), err
+    assert not list(out.parent.iterdir())
+
+
 def test_a_full_file_system_says_so_in_one_line_and_keeps_the_last_file(tmpfs):
     """A save that does not fit names the file system and the bytes, leaves the previous file
     as it was and no part of the new one."""

@@ -170,6 +170,31 @@ def test_an_out_the_conversion_would_read_or_destroy_is_refused(tmp_path, capsys
     assert manifest(tmp_path / "out", "flat")["fields"]["label"]["names"] == ["x", "y"]
 
 
+def test_an_out_on_a_full_or_read_only_file_system_is_one_line(tmp_path, tmpfs, capsys):
+    """A staging memmap on a full file system died of SIGBUS, silently (exit 135)."""
+    root = tmp_path / "flat"
+    for k in range(24):
+        img(root / "ab"[k % 2] / f"{k}.png", seed=k, size=(128, 128))
+    full = tmpfs.mount("300k", "full")
+    args = ("--dataset", "flat", "--layout", "folders", "--root", root, "--size", "128x128",
+            "--workers", "1")
+    assert convert.main([*map(str, args), "--out", str(full / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"error: flat: converting needs about 0.8 MiB in {full / 'o'} (staging arrays, then "
+        "shards), 0.3 MiB free"), err
+    assert not any((full / "o").iterdir())
+    read_only = tmpfs.mount("10m", "ro")
+    (read_only / "o").mkdir()
+    tmpfs.read_only(read_only)
+    assert convert.main([*map(str, args), "--out", str(read_only / "new")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: flat: cannot create --out "
+                                               f"{read_only / 'new'}: Read-only file system")
+    assert convert.main([*map(str, args), "--out", str(read_only / "o")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: flat: --out {read_only / 'o'} is not "
+                                               "writable (a read-only file system)")
+
+
 def test_a_patient_pattern_keeps_each_patients_images_in_one_split(tmp_path, capsys):
     root = tmp_path / "xr"  # the pediatric pneumonia download's names: personN_virus_M.jpeg
     for k in range(36):
