@@ -138,3 +138,17 @@ def test_convert_verify_checks_a_finished_conversion(tmp_path, capsys):
     assert m["splits"]["train"]["sha256"] == shard.sha256(beton)
     assert verify.main([str(tmp_path / "src")]) == 2
     assert "no converted dataset (manifest.json)" in capsys.readouterr().err
+    args = ["--dataset", "flat", "--layout", "folders", "--root", str(tmp_path / "src2/flat"),
+            "--out", str(tmp_path / "out2"), "--size", "40x24", "--workers", "1", "--role",
+            "pretrain", "--verify"]
+    make_flat_dataset(tmp_path / "src2" / "flat", "gray", 6, 90)  # one class folder, "gray"
+    assert convert.main(args) == 0
+    assert "flat/train: ok (6 images)" in capsys.readouterr().out
+    with open(tmp_path / "out2/flat/train.beton", "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x01" if f.read(1) != b"\x01" else b"\x02")
+    assert convert.main(args) == 2  # already converted, but its shard changed since
+    out = capsys.readouterr()
+    assert "flat/train: MISMATCH" in out.out
+    assert out.err.strip() == (f"error: flat: shards in {tmp_path / 'out2/flat'} differ from "
+                               "their manifest; convert again with --force")
