@@ -40,7 +40,8 @@ def verify(folder: Path, log=print) -> int:
         problem = mismatch(folder, info, checksums=True)
         name = f"{manifest['dataset']}/{split}"
         if problem is None:
-            log(f"{name}: ok ({info['count']} images)")
+            n = info["count"]
+            log(f"{name}: ok ({n} image{'' if n == 1 else 's'})")
         else:
             bad += 1
             log(f"{name}: MISMATCH: {printable(problem)}")
