@@ -66,6 +66,19 @@ def test_protocols_and_fractions_are_axes_of_the_grid(capsys):
     assert out[3].split() == ["3", "lung", "mdmoco", "r18", "finetune", "0.01"]
 
 
+def test_a_list_cut_short_by_its_reader_is_no_traceback():
+    """``--list | head -1`` ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    fractions = ",".join(f"{k / 50:g}" for k in range(1, 51))  # 2,000 lines: > a pipe's 64 KiB
+    done = subprocess.run(["bash", "-c", f"'{sys.executable}' -m muscle_hpc.stages.finetune "
+                           f"--list grid.fractions=[{fractions}] | head -1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["0", "pneumonia", "scratch", "r18", "finetune", "0.02"]
+    assert done.stderr == ""
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--grid-index", "40"], "--grid-index: 40 is not in 0-39"),
     (["--grid-index", "3", "--task", "lung"], "do not also give"),

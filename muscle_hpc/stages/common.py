@@ -4,6 +4,7 @@ prelude (checkpoint, rendezvous, lock, provenance), reading a pre-trained backbo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -52,6 +53,11 @@ def main(stage: str, body: Callable[[], int]) -> int:
     except checkpoint.NoSpaceError as e:
         fail(stage, str(e))
         return NO_SPACE_EXIT
+    except BrokenPipeError:
+        # The reader of our output left (``--list | head``): nothing to report. Python's
+        # recipe: stdout to /dev/null, so the interpreter's last flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 @contextmanager
