@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from .datasets.base import Record
 
@@ -42,9 +42,13 @@ def to_uint8(im: Image.Image) -> np.ndarray:
 
 
 def open_image(path) -> Image.Image:
+    """The image as viewers show it: an EXIF orientation (phones, some scanners, JPEGs exported
+    from PACS viewers) is applied, as annotation tools apply it before anyone draws a mask or a
+    box. Stored as the raw pixels, an orientation that mirrors would swap the patient's sides."""
     try:
         im = Image.open(path)
         im.load()
+        ImageOps.exif_transpose(im, in_place=True)
     except FileNotFoundError:
         raise Unusable("file missing") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -45,6 +45,27 @@ def test_boxes_and_mask_follow_the_resize(tmp_path):
     assert d.mask[64, 10] == 1 and d.mask[64, 200] == 0 and d.mask[5, 10] == 0
 
 
+@pytest.mark.parametrize("orientation, shown", [(2, np.fliplr), (6, lambda a: np.rot90(a, -1))])
+def test_an_exif_orientation_is_applied_as_viewers_and_annotation_tools_apply_it(
+        tmp_path, orientation, shown):
+    """Orientation 2 mirrors: stored as the raw pixels, the patient's left would be on the
+    side every viewer (and the annotator who drew the box) shows as right."""
+    raw = np.zeros((32, 64), np.uint8)
+    raw[:, :16] = 255  # bright on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(raw).save(tmp_path / "x.png", exif=exif)
+    seen = shown(raw)  # what a viewer shows
+    h, w = seen.shape
+    ys, xs = np.nonzero(seen)
+    box = (float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1), 1)
+    d = decode(Record(tmp_path / "x.png", "g", boxes=(box,)), (w, h))
+    np.testing.assert_array_equal(d.image, seen)
+    np.testing.assert_allclose(d.boxes, [[box[0], box[1], box[0] + box[2], box[1] + box[3]]])
+    assert d.image[d.boxes[0, 1].astype(int):d.boxes[0, 3].astype(int),
+                   d.boxes[0, 0].astype(int):d.boxes[0, 2].astype(int)].min() == 255
+
+
 def _toy_spec(root: Path, n_groups=10, per_group=2) -> DatasetSpec:
     modes = ["L", "RGB", "RGBA", "I;16", "P"]
     for g in range(n_groups):
