@@ -108,6 +108,10 @@ def normalize(layout: str, options: dict) -> dict:
             raise LayoutError(f"{flag(key)} does not apply to the {layout} layout (it is for "
                               f"{', '.join(OPTIONS[key])})")
         out[key] = as_list(value) if key in LIST_OPTIONS else str(value)
+        twice = sorted({v for v in out[key] if out[key].count(v) > 1}) \
+            if key in LIST_OPTIONS else []
+        if twice:  # a class named twice would be two classes, one of them never seen
+            raise LayoutError(f"{flag(key)} names {twice[0]!r} more than once")
     role = out.setdefault("role", "task")
     if role not in ROLES:
         raise LayoutError(f"--role must be task or pretrain, not {role!r}")
@@ -318,24 +322,24 @@ def _csv(name: str, root: Path, opts: dict) -> DatasetSpec:
         raise LayoutError(f"{csv_path.name} is empty")
     header, body = rows[0], rows[1:]
 
+    def find(wanted: str, option: str) -> int:
+        if wanted not in header:
+            raise LayoutError(f"no column {wanted!r} ({option}) in {csv_path.name}; its "
+                              f"columns are: {', '.join(header)}")
+        if header.count(wanted) > 1:  # taking the first would be a guess
+            raise LayoutError(f"column {wanted!r} ({option}) appears {header.count(wanted)} "
+                              f"times in {csv_path.name}; rename all but one")
+        return header.index(wanted)
+
     def col(key: str, default: str | None = None) -> int | None:
         wanted = opts.get(key, default)
-        if wanted is None:
-            return None
-        if wanted not in header:
-            raise LayoutError(f"no column {wanted!r} ({flag(key)}) in {csv_path.name}; its "
-                              f"columns are: {', '.join(header)}")
-        return header.index(wanted)
+        return None if wanted is None else find(wanted, flag(key))
 
     image_col = col("image_column", "image")
     label_col, value_col = col("label_column"), col("value_column")
     patient_col, split_col = col("patient_column"), col("split_column")
     multi = opts.get("label_columns", [])
-    for c in multi:
-        if c not in header:
-            raise LayoutError(f"no column {c!r} (--label-columns) in {csv_path.name}; its "
-                              f"columns are: {', '.join(header)}")
-    multi_cols = [header.index(c) for c in multi]
+    multi_cols = [find(c, "--label-columns") for c in multi]
 
     def cell(row: list[str], i: int) -> str:
         return row[i] if i < len(row) else ""

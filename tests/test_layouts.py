@@ -432,7 +432,42 @@ def test_names_from_user_files_are_echoed_with_control_characters_escaped(tmp_pa
                "--label-column", "grade", "--out", out) == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and len(err.strip().splitlines()) == 1
-    assert "has a control character" in err and not (out / "g").exists()
+    assert err.startswith("error: g: the name 'a\\x1b]0;owned\\x07\\x1b[2J' (a class, "
+                          "category or column) has a control character") and \
+        not (out / "g").exists()
+
+
+def test_a_column_or_class_named_twice_is_refused(tmp_path, capsys):
+    """Each was a silent guess: the first of two 'label' columns was read, and --classes a,b,a
+    made a third class 'a' that no image has; two COCO categories of one name were two classes
+    a task could not tell apart."""
+    root = tmp_path / "r"
+    for k in range(4):
+        img(root / f"{k}.png", seed=k)
+    write(root / "t.csv", "image,label,label\n0.png,a,x\n1.png,b,y\n2.png,a,x\n3.png,b,y\n")
+    write(root / "u.csv", "image,label\n0.png,a\n1.png,b\n2.png,a\n3.png,b\n")
+    write(root / "c.json", json.dumps({
+        "images": [{"id": k, "file_name": f"{k}.png", "width": 64, "height": 64}
+                   for k in range(4)],
+        "annotations": [], "categories": [{"id": 1, "name": "nodule"},
+                                          {"id": 2, "name": "nodule"}]}))
+    out = tmp_path / "o"
+    cases = [(["--csv", "t.csv", "--label-column", "label"],
+              "error: d: column 'label' (--label-column) appears 2 times in t.csv; rename all "
+              "but one"),
+             (["--csv", "u.csv", "--label-column", "label", "--classes", "a,b,a"],
+              "error: --classes names 'a' more than once"),
+             (["--csv", "t.csv", "--label-columns", "label"],
+              "error: d: column 'label' (--label-columns) appears 2 times in t.csv"),
+             (["--coco", "c.json", "--role", "pretrain"],
+              "error: d: two classes are named 'nodule'; rename one in the source")]
+    for extra, message in cases:
+        layout = "coco" if "--coco" in extra else "csv"
+        assert run("--dataset", "d", "--layout", layout, "--root", root, "--out", out,
+                   *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(message), err
+    assert not (out / "d").exists()
 
 
 def test_names_are_checked(tmp_path, capsys):

@@ -110,8 +110,14 @@ class DatasetSpec:
         for name in (*self.label_names, *self.box_categories, *self.mask_classes,
                      self.value_name):
             if printable(name) != name:
-                raise LayoutError(f"{self.name}: the name {name!r} (a class, category or "
-                                  "column) has a control character; rename it in the source")
+                raise LayoutError(f"the name {name!r} (a class, category or column) has a "
+                                  "control character; rename it in the source")
+        # A task finds a class by its name; two classes of one name cannot both be found.
+        for names in (self.label_names, self.box_categories, self.mask_classes):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise LayoutError(f"two classes are named {twice[0]!r}; rename one in the "
+                                  "source")
 
 
 def is_junk(path: Path) -> bool:
