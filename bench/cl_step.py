@@ -26,8 +26,9 @@ import time
 import torch
 
 from muscle_hpc.config import HeadsConfig
-from muscle_hpc.models.backbone import ARCHS, build_backbone
-from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
+from muscle_hpc.models.backbone import ARCHS
+from muscle_hpc.models.build import build_multitask
+from muscle_hpc.models.heads import MultiTaskNet
 from muscle_hpc.regularizers import L2SP, omega
 from muscle_hpc.tasks import TASKS
 
@@ -39,9 +40,7 @@ def size(text: str) -> tuple[int, int]:
 
 def make_net(arch: str, tasks, heads: HeadsConfig, device) -> MultiTaskNet:
     torch.manual_seed(0)
-    channels = trunk_channels(arch)
-    return MultiTaskNet(build_backbone(arch),
-                        {t: TASKS[t].head(channels, heads) for t in tasks}).to(device)
+    return build_multitask(arch, {t: TASKS[t] for t in tasks}, heads).to(device)
 
 
 def sgd(net, backbone_decay: float = 1e-4) -> torch.optim.SGD:

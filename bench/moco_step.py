@@ -26,7 +26,7 @@ import os
 import statistics
 import tempfile
 import time
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,13 +36,16 @@ import torch.nn.functional as F
 from muscle_hpc import config, dist
 from muscle_hpc.engine import deepspeed_engine
 from muscle_hpc.models.backbone import ARCHS, build_backbone
+from muscle_hpc.models.build import build_moco
 from muscle_hpc.models.moco import MoCo, bn_channels, bus_bytes, moco_collective_bytes
 
 
 def make_moco(arch: str, K: int) -> MoCo:
+    """The stage's MoCo (the default config's model section) at ``arch`` and queue ``K``, with
+    one shuffle-BN group per rank: the reference's layout, whose collectives the byte
+    formulas count."""
     torch.manual_seed(0)
-    return MoCo(partial(build_backbone, arch), dim=128, K=K, m=0.999, T=0.2, mlp=True,
-                bn="shuffle")
+    return build_moco(replace(config.MocoConfig().model, arch=arch, K=K, bn_groups=1))
 
 
 def batch(rank: int, b: int, w: int, h: int):

@@ -70,10 +70,12 @@ def to_device(batch, device):
 
 class Workload:
     """One stage's training step: ``step(batch)`` as the stage runs it, a ``loader`` of the
-    stage's loader path, and the images per step."""
+    stage's loader path, the images per step, and the ``model`` stepped (the stage's builder's,
+    ``muscle_hpc.models.build``)."""
 
-    def __init__(self, name: str, step, loader, images: int):
+    def __init__(self, name: str, step, loader, images: int, model: torch.nn.Module):
         self.name, self.step, self.loader, self.images = name, step, loader, images
+        self.model = model
 
 
 def _synthetic(overrides: list[str], count: int, size) -> list[str]:
@@ -83,23 +85,22 @@ def _synthetic(overrides: list[str], count: int, size) -> list[str]:
 
 def moco_workload(arch: str, per_gpu: int, size, count: int, device, shards=None,
                   world: int = 1):
-    from functools import partial
+    from dataclasses import replace
 
     import torch.nn.functional as F
 
     from muscle_hpc import config
     from muscle_hpc.data.loaders import TwoViewLoader, two_view_loader
     from muscle_hpc.engine import deepspeed_engine
-    from muscle_hpc.models.backbone import build_backbone
-    from muscle_hpc.models.moco import MoCo, splits_per_rank
+    from muscle_hpc.models.build import build_moco
+    from muscle_hpc.models.moco import splits_per_rank
 
     cfg = config.load(ROOT / registry.default_config("mdmoco", SHORT[arch]),
                       _synthetic([f"data.batch_size={per_gpu}"], count, size), config.MocoConfig)
     m = cfg.model
     torch.manual_seed(0)
     # One GPU of ``world``: its share of the config's shuffle-BN groups.
-    moco = MoCo(partial(build_backbone, arch), dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp,
-                bn=m.bn, bn_groups=splits_per_rank(m.bn_groups, world)).to(device)
+    moco = build_moco(replace(m, bn_groups=splits_per_rank(m.bn_groups, world))).to(device)
     engine = deepspeed_engine(moco, list(moco.trainable_parameters()),
                               config.deepspeed_config(cfg, 1, device.type == "cuda"),
                               momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
@@ -116,7 +117,7 @@ def moco_workload(arch: str, per_gpu: int, size, count: int, device, shards=None
                                device=device)
     else:
         loader = two_view_loader(None, per_gpu, cfg.data, distributed=False, device=device)
-    return Workload(f"mdmoco {arch}", step, loader, per_gpu)
+    return Workload(f"mdmoco {arch}", step, loader, per_gpu, moco)
 
 
 def task_workload(stage: str, task_name: str, arch: str, per_gpu: int, size, count: int,
@@ -125,8 +126,7 @@ def task_workload(stage: str, task_name: str, arch: str, per_gpu: int, size, cou
     from muscle_hpc import config
     from muscle_hpc.data.loaders import task_loader
     from muscle_hpc.engine import base_optimizer, deepspeed_engine
-    from muscle_hpc.models.backbone import build_backbone
-    from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
+    from muscle_hpc.models.build import build_multitask
     from muscle_hpc.regularizers import L2SP
     from muscle_hpc.tasks import TASKS
 
@@ -140,8 +140,7 @@ def task_workload(stage: str, task_name: str, arch: str, per_gpu: int, size, cou
                           _synthetic([f"tasks.{task_name}.batch_size={per_gpu}"], count, size),
                           config.FinetuneConfig)
     torch.manual_seed(0)
-    net = MultiTaskNet(build_backbone(arch),
-                       {task_name: task.head(trunk_channels(arch), cfg.model)}).to(device)
+    net = build_multitask(arch, {task_name: task}, cfg.model).to(device)
     groups = [{"params": list(net.backbone.parameters()), "role": "backbone"},
               {"params": list(net.heads.parameters()), "role": task_name}]
     engine = deepspeed_engine(net, groups,
@@ -163,7 +162,7 @@ def task_workload(stage: str, task_name: str, arch: str, per_gpu: int, size, cou
 
     loader = task_loader(None, per_gpu, task, cfg.data, train=True, distributed=False,
                          device=device)
-    return Workload(f"{stage} {task_name} {arch}", step, loader, per_gpu)
+    return Workload(f"{stage} {task_name} {arch}", step, loader, per_gpu, net)
 
 
 def synchronize(device) -> None:

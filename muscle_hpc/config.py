@@ -15,7 +15,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
+import io
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,18 +75,19 @@ class DataConfig:
     # sick and test images): not the paper's Table 1, which pre-trains on the training sets.
     pretrain_extra: bool = False
     batch_size: int = opt(256, lo=1)  # global, over all ranks
-    num_workers: int = opt(2, lo=1)
-    max_degrees: float = opt(10.0, lo=0.0, hi=180.0)
-    flip_prob: float = opt(0.5, lo=0.0, hi=1.0)
+    num_workers: int = opt(2, lo=1)  # FFCV decoding threads per rank
+    max_degrees: float = opt(10.0, lo=0.0, hi=180.0)  # each view's rotation: +-this many degrees
+    flip_prob: float = opt(0.5, lo=0.0, hi=1.0)  # each view's horizontal flip
     # The two views' recipe (muscle_hpc/data/augment.py; README, fidelity): paper (flip and
     # rotation: the views share their gray-level histogram and position, cues MoCo can match
     # instead of anatomy), mococxr (MoCo-CXR's: + a random square crop of side min(H, W),
     # views min(H, W) square), mocov2 (MoCo v2's: resized crop, brightness/contrast/gamma,
     # blur, flip). max_degrees is the paper's and mococxr's rotation; flip_prob every recipe's.
     views: str = opt("paper", choices=("paper", "mococxr", "mocov2"))
+    # The Z-score of every image's uint8 gray levels (the paper's, over its nine datasets).
     mean: float = 122.786
     std: float = opt(18.390, gt=0.0)
-    seed: int = 0
+    seed: int = 0  # the loader's shuffling and views
     # N > 0: no shards are read; N random images per split are made in memory instead
     # (data/synthetic.py), to check GPUs, NCCL, Slurm and checkpoints before any dataset is
     # converted, or where FFCV is not installed. Nothing is learned from them.
@@ -94,11 +99,13 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = opt("resnet50", choices=registry.ARCHS)
-    dim: int = opt(128, lo=1)
-    K: int = opt(65536, lo=1)
-    m: float = opt(0.999, lo=0.0, hi=1.0)
-    T: float = opt(0.2, gt=0.0)
-    mlp: bool = True
+    dim: int = opt(128, lo=1)  # the embedding's size (MoCo's feature dimension)
+    K: int = opt(65536, lo=1)  # keys in the queue: the negatives; the global batch divides it
+    m: float = opt(0.999, lo=0.0, hi=1.0)  # the key encoder's momentum
+    T: float = opt(0.2, gt=0.0)  # the softmax temperature (MoCo v2's)
+    mlp: bool = True  # MoCo v2's 2-layer projection head; false: MoCo v1's linear one
+    # Batch norm across ranks: shuffle (the reference's shuffle-BN over bn_groups groups) or
+    # sync (SyncBatchNorm over the global batch, GPU only; needs bn_groups=1).
     bn: str = opt("shuffle", choices=("shuffle", "sync"))
     # Shuffle-BN groups over the global batch, at least (rounded up to a whole number per rank:
     # 8 groups on 1, 2, 4 or 8 ranks, 16 on 16). Each key is normalised with a random group's
@@ -972,3 +979,118 @@ def deepspeed_config(cfg, world_size: int, on_cuda: bool, batch_size: int | None
         "steps_per_print": 10**9,  # quiet; we log ourselves
         "wall_clock_breakdown": False,
     }
+
+
+# --- describing the schemas ----------------------------------------------------------------
+
+SCHEMAS = {"mdmoco": MocoConfig, "continual": ContinualConfig, "finetune": FinetuneConfig}
+
+
+def field_comments(schema: type) -> dict[str, str]:
+    """Each field of ``schema`` (a dataclass) to the comment that explains it in the source:
+    the comment lines right above the field and the one at the end of its line, joined. A
+    subclass's fields come from its own source, inherited ones from the base that declares
+    them; a class made at run time (``per_task_section``) has no source and no comments."""
+    out: dict[str, str] = {}
+    for cls in reversed(schema.__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(cls))
+        except (OSError, TypeError):
+            continue
+        out.update(_comments_by_field(source))
+    return {name: out.get(name, "") for name in (f.name for f in dataclasses.fields(schema))}
+
+
+def _comments_by_field(class_source: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    above: list[str] = []  # comment lines since the last statement
+    statement: list[tokenize.TokenInfo] = []  # the logical line read so far, comments aside
+    trailing: list[str] = []  # comments within it
+    body_col = None  # the class body's indentation: its first statement's
+    for tok in tokenize.generate_tokens(io.StringIO(class_source).readline):
+        if tok.type == tokenize.COMMENT:
+            (trailing if statement else above).append(tok.string.lstrip("#").strip())
+        elif tok.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            if statement:
+                first = statement[0]
+                if body_col is None and first.start[1] > 0:
+                    body_col = first.start[1]
+                if (first.type == tokenize.NAME and first.start[1] == body_col
+                        and len(statement) > 1 and statement[1].string == ":"):
+                    out[first.string] = " ".join(above + trailing)
+            above, statement, trailing = [], [], []
+        elif tok.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT,
+                              tokenize.ENCODING):
+            statement.append(tok)
+    return out
+
+
+def _shown(v) -> str:
+    """A default as it would be written in a config file."""
+    if isinstance(v, str):
+        return v if v else "''"
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def _bounds(meta) -> str:
+    parts = []
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if meta.get("choices") is not None:
+        parts.append("one of " + ", ".join(map(_shown, meta["choices"])))
+    if lo is not None or hi is not None:
+        parts.append(f"in [{lo:g}, {hi:g}]" if lo is not None and hi is not None
+                     else f">= {lo:g}" if lo is not None else f"<= {hi:g}")
+    if meta.get("gt") is not None:
+        parts.append(f"> {meta['gt']:g}")
+    if meta.get("refuse"):
+        parts.append("not " + ", ".join(map(str, meta["refuse"])))
+    return "; ".join(parts)
+
+
+def describe(schema: type, prefix: str = "", default: Any = None) -> list[str]:
+    """Every key of ``schema``: ``key (type) = default  [bounds]`` and, indented below, the
+    comment that explains it. A mapping section (``tasks``, entries named by the user) is
+    described once as ``<prefix>.<name>.*`` and its default entries listed."""
+    lines: list[str] = []
+    default = schema() if default is None else default
+    hints, comments = typing.get_type_hints(schema), field_comments(schema)
+    for f in dataclasses.fields(schema):
+        key, tp, value = prefix + f.name, hints[f.name], getattr(default, f.name)
+        entry = _entries(tp)
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, key + ".", value)
+            continue
+        if entry is not None:
+            lines.append(f"{key}.<name>: one entry per task, the paper's by default: "
+                         f"{', '.join(value)}" + (f"\n    {comments[f.name]}"
+                                                  if comments[f.name] else ""))
+            lines += describe(entry, key + ".<name>.", entry())
+            continue
+        bounds = _bounds(f.metadata)
+        type_text = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+        lines.append(f"{key} ({type_text}) = {_shown(value)}"
+                     + (f"  [{bounds}]" if bounds else ""))
+        if comments[f.name]:
+            lines += ["    " + t for t in textwrap.wrap(comments[f.name], 92)]
+    return lines
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m muscle_hpc.config",
+                                description="The config keys of a stage: type, default, "
+                                            "bounds and what each means.")
+    p.add_argument("--describe", required=True, choices=list(SCHEMAS), metavar="STAGE",
+                   help=f"one of {', '.join(SCHEMAS)}")
+    args = p.parse_args(argv)
+    print(f"# {args.describe}: every key, as a config file sets it or key=value on the command "
+          f"line overrides it")
+    print("\n".join(describe(SCHEMAS[args.describe])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

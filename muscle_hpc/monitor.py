@@ -48,16 +48,9 @@ class SplitFeatures:
 def task_shards(data_root: Path, tasks: list[str]) -> dict[str, dict[str, object]]:
     """The ``train`` and ``valid`` shards of each of ``tasks`` (names in ``muscle_hpc.tasks``),
     checked against the task. Raises ``ShardError`` naming what is missing."""
-    from muscle_hpc.data.shards import open_shard
     from muscle_hpc.tasks import TASKS
 
-    out = {}
-    for name in tasks:
-        task = TASKS[name]
-        out[name] = {s: open_shard(Path(data_root), task.dataset, s) for s in SPLITS}
-        for shard in out[name].values():
-            task.check(shard)
-    return out
+    return {name: TASKS[name].open_splits(data_root, SPLITS) for name in tasks}
 
 
 def knn_loaders(shards: dict | None, tasks: list[str], data_cfg, batch_size: int, device=None

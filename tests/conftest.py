@@ -115,6 +115,45 @@ def run_ranks(stage: str, world: int, args) -> str:
     return outs[0]
 
 
+_BENCHMARK_MODELS = """
+import json, sys
+import torch
+from bench.stages import moco_workload, task_workload
+from muscle_hpc import dist
+dist.init_distributed(dist.DistEnv(0, 1, 0, "127.0.0.1", dist.free_port()), backend="gloo")
+out = []
+for stage, task in json.loads(sys.argv[1]):
+    w = (moco_workload("resnet18", 2, (64, 48), 4, torch.device("cpu")) if stage == "mdmoco"
+         else task_workload(stage, task, "resnet18", 2, (64, 48), 4, torch.device("cpu")))
+    out.append({k: list(v.shape) for k, v in w.model.state_dict().items()})
+print(json.dumps(out))
+"""
+
+
+def benchmark_models(*workloads: tuple[str, str | None]) -> list[dict[str, tuple]]:
+    """The tensors (name: shape) of the models ``bench.stages`` times for each ``(stage,
+    task)``, at ResNet-18, built as its timing mode builds them (workloads on 64x48 random
+    images: no module depends on the size), in a one-rank process of their own (DeepSpeed keeps
+    the first process group it meets, so a second one in this process would fail)."""
+    import json
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _BENCHMARK_MODELS, json.dumps(workloads)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [{k: tuple(v) for k, v in shapes.items()}
+            for shapes in json.loads(done.stdout.splitlines()[-1])]
+
+
+def assert_same_model(stage_state: dict, shapes: dict[str, tuple], skip=()) -> None:
+    """A benchmark's model (its tensors' ``shapes``) is the one a stage trained (its
+    checkpoint's ``stage_state``): every tensor under the same name with the same shape, so the
+    same modules and as many parameters. ``skip``: tensors whose size is a setting, not the
+    architecture (MoCo's queue of ``model.K``)."""
+    stages = {k: tuple(v.shape) for k, v in stage_state.items() if k not in skip}
+    assert {k: v for k, v in shapes.items() if k not in skip} == stages
+
+
 class Tmpfs:
     """Real tmpfs mounts under one folder, for what only a real file system shows: a full one
     (``size``), a read-only one. Needs the right to mount (root outside a locked-down

@@ -1,8 +1,10 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
+from muscle_hpc import config
 from muscle_hpc.config import (
     DATASETS,
     ConfigError,
@@ -315,3 +317,65 @@ def test_a_dataset_of_the_users_may_be_pre_trained_on():
     check_moco(cfg, 1)
     with pytest.raises(ConfigError, match="'../x' is not a dataset name"):
         check_moco(load_config(None, ["data.datasets=[nih,../x]", "data.batch_size=8"]), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Base:
+    # Above a field,
+    # on two lines.
+    a: int = config.opt(1, lo=0)
+    b: str = "x"  # at the end of its line
+
+    def method(self, c: int = 2):  # not a field
+        d: int = c
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class _Derived(_Base):
+    e: list[str] = config.opt(
+        ["p", "q"],  # on a continuation line
+        choices=("p", "q", "r"))
+    f: float = 0.5
+
+
+def test_field_comments_are_the_lines_above_and_the_end_of_the_line():
+    assert config.field_comments(_Derived) == {
+        "a": "Above a field, on two lines.", "b": "at the end of its line",
+        "e": "on a continuation line", "f": ""}
+
+
+@pytest.mark.parametrize("stage", ["mdmoco", "continual", "finetune"])
+def test_describe_lists_every_key_with_its_type_default_and_comment(stage, capsys):
+    assert config.main(["--describe", stage]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    described = {line.split(" ", 1)[0] for line in lines[1:] if not line.startswith(" ")}
+    schema = config.SCHEMAS[stage]
+    leaves = set()
+    for key in config._keys(schema):  # every key a file or override can set, sections aside
+        tp = config._leaf_type(schema, key)
+        if not dataclasses.is_dataclass(tp) and config._entries(tp) is None:
+            leaves.add(key)
+    if stage == "finetune":  # user-named entries: described once, as tasks.<name>.KEY
+        leaves = {k for k in leaves if not k.startswith("tasks.")}
+        described_tasks = {k for k in described if k.startswith("tasks.")}
+        assert described_tasks == {"tasks.<name>:", *(
+            f"tasks.<name>.{f.name}" for f in dataclasses.fields(config.FtTask))}
+        described -= described_tasks
+    assert described == leaves
+    text = "\n".join(lines)
+    if stage == "mdmoco":
+        assert "model.bn_groups (int) = 8  [>= 1]\n    Shuffle-BN groups over the global" in text
+        assert "data.max_degrees (float) = 10.0  [in [0, 180]]\n    each view's rotation" in text
+        assert "run.precision (str) = auto  [one of auto, fp32, bf16; not fp16]" in text
+    if stage == "continual":
+        assert "tasks.tbx.batch_size (int) = 8  [>= 1]\n    global, over all ranks" in text
+        assert "model.rois_per_image (int) = 512" in text  # inherited from HeadsConfig
+    if stage == "finetune":
+        assert "tasks.<name>.flip_pairs (dict[str, str] | None) = null\n    {class: its" in text
+
+
+def test_describe_refuses_an_unknown_stage(capsys):
+    with pytest.raises(SystemExit) as e:
+        config.main(["--describe", "cl"])
+    assert e.value.code == 2 and "invalid choice: 'cl'" in capsys.readouterr().err

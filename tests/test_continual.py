@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torchvision
-from conftest import finish_ranks, run_ranks, start_ranks
+from conftest import assert_same_model, benchmark_models, finish_ranks, run_ranks, start_ranks
 
 from muscle_hpc import config, dist, schedule
 from muscle_hpc.engine import RollingCheckpoint
@@ -196,6 +196,12 @@ def test_every_head_trains_the_lung_head_learns_and_the_lr_follows_eq1(task_shar
     assert all(v > 0 for _, v in scalars["train/l2sp"])
     backbone = torchvision.models.resnet18()
     backbone.load_state_dict(torch.load(run_dir / "backbone_torchvision.pth", weights_only=True))
+    # bench.stages times, per task, the trunk and that task's head of this very model.
+    model = state(run_dir)["model"]
+    for task, bench_model in zip(TASKS, benchmark_models(*[("continual", t) for t in TASKS])):
+        trained = {k: v for k, v in model.items()
+                   if k.startswith("backbone.") or k.startswith(f"heads.{task}.")}
+        assert_same_model(trained, bench_model)
 
 
 def test_muscle_minus_minus_fixed_order_plain_cosine_no_l2sp_and_the_matrix(task_shards,

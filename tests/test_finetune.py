@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, finish_ranks, run_ranks, start_ranks
+from conftest import ROOT, assert_same_model, benchmark_models, finish_ranks, run_ranks, start_ranks
 
 from muscle_hpc import checkpoint, config
 from muscle_hpc.models.backbone import build_backbone, export_torchvision, load_imagenet_into
@@ -201,6 +201,15 @@ def test_the_best_valid_epoch_is_the_one_tested(finetuned):
         final = checkpoint.load(run / "checkpoint.pth")
         assert final["step"] == 6 and len(final["history"]) == 3
         assert set(checkpoint.load(run / "best.pth")) == set(final["model"])
+
+
+def test_bench_stages_times_the_model_each_fine_tune_trained(finetuned):
+    runs = {"pneumonia": "pneumonia_r18_mdmoco", "lung": "lung_r18_scratch",
+            "tbx": "tbx_r18_scratch"}
+    bench_models = benchmark_models(*[("finetune", task) for task in runs])
+    for name, bench_model in zip(runs.values(), bench_models):
+        trained = checkpoint.load(finetuned / "finetune" / name / "checkpoint.pth")["model"]
+        assert_same_model(trained, bench_model)
 
 
 def test_segmentation_and_detection_results_and_overlay_samples(finetuned):

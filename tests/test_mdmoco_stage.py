@@ -5,19 +5,18 @@ one thread each, on shards of flat gray images at 40x24 so a step takes millisec
 """
 
 import signal
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from conftest import assert_same_model, benchmark_models, run_ranks, start_ranks
 from conftest import finish_ranks as finish
 from conftest import moco_overrides as overrides
-from conftest import run_ranks, start_ranks
 
-from muscle_hpc import export
+from muscle_hpc import config, export
 from muscle_hpc.data import pretrain_shards
-from muscle_hpc.models.backbone import build_backbone
+from muscle_hpc.models.build import build_moco
 from muscle_hpc.stages import mdmoco
 from muscle_hpc.tblog import read_image_tags, read_scalars
 
@@ -88,6 +87,9 @@ def test_one_rank_resume_tensorboard_and_exported_backbone(shards, tmp_path, sta
     assert_bit_equal(resumed["model"], ref["model"])  # ZeRO 0: optimizer in checkpoint.pth
     # The shortcut monitor's key histograms resume with the run: the same queue, the same curve.
     assert torch.equal(resumed["shortcut"]["queue"], ref["shortcut"]["queue"])
+    # bench.stages times this model (the default config's, at K 65536): the same modules.
+    bench_model, = benchmark_models(("mdmoco", None))
+    assert_same_model(ref["model"], bench_model, skip=("queue",))
 
     scalars = read_scalars(cut_dir / "tb")
     assert scalars["monitor/shortcut_top1"] == read_scalars(ref_dir / "tb")["monitor/shortcut_top1"]
@@ -158,11 +160,12 @@ def test_bad_configs_fail_in_one_line_before_training(shards, tmp_path, stage_er
 def test_bf16_is_autocast_with_fp32_weights(shards, tmp_path):
     """bf16 runs (on CPU too) with fp32 weights: the key encoder's momentum update of
     (1 - m) = 0.1 % of a weight would vanish in bf16's 8-bit mantissa."""
-    run(1, overrides(shards, tmp_path, "optim.epochs=1", "run.precision=bf16", "model.m=0.999"))
+    args = overrides(shards, tmp_path, "optim.epochs=1", "run.precision=bf16", "model.m=0.999")
+    run(1, args)
     model = final_state(tmp_path)["model"]
     assert {v.dtype for k, v in model.items() if v.is_floating_point()} == {torch.float32}
     torch.manual_seed(0)  # the stage's initialisation (run.seed 0)
-    init = mdmoco.MoCo(partial(build_backbone, "resnet18"), dim=128, K=32).state_dict()
+    init = build_moco(config.load_config(DEMO, args).model).state_dict()
     key = "encoder_k.layer1.0.conv1.weight"
     assert not torch.equal(model[key], init[key])  # the key encoder moved
     q, k = model[key.replace("encoder_k", "encoder_q")], model[key]

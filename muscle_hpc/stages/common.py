@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sized
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
@@ -32,7 +32,9 @@ def parse_args(stage: str, doc: str, argv, example: str, *, config_default=None,
                    help=f"YAML file (configs/{stage}_*.yaml)")
     if add_arguments is not None:
         add_arguments(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {example}")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"e.g. {example}; every key, its default and meaning: python -m "
+                        f"muscle_hpc.config --describe {stage}")
     return p.parse_intermixed_args(argv)  # key=value before and after options alike
 
 
@@ -94,6 +96,19 @@ def started(stage: str, cfg, env: dist.DistEnv, on_cuda: bool, run_dir: Path,
                 with suppress(OSError):
                     run_dir.rmdir()
         dist.shutdown()
+
+
+def steps_per_epoch(loaders: Mapping[str, Sized]) -> dict[str, int]:
+    """Each loader's steps per epoch, checked to be the same on every rank (one all-reduce): a
+    rank with a step more would wait in a collective until the timeout. ``loaders``: each
+    loader under what it feeds (a task, pre-training), which the error names."""
+    names = list(loaders)
+    spread = dist.spread([len(loaders[n]) for n in names])
+    for name, (lo, hi) in zip(names, spread):
+        if lo != hi:
+            raise StageError(f"ranks disagree on the steps per epoch of {name} ({lo} to {hi}): "
+                             f"the loader must give every rank as many")
+    return {name: lo for name, (lo, _) in zip(names, spread)}
 
 
 def agreed(action: Callable[[], T]) -> T:

@@ -26,7 +26,6 @@ import torch
 
 from muscle_hpc import checkpoint, config, dist, registry, schedule
 from muscle_hpc.data.loaders import task_loader
-from muscle_hpc.data.shards import open_shard
 from muscle_hpc.engine import (
     StageError,
     TrainLoop,
@@ -35,8 +34,8 @@ from muscle_hpc.engine import (
     reset_optimizer_state,
 )
 from muscle_hpc.evaluate import evaluate
-from muscle_hpc.models.backbone import build_backbone, export_torchvision, load_imagenet_into
-from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
+from muscle_hpc.models.backbone import export_torchvision
+from muscle_hpc.models.build import build_multitask
 from muscle_hpc.models.norm import sync_batchnorm
 from muscle_hpc.regularizers import L2SP
 from muscle_hpc.stages import common
@@ -74,10 +73,7 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool):
         if cfg.data.synthetic:
             shards[name] = {"train": None, "valid": None}
             continue
-        shards[name] = {s: open_shard(Path(cfg.data.root), task.dataset, s)
-                        for s in ("train", "valid")}
-        for shard in shards[name].values():
-            task.check(shard)
+        shards[name] = task.open_splits(cfg.data.root, ("train", "valid"))
     return cfg, shards, init_weights(cfg), ds_config
 
 
@@ -117,12 +113,8 @@ def train(cfg, start, loaders, val, init, ds_config) -> int:
     tasks, device, on_cuda = cfg.data.tasks, dist.train_device(), start.on_cuda
     bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
     torch.manual_seed(cfg.run.seed)
-    trunk = build_backbone(cfg.model.arch)
-    if init is not None:
-        load_imagenet_into(trunk, init)
-    channels = trunk_channels(cfg.model.arch)
-    heads = {t: TASKS[t].head(channels, cfg.model) for t in tasks}
-    net = MultiTaskNet(trunk, heads).to(device)
+    net = build_multitask(cfg.model.arch, {t: TASKS[t] for t in tasks}, cfg.model, init)
+    net = net.to(device)
     if start.env.world_size > 1 and cfg.model.sync_bn:
         sync_batchnorm(net, on_cuda)
     wd = cfg.optim.weight_decay
@@ -138,10 +130,7 @@ def train(cfg, start, loaders, val, init, ds_config) -> int:
     # Under MUSCLE, eq. 2's (1 - α)‖w‖² is the backbone's weight decay.
     decay = {"backbone": l2sp.weight_decay if cfg.muscle else wd, **{t: wd for t in tasks}}
 
-    spread = dist.spread([len(loaders[t]) for t in tasks])
-    if any(lo != hi for lo, hi in spread):
-        raise StageError(f"ranks disagree on steps per epoch ({spread}): the loader must give "
-                         f"every rank as many")
+    common.steps_per_epoch({t: loaders[t] for t in tasks})
     visits = plan(cfg, loaders)
     # Every rank derives the plan alone (no broadcast); nodes with another numpy could draw
     # other orders and then deadlock in mismatched collectives, so compare once.
@@ -164,10 +153,8 @@ def train(cfg, start, loaders, val, init, ds_config) -> int:
              f"{'resuming at step ' + str(loop.step) if loop.resumed else 'new run'} in "
              f"{start.ckpt.run_dir}")
     for t in [] if cfg.data.synthetic else tasks:
-        unused = getattr(TASKS[t], "unused_categories", lambda _: [])(loaders[t].shard)
-        if unused:
-            loop.say(f"continual: {t}: boxes of {', '.join(unused)} are not learned or scored "
-                     f"(not one of {', '.join(TASKS[t].classes)})")
+        if note := TASKS[t].ignored(loaders[t].shard):
+            loop.say(f"continual: {note}")
 
     def set_lr(visit, task):
         if cfg.muscle:  # eq. 1 within the visit

@@ -36,10 +36,9 @@ import torch
 from muscle_hpc import checkpoint, config, dist, registry, schedule, tasks
 from muscle_hpc.data.loaders import task_loader, train_subset
 from muscle_hpc.data.shards import open_shard
-from muscle_hpc.engine import StageError, TrainLoop, deepspeed_engine
+from muscle_hpc.engine import TrainLoop, deepspeed_engine
 from muscle_hpc.evaluate import evaluate, evaluate_records
-from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
-from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
+from muscle_hpc.models.build import build_multitask
 from muscle_hpc.models.norm import sync_batchnorm
 from muscle_hpc.stages import common
 
@@ -167,8 +166,7 @@ def prepare(cfg, world_size: int, on_cuda: bool, sel: Selection, produced_later:
     task = tasks.build(config.with_classes(defn, names))
     config.check_flips(task.definition, cfg.data.flip_prob)
     if not cfg.data.synthetic:
-        for shard in shards.values():
-            task.check(shard)
+        task.checked(shards)
         kept = len(train_subset(shards["train"], sel.fraction, cfg.data.seed))
         if sel.fraction < 1 and kept < batch:
             raise config.ConfigError(
@@ -241,12 +239,8 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
     device, on_cuda = dist.train_device(), start.on_cuda
     bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
     torch.manual_seed(cfg.run.seed)
-    trunk = build_backbone(sel.arch)
     init_file, init_state = init
-    if init_state is not None:
-        load_imagenet_into(trunk, init_state)
-    channels = trunk_channels(sel.arch)
-    net = MultiTaskNet(trunk, {task.name: task.head(channels, cfg.model)}).to(device)
+    net = build_multitask(sel.arch, {task.name: task}, cfg.model, init_state).to(device)
     if linear:  # the probe: no gradient, no weight decay, no batch statistics reach it
         net.backbone.requires_grad_(False)
     elif start.env.world_size > 1 and cfg.model.sync_bn:
@@ -255,10 +249,8 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
     engine = deepspeed_engine(net, [{"params": trained}], ds_config,
                               momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
-    (lo, hi), = dist.spread([len(loaders["train"])])
-    if lo != hi:
-        raise StageError(f"ranks disagree on steps per epoch ({lo} vs {hi})")
-    per_epoch = min(lo, cfg.run.max_steps_per_epoch or lo)
+    steps, = common.steps_per_epoch({f"{sel.task}'s training split": loaders["train"]}).values()
+    per_epoch = min(steps, cfg.run.max_steps_per_epoch or steps)
     total = tcfg.epochs * per_epoch
     history, best = [], None
     loop = TrainLoop("finetune", cfg, start, engine, net, {"per_epoch": per_epoch},
@@ -272,11 +264,8 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
              f"{start.env.world_size} rank(s), {tcfg.epochs} epochs x {per_epoch} "
              f"steps, {'resuming at step ' + str(loop.step) if loop.resumed else 'new run'} in "
              f"{out}")
-    unused = [] if cfg.data.synthetic else getattr(
-        task, "unused_categories", lambda _: [])(loaders["train"].shard)
-    if unused:
-        loop.say(f"finetune: {task.name}: boxes of {', '.join(unused)} are not learned or "
-                 f"scored (not one of {', '.join(task.classes)})")
+    if not cfg.data.synthetic and (note := task.ignored(loaders["train"].shard)):
+        loop.say(f"finetune: {note}")
 
     with loop:
         for epoch in range(tcfg.epochs):

@@ -28,8 +28,9 @@ from muscle_hpc import checkpoint, config, dist, monitor, registry, schedule
 from muscle_hpc.data.loaders import BatchSizeError, two_view_loader
 from muscle_hpc.data.shards import ShardError, pretrain_shards
 from muscle_hpc.engine import StageError, TrainLoop, deepspeed_engine
-from muscle_hpc.models.backbone import build_backbone, export_torchvision
-from muscle_hpc.models.moco import MoCo, all_gather_cat, splits_per_rank
+from muscle_hpc.models.backbone import export_torchvision
+from muscle_hpc.models.build import build_moco
+from muscle_hpc.models.moco import all_gather_cat, splits_per_rank
 from muscle_hpc.stages import common
 
 # Config sections that may change between a run and its resume; anything else would make the
@@ -94,15 +95,10 @@ def run(args) -> int:
 def train(cfg, start, loader, knn, ds_config) -> int:
     device, m, world = dist.train_device(), cfg.model, start.env.world_size
     torch.manual_seed(cfg.run.seed)
-    moco = MoCo(partial(build_backbone, m.arch), dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp,
-                bn=m.bn, bn_groups=m.bn_groups).to(device)
+    moco = build_moco(m).to(device)
     engine = deepspeed_engine(moco, list(moco.trainable_parameters()), ds_config,
                               momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-    steps_per_epoch = len(loader)
-    (lo, hi), = dist.spread([steps_per_epoch])
-    if lo != hi:
-        raise StageError(f"ranks disagree on steps per epoch ({lo} to {hi}): the loader must "
-                         f"give every rank as many")
+    steps_per_epoch, = common.steps_per_epoch({"pre-training": loader}).values()
     total = cfg.optim.epochs * steps_per_epoch
     end = min(total, cfg.run.max_steps or total)
     shortcut = monitor.HistogramShortcut(m.K, device)

@@ -25,13 +25,14 @@ registry's definition, which the report reads.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from muscle_hpc import metrics, registry
 from muscle_hpc.config import FtEvalConfig, HeadsConfig, MetricsConfig
-from muscle_hpc.data.shards import Shard, ShardError
+from muscle_hpc.data.shards import Shard, ShardError, open_shard
 from muscle_hpc.models.heads import (
     ClassifierHead,
     DetectionHead,
@@ -83,6 +84,22 @@ class TaskKind:
 
     def test_metrics(self, records, m: FtEvalConfig) -> tuple[dict, dict]:
         return self.score(records, m), {}
+
+    def checked(self, shards: dict[str, Shard]) -> dict[str, Shard]:
+        """``shards`` (split name to shard), each checked against the task (``check``)."""
+        for shard in shards.values():
+            self.check(shard)
+        return shards
+
+    def open_splits(self, data_root: Path, splits) -> dict[str, Shard]:
+        """Each of ``splits`` of the task's dataset under ``data_root``, opened and checked.
+        Raises ``ShardError`` naming what is missing or does not fit."""
+        return self.checked({s: open_shard(Path(data_root), self.dataset, s) for s in splits})
+
+    def ignored(self, shard: Shard) -> str | None:
+        """What of ``shard``'s labels this task neither learns nor scores, in words (the stages
+        say it at start), or None."""
+        return None
 
     def _stored(self, name: str) -> int:
         """The value or column that stands for class ``name`` in the shard's field."""
@@ -301,9 +318,9 @@ class DetectionTask(TaskKind):
     """Boxes of K classes (shard fields ``boxes``, ``box_labels``): Faster R-CNN with K + 1
     classes (the background). ``definition.box_categories[k]``, a shard box category id, is
     detector class k + 1, ``classes[k]``; boxes of other categories are neither learned nor
-    scored (``unused_categories``, which the stage states at start). Records: per image
-    ``((gt boxes, gt classes), (boxes, scores, classes))``; metrics: ``metrics.detection``
-    (ap_C of each class, map their mean)."""
+    scored (``unused_categories``; ``ignored`` says so, as the stages do at start). Records:
+    per image ``((gt boxes, gt classes), (boxes, scores, classes))``; metrics:
+    ``metrics.detection`` (ap_C of each class, map their mean)."""
 
     kind = "detection"
 
@@ -338,6 +355,13 @@ class DetectionTask(TaskKind):
     def unused_categories(self, shard: Shard) -> list[str]:
         names = shard.fields["box_labels"]["names"]
         return [n for i, n in enumerate(names, 1) if i not in self.categories]
+
+    def ignored(self, shard: Shard) -> str | None:
+        unused = self.unused_categories(shard)
+        if not unused:
+            return None
+        return (f"{self.name}: boxes of {', '.join(unused)} are not learned or scored (not one "
+                f"of {', '.join(self.classes)})")
 
     def _mapped(self, boxes, labels):
         keep = torch.tensor([int(c) in self.categories for c in labels], dtype=torch.bool)

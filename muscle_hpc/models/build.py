@@ -1,0 +1,61 @@
+"""The two models the stages train, each built in one place.
+
+The three stages and the benchmarks (``bench.stages``, ``bench.moco_step``, ``bench.cl_step``)
+call these and nothing else, so a benchmark times the model a stage trains, not a copy of it
+that has drifted (``tests/test_models_build.py`` compares them with the stages' checkpoints).
+
+Neither function seeds the random generator: the caller does (``run.seed`` in the stages), and
+the order in which modules draw from it (trunk first, then each head in the order given) is
+part of a run's reproducibility.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import nn
+
+from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
+from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
+from muscle_hpc.models.moco import MoCo
+
+if TYPE_CHECKING:
+    from muscle_hpc.config import HeadsConfig, ModelConfig
+
+
+class HasHead(Protocol):
+    """What a task contributes to the model: its head over the trunk's stage channels."""
+
+    def head(self, channels: dict[str, int], heads: HeadsConfig) -> nn.Module: ...
+
+
+def build_moco(model: ModelConfig) -> MoCo:
+    """MD-MoCo's MoCo v2 from the stage's ``model`` section: two 1-channel ResNet encoders
+    (Kaiming init), the MLP projection head when ``model.mlp``, the key queue of ``model.K``
+    and the batch-norm mode. ``model.bn_groups`` is the number of shuffle-BN groups over the
+    global batch; a benchmark that runs one rank of a larger world passes that rank's share
+    (``dataclasses.replace(model, bn_groups=splits_per_rank(...))``)."""
+    return MoCo(partial(build_backbone, model.arch), dim=model.dim, K=model.K, m=model.m,
+                T=model.T, mlp=model.mlp, bn=model.bn, bn_groups=model.bn_groups)
+
+
+def build_multitask(arch: str, tasks: Mapping[str, HasHead], heads: HeadsConfig,
+                    init: dict[str, torch.Tensor] | None = None) -> MultiTaskNet:
+    """A 1-channel ``arch`` trunk with one head per task (in ``tasks``' order), as the continual
+    and fine-tune stages train it.
+
+    Args:
+        arch: ``resnet18`` or ``resnet50``.
+        tasks: task name to the task that makes its head (``muscle_hpc.tasks.TaskKind``).
+        heads: the heads' settings (the stage's ``model`` section).
+        init: a torchvision state dict loaded into the trunk before the heads are made (an
+            MD-MoCo or MUSCLE export, ImageNet weights); ``None``: Kaiming init.
+    """
+    trunk = build_backbone(arch)
+    if init is not None:
+        load_imagenet_into(trunk, init)
+    channels = trunk_channels(arch)
+    return MultiTaskNet(trunk, {name: task.head(channels, heads) for name, task in tasks.items()})
