@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -135,10 +136,14 @@ def parse_args(argv):
     return args
 
 
-def run(cmd: list[str], log: Path, threads: int | None = None) -> None:
+def run(cmd: list[str], log: Path, threads: int | None = None,
+        diverged: Path | None = None) -> None:
     """``python -m <cmd>`` with its output appended to ``log`` (a resumed stage keeps what it
     logged before the interruption); a failure ends the benchmark with the log's last lines
-    (never a silent gap in the tables)."""
+    (never a silent gap in the tables). With ``diverged``: a run the stage stopped on a
+    non-finite loss (``NONFINITE_EXIT``, its last line saying so) is an outcome, not a failure:
+    that line goes to ``diverged`` and the benchmark goes on (its cell reads nan, and the
+    report lists it)."""
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -147,7 +152,14 @@ def run(cmd: list[str], log: Path, threads: int | None = None) -> None:
         code = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=env, stdout=f,
                               stderr=subprocess.STDOUT).returncode
     if code:
+        from muscle_hpc.engine import NONFINITE_EXIT
+
         tail = log.read_text().splitlines()[-5:]
+        if diverged is not None and code == NONFINITE_EXIT and tail and \
+                ": error: non-finite" in tail[-1]:
+            diverged.parent.mkdir(parents=True, exist_ok=True)
+            diverged.write_text(json.dumps({"stopped": tail[-1]}))
+            return
         raise SystemExit(f"bench.learning: {' '.join(cmd[:2])} failed (exit {code}), "
                          f"see {log}:\n" + "\n".join(tail))
 
@@ -254,6 +266,19 @@ class Plan:
                 "eval.bootstrap=0", "eval.samples=0", "data.num_workers=1",
                 "run.checkpoint_every_steps=100000", "run.log_every_steps=50"]
 
+    def diverged(self, *job) -> Path:
+        """Where a fine-tune the stage stopped on a non-finite loss says so (beside where its
+        results would be)."""
+        return self.result(*job).with_name("diverged.json")
+
+    def finished(self, *job) -> bool:
+        return self.result(*job).exists() or self.diverged(*job).exists()
+
+    def score(self, *job, metric: str) -> float:
+        """The test ``metric`` of a fine-tune; nan for one that diverged."""
+        path = self.result(*job)
+        return json.loads(path.read_text())["test"][metric] if path.exists() else math.nan
+
     def result(self, task: str, row: str, views: str | None, seed: int, fraction: float,
                protocol: str) -> Path:
         init = "scratch" if row == "scratch" else "mdmoco"
@@ -353,10 +378,9 @@ def summarise(plan: Plan) -> dict:
                 per_task = {}
                 for task in tasks:
                     metric = TASK_DEFS[task].headline
-                    scores = {row: [json.loads(plan.result(
+                    scores = {row: [plan.score(
                         task, row, None if row in baselines else views, s, fraction,
-                        protocol).read_text())["test"][metric] for s in range(a.seeds)]
-                        for row in rows}
+                        protocol, metric=metric) for s in range(a.seeds)] for row in rows}
                     stats = {row: spread(v) for row, v in scores.items()}
                     per_task[task] = {"metric": metric, "scores": scores, "mean_sd": stats,
                                       "beats": {f"{x} > {y}": beats(stats[x], stats[y])
@@ -415,6 +439,14 @@ def report(plan: Plan, summary: dict, mon: dict, seconds: dict) -> str:
     from muscle_hpc.stages.continual import matrix_markdown
 
     lines = [header(plan)]
+    stopped = [(job, json.loads(plan.diverged(*job).read_text())["stopped"])
+               for job in plan.jobs() if plan.diverged(*job).exists()]
+    if stopped:
+        lines.append(f"\n{len(stopped)} fine-tune(s) stopped by the stage on a non-finite loss "
+                     f"(a seed's nan makes its cell nan):")
+        lines += [f"  {task} {row}{f' [{views}]' if views else ''} seed {seed} "
+                  f"{fraction:.0%} {protocol}: {line}"
+                  for (task, row, views, seed, fraction, protocol), line in stopped]
     for s in summary.values():
         rows = list(next(iter(s["tasks"].values()))["mean_sd"])
         what = "whole-network fine-tunes" if s["protocol"] == "finetune" else "linear probes"
@@ -545,7 +577,7 @@ def main(argv=None) -> int:
                 if not plan.scratch_bn(task, seed).exists():
                     write_scratch_bn(plan, task, seed)
     jobs = plan.jobs()
-    done = [job for job in jobs if plan.result(*job).exists()] if args.resume else []
+    done = [job for job in jobs if plan.finished(*job)] if args.resume else []
     jobs = [job for job in jobs if job not in done]
     print(f"bench.learning: {len(jobs)} fine-tunes, two at a time"
           + (f" ({len(done)} finished before, kept)" if args.resume else ""), flush=True)
@@ -553,7 +585,7 @@ def main(argv=None) -> int:
     def finetune(job):
         task, row, views, seed, fraction, protocol = job
         run(plan.finetune(*job), logs / f"ft_{task}_{row}_{views}_s{seed}_f{fraction:g}_"
-                                        f"{protocol}.log", 1)
+                                        f"{protocol}.log", 1, diverged=plan.diverged(*job))
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(finetune, jobs))

@@ -35,6 +35,23 @@ def test_bad_options_are_one_line(capsys):
     assert "--fractions: each in (0, 1]" in capsys.readouterr().err
 
 
+def test_a_fine_tune_stopped_on_a_non_finite_loss_is_an_outcome_other_failures_end_it(
+        task_shards, tmp_path):
+    """The full benchmark once ended (exit 1) when Scratch's linear probe of TBX (identity
+    batch norm, unnormalised features under Faster R-CNN) hit a NaN at step 24."""
+    cmd = ["muscle_hpc.stages.finetune", "--task", "pneumonia", "--init", "scratch",
+           "--backbone", "r18", "--config", str(learning.CONFIGS / "finetune_demo.yaml"),
+           f"data.root={task_shards}", f"run.root={tmp_path / 'runs'}", "tasks.pneumonia.epochs=1",
+           "run.max_steps_per_epoch=3", "data.num_workers=1"]
+    marker = tmp_path / "diverged.json"
+    learning.run([*cmd, "tasks.pneumonia.lr=1e30"], tmp_path / "nan.log", 1, diverged=marker)
+    assert json.loads(marker.read_text())["stopped"].startswith("finetune: error: non-finite")
+    with pytest.raises(SystemExit, match="failed \\(exit 2\\)"):  # a refused start still ends it
+        learning.run([*cmd, "tasks.pneumonia.lr=-1"], tmp_path / "bad.log", 1,
+                      diverged=tmp_path / "no.json")
+    assert not (tmp_path / "no.json").exists()
+
+
 @pytest.mark.timeout(1500)
 def test_quick_run_prints_every_row_resumes_and_writes_json_and_chart(tmp_path):
     """The linear probe's rows (Scratch, Scratch-BN and the recipe's three inits) through the
