@@ -84,7 +84,7 @@ class DataConfig:
     # views min(H, W) square), mocov2 (MoCo v2's: resized crop, brightness/contrast/gamma,
     # blur, flip). max_degrees is the paper's and mococxr's rotation; flip_prob every recipe's.
     views: str = opt("paper", choices=("paper", "mococxr", "mocov2"))
-    # The Z-score of every image's uint8 gray levels (the paper's, over its nine datasets).
+    # The Z-score of every image's uint8 gray levels (the paper's values).
     mean: float = 122.786
     std: float = opt(18.390, gt=0.0)
     seed: int = 0  # the loader's shuffling and views
@@ -1064,16 +1064,15 @@ def describe(schema: type, prefix: str = "", default: Any = None) -> list[str]:
             continue
         if entry is not None:
             lines.append(f"{key}.<name>: one entry per task, the paper's by default: "
-                         f"{', '.join(value)}" + (f"\n    {comments[f.name]}"
-                                                  if comments[f.name] else ""))
+                         f"{', '.join(value)}")
+            lines += ["    " + t for t in textwrap.wrap(comments[f.name], 92)]
             lines += describe(entry, key + ".<name>.", entry())
             continue
         bounds = _bounds(f.metadata)
         type_text = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
         lines.append(f"{key} ({type_text}) = {_shown(value)}"
                      + (f"  [{bounds}]" if bounds else ""))
-        if comments[f.name]:
-            lines += ["    " + t for t in textwrap.wrap(comments[f.name], 92)]
+        lines += ["    " + t for t in textwrap.wrap(comments[f.name], 92)]
     return lines
 
 

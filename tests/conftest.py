@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -135,8 +136,6 @@ def benchmark_models(*workloads: tuple[str, str | None]) -> list[dict[str, tuple
     task)``, at ResNet-18, built as its timing mode builds them (workloads on 64x48 random
     images: no module depends on the size), in a one-rank process of their own (DeepSpeed keeps
     the first process group it meets, so a second one in this process would fail)."""
-    import json
-
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", _BENCHMARK_MODELS, json.dumps(workloads)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -2,7 +2,8 @@
 
 The three stages and the benchmarks (``bench.stages``, ``bench.moco_step``, ``bench.cl_step``)
 call these and nothing else, so a benchmark times the model a stage trains, not a copy of it
-that has drifted (``tests/test_models_build.py`` compares them with the stages' checkpoints).
+that has drifted (the stages' tests compare the two with each stage's checkpoint:
+``tests/conftest.py``, ``assert_same_model``).
 
 Neither function seeds the random generator: the caller does (``run.seed`` in the stages), and
 the order in which modules draw from it (trunk first, then each head in the order given) is
