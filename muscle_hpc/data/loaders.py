@@ -366,12 +366,12 @@ def task_loader(shard: Shard | None, batch_size: int, task, data_cfg, *, train: 
             task.kind, data_cfg.synthetic, batch_size,
             (data_cfg.synthetic_width, data_cfg.synthetic_height), train=train,
             num_classes=len(task.classes),
-            box_categories=tuple(getattr(task, "box_categories", (1,))), seed=data_cfg.seed,
+            box_categories=task.definition.box_categories or (1,), seed=data_cfg.seed,
             mean=data_cfg.mean, std=data_cfg.std, distributed=distributed, device=device)
     return TaskLoader(shard, batch_size, task.kind, train=train, seed=data_cfg.seed,
                       flip_prob=data_cfg.flip_prob, mean=data_cfg.mean, std=data_cfg.std,
                       num_workers=data_cfg.num_workers, distributed=distributed, device=device,
-                      fraction=fraction, target=getattr(task, "target", "value"),
+                      fraction=fraction, target=task.definition.target,
                       flip_swap=task.flip_swap() if flips else None)
 
 
