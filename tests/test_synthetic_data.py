@@ -94,20 +94,22 @@ def test_stages_check_no_shards_when_synthetic(tmp_path):
     """With data.synthetic the stages start without a shard folder, and the loaders they
     build from their configs are the synthetic ones."""
     missing = f"data.root={tmp_path / 'none'}"
-    cfg, shards, _ = mdmoco.prepare(None, [missing, "data.synthetic=16", "data.batch_size=4",
-                                           "model.K=16", "model.bn_groups=2",
-                                           "run.allow_cpu=true"], 1, False)
-    assert shards is None
+    inputs = mdmoco.prepare(None, [missing, "data.synthetic=16", "data.batch_size=4",
+                                   "model.K=16", "model.bn_groups=2", "run.allow_cpu=true"],
+                            1, False)
+    cfg, shards = inputs.cfg, inputs.shards
+    assert shards is None and inputs.knn_shards is None
     assert isinstance(two_view_loader(shards, 4, cfg.data, distributed=False),
                       SyntheticTwoViewLoader)
-    cfg, shards, _, _ = continual.prepare(None, [missing, "data.synthetic=8", "model.init=''",
-                                                 "run.allow_cpu=true"], 1, False)
+    inputs = continual.prepare(None, [missing, "data.synthetic=8", "model.init=''",
+                                      "run.allow_cpu=true"], 1, False)
+    cfg, shards = inputs.cfg, inputs.shards
     assert shards == {t: {"train": None, "valid": None} for t in cfg.data.tasks}
     loader = task_loader(None, 2, TASKS["tbx"], cfg.data, train=True, distributed=False)
     assert loader.box_categories == (1, 2) and (loader.width, loader.height) == (800, 500)
     sel = finetune.Selection("lung", "scratch", "r18")
     cfg = finetune.load(None, [missing, "data.synthetic=8", "run.allow_cpu=true"])
-    _, shards, *_ = finetune.prepare(cfg, 1, False, sel)
+    shards = finetune.prepare(cfg, 1, False, sel).shards
     assert shards == {"train": None, "valid": None, "test": None}
 
 

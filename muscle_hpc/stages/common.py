@@ -8,8 +8,9 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sized
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torchvision
@@ -22,6 +23,18 @@ from muscle_hpc.engine import NO_SPACE_EXIT, RollingCheckpoint, StageError, Star
 from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a stage's ``prepare`` checked before any process group or Slurm job exists (the
+    launcher calls it too, to refuse a bad input before submitting): the stage's config, its
+    DeepSpeed config for the world size, and its ``shards``, opened and checked (``None`` in
+    place of each with ``data.synthetic``). Each stage's subclass adds the rest of its inputs."""
+
+    cfg: Any
+    ds_config: dict
+    shards: Any
 
 
 def parse_args(stage: str, doc: str, argv, example: str, *, config_default=None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import zlib
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -60,9 +61,17 @@ def init_weights(cfg) -> dict | None:
                                    "Kaiming init; on a shell: model.init=\"''\"")
 
 
-def prepare(config_path, overrides, world_size: int, on_cuda: bool):
-    """Config, shards (``{task: {split: Shard}}``), initial backbone weights and the DeepSpeed
-    config, checked for ``world_size`` ranks before any process group or Slurm job exists."""
+@dataclass(frozen=True)
+class ContinualInputs(common.Prepared):
+    """``shards``: ``{task: {split: Shard}}``; ``init``: the backbone's initial weights (a
+    torchvision state dict; None: Kaiming init)."""
+
+    init: dict | None
+
+
+def prepare(config_path, overrides, world_size: int, on_cuda: bool) -> ContinualInputs:
+    """The stage's inputs, checked for ``world_size`` ranks. Raises ``ConfigError`` or
+    ``ShardError``."""
     cfg = config.load(config_path, overrides, config.ContinualConfig)
     config.check_continual(cfg, world_size)
     ds_config = config.deepspeed_config(cfg, world_size, on_cuda,
@@ -74,7 +83,7 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool):
             shards[name] = {"train": None, "valid": None}
             continue
         shards[name] = task.open_splits(cfg.data.root, ("train", "valid"))
-    return cfg, shards, init_weights(cfg), ds_config
+    return ContinualInputs(cfg, ds_config, shards, init_weights(cfg))
 
 
 def main(argv=None) -> int:
@@ -84,17 +93,18 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     env, on_cuda = dist.dist_env(), torch.cuda.is_available()
-    cfg, shards, init, ds_config = prepare(args.config, args.overrides, env.world_size, on_cuda)
+    inputs = prepare(args.config, args.overrides, env.world_size, on_cuda)
+    cfg = inputs.cfg
     with common.started("continual", cfg, env, on_cuda, Path(cfg.run.dir),
                         RESUMABLE_CHANGES, KEPT_ON_RESUME) as start:
         def loader(t, split):
-            return task_loader(shards[t][split], cfg.batch_size(t) // env.world_size,
+            return task_loader(inputs.shards[t][split], cfg.batch_size(t) // env.world_size,
                                TASKS[t], cfg.data, train=split == "train",
                                device=dist.train_device())
 
         loaders = {t: loader(t, "train") for t in cfg.data.tasks}
         val = {t: loader(t, "valid") for t in cfg.data.tasks} if cfg.run.validate else {}
-        return train(cfg, start, loaders, val, init, ds_config)
+        return train(cfg, start, loaders, val, inputs.init, inputs.ds_config)
 
 
 def plan(cfg, loaders) -> list[dict]:

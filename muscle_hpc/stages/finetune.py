@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,6 +42,7 @@ from muscle_hpc.evaluate import evaluate, evaluate_records
 from muscle_hpc.models.build import build_multitask
 from muscle_hpc.models.norm import sync_batchnorm
 from muscle_hpc.stages import common
+from muscle_hpc.tasks.base import TaskKind
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune.yaml"
 RESUMABLE_CHANGES = ("run.", "data.num_workers", "eval.")
@@ -146,11 +148,22 @@ def load(config_path, overrides):
     return cfg
 
 
-def prepare(cfg, world_size: int, on_cuda: bool, sel: Selection, produced_later: bool = False):
-    """The task, its shards (``{split: Shard}``), the init's path and weights, and the
-    DeepSpeed config, checked for ``world_size`` ranks before any process group or Slurm job
-    exists. ``produced_later``: the earlier stages' backbones are outputs of jobs not yet run;
-    check only what exists now."""
+@dataclass(frozen=True)
+class FinetuneInputs(common.Prepared):
+    """``shards``: ``{split: Shard}`` of the selected task; ``task``: its behaviour (its classes
+    taken from the shards where the config lists none); ``init_path`` and ``init_weights``: the
+    backbone file ('' and None: Kaiming init; None alone: a file made later, not read yet)."""
+
+    task: TaskKind
+    init_path: str
+    init_weights: dict | None
+
+
+def prepare(cfg, world_size: int, on_cuda: bool, sel: Selection,
+            produced_later: bool = False) -> FinetuneInputs:
+    """The selected grid element's inputs, checked for ``world_size`` ranks.
+    ``produced_later``: the earlier stages' backbones are outputs of jobs not yet run; check
+    only what exists now. Raises ``ConfigError`` or ``ShardError``."""
     config.check_finetune(cfg, sel.task, world_size)
     batch = cfg.task(sel.task).batch_size
     ds_config = config.deepspeed_config(cfg, world_size, on_cuda, batch_size=batch)
@@ -178,7 +191,7 @@ def prepare(cfg, world_size: int, on_cuda: bool, sel: Selection, produced_later:
         key = f"pretrained.{PRETRAINED_KEY.get(sel.init, 'imagenet')}"
         hint = f"run {MADE_BY[sel.init]} first" if sel.init in MADE_BY else "see its docs"
         weights = common.backbone_weights(path, sel.arch, key, hint)
-    return task, shards, path, weights, ds_config
+    return FinetuneInputs(cfg, ds_config, shards, task, path, weights)
 
 
 def main(argv=None) -> int:
@@ -201,7 +214,8 @@ def run(args) -> int:
     env, on_cuda = dist.dist_env(), torch.cuda.is_available()
     cfg = load(args.config, args.overrides)
     sel = selection(args, cfg)
-    task, shards, path, init, ds_config = prepare(cfg, env.world_size, on_cuda, sel)
+    inputs = prepare(cfg, env.world_size, on_cuda, sel)
+    task, shards, path = inputs.task, inputs.shards, inputs.init_path
     out = output_dir(cfg, sel)
     if args.check:
         where = f"index {args.grid_index}: " if args.grid_index is not None else ""
@@ -218,7 +232,8 @@ def run(args) -> int:
                                       device=dist.train_device(),
                                       fraction=sel.fraction if split == "train" else 1)
                    for split, shard in shards.items()}
-        return train(cfg, start, sel, task, loaders, (path, init), ds_config)
+        return train(cfg, start, sel, task, loaders, (path, inputs.init_weights),
+                     inputs.ds_config)
 
 
 def better(score: float, best: dict | None, lower: bool = False) -> bool:

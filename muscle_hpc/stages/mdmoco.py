@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -42,9 +43,16 @@ def parse_args(argv):
     return common.parse_args("mdmoco", __doc__, argv, "model.K=4096")
 
 
-def prepare(config_path, overrides, world_size: int, on_cuda: bool):
-    """The config, shards and DeepSpeed config, checked for ``world_size`` ranks before any
-    process group or Slurm job exists (the launcher calls this too). Raises ``ConfigError`` or
+@dataclass(frozen=True)
+class MocoInputs(common.Prepared):
+    """``shards``: the pre-training shards; ``knn_shards``: the kNN monitor's task sets (None
+    where it reads none)."""
+
+    knn_shards: dict | None
+
+
+def prepare(config_path, overrides, world_size: int, on_cuda: bool) -> MocoInputs:
+    """The stage's inputs, checked for ``world_size`` ranks. Raises ``ConfigError`` or
     ``ShardError``."""
     cfg = config.load_config(config_path, overrides)
     config.check_moco(cfg, world_size)
@@ -53,10 +61,9 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool):
                                  "use model.bn=shuffle")
     ds_config = config.deepspeed_config(cfg, world_size, on_cuda)
     if cfg.data.synthetic:
-        return cfg, None, ds_config
+        return MocoInputs(cfg, ds_config, None, None)
     shards = pretrain_shards(Path(cfg.data.root), cfg.data.datasets, cfg.data.pretrain_extra)
-    knn_shards(cfg)
-    return cfg, shards, ds_config
+    return MocoInputs(cfg, ds_config, shards, knn_shards(cfg))
 
 
 def knn_shards(cfg) -> dict | None:
@@ -78,18 +85,19 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     env, on_cuda = dist.dist_env(), torch.cuda.is_available()
-    cfg, shards, ds_config = prepare(args.config, args.overrides, env.world_size, on_cuda)
-    watched = knn_shards(cfg)
+    inputs = prepare(args.config, args.overrides, env.world_size, on_cuda)
+    cfg = inputs.cfg
     with common.started("mdmoco", cfg, env, on_cuda, Path(cfg.run.dir),
                         RESUMABLE_CHANGES) as start:
         per_rank = cfg.data.batch_size // env.world_size
         try:
-            loader = two_view_loader(shards, per_rank, cfg.data, device=dist.train_device())
+            loader = two_view_loader(inputs.shards, per_rank, cfg.data,
+                                     device=dist.train_device())
         except BatchSizeError as e:
             raise StageError(f"data.batch_size: {e}") from None
-        knn = monitor.knn_loaders(watched, cfg.run.monitor_tasks, cfg.data, per_rank,
+        knn = monitor.knn_loaders(inputs.knn_shards, cfg.run.monitor_tasks, cfg.data, per_rank,
                                   dist.train_device()) if cfg.run.monitor_every_steps else None
-        return train(cfg, start, loader, knn, ds_config)
+        return train(cfg, start, loader, knn, inputs.ds_config)
 
 
 def train(cfg, start, loader, knn, ds_config) -> int:
