@@ -275,9 +275,11 @@ class Plan:
         return self.result(*job).exists() or self.diverged(*job).exists()
 
     def score(self, *job, metric: str) -> float:
-        """The test ``metric`` of a fine-tune; nan for one that diverged."""
-        path = self.result(*job)
-        return json.loads(path.read_text())["test"][metric] if path.exists() else math.nan
+        """The test ``metric`` of a fine-tune; nan for one that diverged (a missing result is
+        an error, never a gap)."""
+        if self.diverged(*job).exists():
+            return math.nan
+        return json.loads(self.result(*job).read_text())["test"][metric]
 
     def result(self, task: str, row: str, views: str | None, seed: int, fraction: float,
                protocol: str) -> Path:
