@@ -28,8 +28,9 @@ from PIL import Image
 
 from data_prep.convert import convert_dataset, parse_size
 from data_prep.datasets.base import DatasetSpec, Record, Scan
-from muscle_hpc.data import MEAN, STD, TwoViewLoader, pretrain_shards
+from muscle_hpc.data import TwoViewLoader, pretrain_shards
 from muscle_hpc.data.augment import RECIPES, view_size
+from muscle_hpc.registry import PIXEL_MEAN, PIXEL_STD
 
 
 def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -68,7 +69,7 @@ def torchvision_loader(folder: Path, batch_size: int, workers: int):
         transforms.RandomHorizontalFlip(0.5),
         transforms.RandomRotation(10, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.ToTensor(),
-        transforms.Normalize([MEAN / 255], [STD / 255]),
+        transforms.Normalize([PIXEL_MEAN / 255], [PIXEL_STD / 255]),
     ])
     ds = datasets.ImageFolder(str(folder), transform=TwoViews(view),
                               loader=lambda p: Image.open(p).convert("L"))

@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from muscle_hpc import config, dist
-from muscle_hpc.engine import deepspeed_engine
+from muscle_hpc.ds_engine import deepspeed_config, deepspeed_engine
 from muscle_hpc.models.backbone import ARCHS, build_backbone
 from muscle_hpc.models.build import build_moco
 from muscle_hpc.models.moco import MoCo, bn_channels, bus_bytes, moco_collective_bytes
@@ -77,7 +77,7 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
 
         moco = make_moco(args.arch, K)
         engine = deepspeed_engine(moco, list(moco.trainable_parameters()),
-                                  config.deepspeed_config(cfg, world, on_cuda=False),
+                                  deepspeed_config(cfg.run, b * world, world, on_cuda=False),
                                   momentum=0.9, weight_decay=1e-4)
 
         def ds_step():

@@ -91,7 +91,7 @@ def moco_workload(arch: str, per_gpu: int, size, count: int, device, shards=None
 
     from muscle_hpc import config
     from muscle_hpc.data.loaders import TwoViewLoader, two_view_loader
-    from muscle_hpc.engine import deepspeed_engine
+    from muscle_hpc.ds_engine import deepspeed_config, deepspeed_engine
     from muscle_hpc.models.build import build_moco
     from muscle_hpc.models.moco import splits_per_rank
 
@@ -102,7 +102,7 @@ def moco_workload(arch: str, per_gpu: int, size, count: int, device, shards=None
     # One GPU of ``world``: its share of the config's shuffle-BN groups.
     moco = build_moco(replace(m, bn_groups=splits_per_rank(m.bn_groups, world))).to(device)
     engine = deepspeed_engine(moco, list(moco.trainable_parameters()),
-                              config.deepspeed_config(cfg, 1, device.type == "cuda"),
+                              deepspeed_config(cfg.run, per_gpu, 1, device.type == "cuda"),
                               momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
     def step(batch):
@@ -125,7 +125,7 @@ def task_workload(stage: str, task_name: str, arch: str, per_gpu: int, size, cou
     """The continual stage's step (with L2-SP) or the fine-tune stage's on one task."""
     from muscle_hpc import config
     from muscle_hpc.data.loaders import task_loader
-    from muscle_hpc.engine import base_optimizer, deepspeed_engine
+    from muscle_hpc.ds_engine import base_optimizer, deepspeed_config, deepspeed_engine
     from muscle_hpc.models.build import build_multitask
     from muscle_hpc.regularizers import L2SP
     from muscle_hpc.tasks import TASKS
@@ -144,8 +144,7 @@ def task_workload(stage: str, task_name: str, arch: str, per_gpu: int, size, cou
     groups = [{"params": list(net.backbone.parameters()), "role": "backbone"},
               {"params": list(net.heads.parameters()), "role": task_name}]
     engine = deepspeed_engine(net, groups,
-                              config.deepspeed_config(cfg, 1, device.type == "cuda",
-                                                      batch_size=per_gpu),
+                              deepspeed_config(cfg.run, per_gpu, 1, device.type == "cuda"),
                               momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     for g in engine.optimizer.param_groups:
         g["lr"] = 1e-3

@@ -1,6 +1,6 @@
-"""The one training loop of the stages, and the blocks it is made of: the DeepSpeed engine,
-stopping on a signal or a non-finite value, rolling checkpoints that resume bit for bit, and
-step timing.
+"""The one training loop of the stages, and the blocks it is made of: stopping on a signal or
+a non-finite value, rolling checkpoints that resume bit for bit, and step timing, around the
+DeepSpeed engine of ``ds_engine``.
 
 A stage draws its batches in its own plan (epochs, visits), sets the LR from the step
 (``schedule.py``), runs its forward and loss, and hands the loss to ``TrainLoop.train_step``
@@ -11,7 +11,6 @@ steps, and stops every rank after the same step on a signal (checkpoint first) o
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import signal
@@ -28,6 +27,7 @@ import torch.distributed as dist
 from . import checkpoint, provenance
 from .config import changed_keys, dump_yaml, to_dict
 from .dist import DistEnv, gather_objects, mean, rank_world
+from .ds_engine import deepspeed_safe_globals, grad_norm, load_optimizer_state, optimizer_state
 from .tblog import RunLogger
 
 if TYPE_CHECKING:
@@ -83,84 +83,6 @@ def select_kernels(deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
-
-
-def import_deepspeed():
-    """``deepspeed``, told to use the CPU accelerator where there is no GPU (its
-    autodetection needs a hint on hosts without CUDA) and to keep its INFO lines to itself."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING)
-    return deepspeed
-
-
-def deepspeed_engine(model: torch.nn.Module, params, ds_config: dict, *, momentum: float,
-                     weight_decay: float):
-    """``model`` in a DeepSpeed engine that trains ``params`` with torch SGD. The LR is set per
-    step by the caller (``schedule.set_lr(engine.optimizer, lr)``), so the optimizer starts at
-    0 and a resume needs only the step. Parameters outside ``params`` (MoCo's key encoder) are
-    never optimised; DeepSpeed broadcasts all parameters and buffers from rank 0 at start."""
-    deepspeed = import_deepspeed()
-    optimizer = torch.optim.SGD(params, lr=0.0, momentum=momentum, weight_decay=weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine
-
-
-def grad_norm(engine) -> float:
-    """The global L2 norm of the gradients of the step about to be taken, after the gradient
-    all-reduce (0 when no parameter has one). Call between ``engine.backward`` and
-    ``engine.step``. ZeRO 1/2 compute it in their step (``engine.get_global_grad_norm()``
-    afterwards); without ZeRO the gradients are whole on every rank and are read here. Read at
-    every step (the non-finite check), so the per-tensor norms are one ``_foreach`` call rather
-    than a kernel per parameter."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
-
-
-def optimizer_state(engine) -> dict:
-    return engine.optimizer.state_dict()
-
-
-def load_optimizer_state(engine, state: dict) -> None:
-    if engine.zero_optimization():
-        # ZeRO takes a list indexed by rank; with its (default) rigid checkpoints each rank
-        # reads only its own entry. The fp32 master partition comes from the checkpoint, not
-        # rebuilt from the module.
-        rank, _ = rank_world()
-        engine.optimizer.load_state_dict([None] * rank + [state], load_optimizer_states=True,
-                                         load_from_fp32_weights=True)
-    else:
-        engine.optimizer.load_state_dict(state)
-
-
-def base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer that steps: the engine's own without ZeRO; under ZeRO 1/2 the one
-    DeepSpeed wraps, whose parameters are this rank's flat fp32 partitions (one per group)."""
-    return engine.optimizer.optimizer if engine.zero_optimization() else engine.optimizer
-
-
-def reset_optimizer_state(engine) -> None:
-    """Forget SGD's momentum (a fresh start, as at step 0). Under ZeRO the state lives in the
-    wrapped torch optimizer, keyed by this rank's flat partitions; it is rebuilt at the next
-    step either way."""
-    base_optimizer(engine).state.clear()
-
-
-def _deepspeed_safe_globals() -> list:
-    """Classes a ZeRO optimizer state dict pickles, allowed for ``weights_only`` loading."""
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-    except ImportError:
-        return []
-    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 class RollingCheckpoint:
@@ -229,7 +151,7 @@ class RollingCheckpoint:
         ``shared["config"]``), a different value of any key not starting with one of
         ``may_change`` or named in ``kept``, or a ``run.zero_stage`` that stores the optimizer
         state another way. Needs no process group, so a stage refuses before the rendezvous."""
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
             try:
                 shared = checkpoint.load(self.path)
             except Exception as e:  # noqa: BLE001 - any unpickling failure, said in one line

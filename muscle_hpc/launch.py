@@ -219,6 +219,7 @@ def finetune_argvs(args, config_path, overrides, world, on_cuda, backbones,
     Raises ``ConfigError``/``ShardError`` naming the element."""
     from muscle_hpc import config
     from muscle_hpc.data.shards import ShardError
+    from muscle_hpc.ds_engine import check_device
     from muscle_hpc.stages import finetune
 
     cfg = finetune.load(config_path, overrides)
@@ -233,7 +234,7 @@ def finetune_argvs(args, config_path, overrides, world, on_cuda, backbones,
             continue
         try:
             finetune.prepare(cfg, world, on_cuda, sel, produced_later)
-            config.check_device(cfg, on_cuda)
+            check_device(cfg.run, on_cuda)
         except (config.ConfigError, ShardError) as e:
             raise type(e)(f"finetune {sel.name}: {e}") from None
         argvs.append(["--config", str(config_path), "--task", sel.task, "--init", sel.init,
@@ -245,6 +246,7 @@ def finetune_argvs(args, config_path, overrides, world, on_cuda, backbones,
 def plan_stage(args, world: int, on_cuda: bool) -> tuple[list[Step], Path]:
     """One stage: its job (or array) and the default log folder. Raises on a refused input."""
     from muscle_hpc import config
+    from muscle_hpc.ds_engine import check_device
 
     if args.stage == "finetune":
         argvs = finetune_argvs(args, args.config, args.overrides, world, on_cuda, args.backbones)
@@ -254,7 +256,7 @@ def plan_stage(args, world: int, on_cuda: bool) -> tuple[list[Step], Path]:
         return [step], Path(root)
     stage = importlib.import_module(STAGES[args.stage])
     cfg = stage.prepare(args.config, args.overrides, world, on_cuda).cfg
-    config.check_device(cfg, on_cuda)
+    check_device(cfg.run, on_cuda)
     argv = ["--config", str(args.config), *args.overrides]
     return [Step(args.stage, args.stage, [argv], args.nodes, args.gpus_per_node)], \
         Path(cfg.run.dir)
@@ -266,6 +268,7 @@ def plan_all(args, tasks_per_node: int, on_cuda: bool) -> tuple[list[Step], Path
     GPU on each of its ``--finetune-nodes``, as slurm/finetune_array.sh asks (a grid element
     is small: 8 GPUs each would split its batch eight ways and hold 160 GPUs for the grid)."""
     from muscle_hpc import config, registry
+    from muscle_hpc.ds_engine import check_device
     from muscle_hpc.stages import continual, mdmoco
 
     bb, root = args.backbone, Path(args.root)
@@ -286,12 +289,12 @@ def plan_all(args, tasks_per_node: int, on_cuda: bool) -> tuple[list[Step], Path
     ft_ov = [*common, *args.finetune_override, f"run.root={root}"]
 
     cfg = mdmoco.prepare(moco_config, moco_ov, world, on_cuda).cfg
-    config.check_device(cfg, on_cuda)
+    check_device(cfg.run, on_cuda)
     checked = [(moco_config, cfg.model.arch)]
     for ov in cl_ovs.values():
         # MD-MoCo's backbone does not exist yet: check all but model.init.
         cfg = continual.prepare(cl_config, [*ov, "model.init=''"], world, on_cuda).cfg
-        config.check_device(cfg, on_cuda)
+        check_device(cfg.run, on_cuda)
         checked.append((cl_config, cfg.model.arch))
     for path, got in checked:
         if got != arch:

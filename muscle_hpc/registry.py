@@ -193,6 +193,8 @@ class Backbone:
 
 # Every dataset, in data_prep's order: MD-MoCo's pre-training sets (the paper's all nine).
 DATASETS: tuple[str, ...] = NAMES
+# The paper's Z-score of every image's uint8 gray levels, over its training sets.
+PIXEL_MEAN, PIXEL_STD = 122.786, 18.390
 # In the order of the grid, of the continual stage's fixed (MUSCLE⁻⁻) visits and of the report.
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("pneumonia", "pneumonia", "classification", "Pneumonia", ("normal", "pneumonia"), 32),

@@ -4,18 +4,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from muscle_hpc import config
+from muscle_hpc import config, registry
 from muscle_hpc.config import (
-    DATASETS,
     ConfigError,
     MocoConfig,
     check_moco,
-    deepspeed_config,
     dump_yaml,
     load,
     load_config,
     to_dict,
 )
+from muscle_hpc.config.__main__ import main as describe_main
+from muscle_hpc.config.describe import field_comments
+from muscle_hpc.config.loader import entry_schema, key_type, schema_keys
+from muscle_hpc.ds_engine import deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -31,7 +33,7 @@ def error(path=None, overrides=(), schema=MocoConfig) -> str:
 def test_defaults_are_moco_v2_on_all_nine_sets(tmp_path):
     cfg = load_config(None)
     assert cfg == MocoConfig()
-    assert cfg.data.datasets == list(DATASETS)
+    assert cfg.data.datasets == list(registry.DATASETS)
     assert (cfg.model.K, cfg.model.m, cfg.model.T, cfg.model.mlp) == (65536, 0.999, 0.2, True)
     assert (cfg.optim.lr_base, cfg.optim.momentum, cfg.optim.weight_decay) == (0.03, 0.9, 1e-4)
     (tmp_path / "empty.yaml").write_text("")
@@ -121,31 +123,34 @@ def test_other_schemas_reuse_the_loader():
 
 def test_deepspeed_config():
     cfg = load_config(None, ["run.zero_stage=1"])
-    ds = deepspeed_config(cfg, world_size=8, on_cuda=True)
+    ds = deepspeed_config(cfg.run, cfg.data.batch_size, world_size=8, on_cuda=True)
     assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["gradient_accumulation_steps"] == 1 and ds["zero_optimization"] == {"stage": 1}
     assert ds["zero_allow_untested_optimizer"] is True  # SGD under ZeRO 1/2
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
     assert ds["gradient_clipping"] == 0 and ds["steps_per_print"] >= 10**6
-    assert deepspeed_config(cfg, 8, on_cuda=False)["torch_autocast"]["enabled"] is False
-    fp32 = load_config(None, ["run.precision=fp32"])
-    assert deepspeed_config(fp32, 1, on_cuda=True)["torch_autocast"]["enabled"] is False
-    bf16 = load_config(None, ["run.precision=bf16"])
-    assert deepspeed_config(bf16, 1, on_cuda=False)["torch_autocast"]["enabled"] is True
+    assert deepspeed_config(cfg.run, 256, 8, on_cuda=False)["torch_autocast"]["enabled"] is False
+    fp32 = load_config(None, ["run.precision=fp32"]).run
+    assert deepspeed_config(fp32, 256, 1, on_cuda=True)["torch_autocast"]["enabled"] is False
+    bf16 = load_config(None, ["run.precision=bf16"]).run
+    assert deepspeed_config(bf16, 256, 1, on_cuda=False)["torch_autocast"]["enabled"] is True
 
 
-def test_deepspeed_config_refusals():
-    from dataclasses import replace
-
-    cfg = load_config(None)
-    for bad, key in [(replace(cfg, run=replace(cfg.run, precision="fp16")), "run.precision"),
-                     (replace(cfg, run=replace(cfg.run, zero_stage=3)), "run.zero_stage")]:
-        with pytest.raises(ConfigError, match=f"^{key}: ") as e:
-            deepspeed_config(bad, 1, on_cuda=True)
-        assert "\n" not in str(e.value)
+@pytest.mark.parametrize("schema, zero3_why", [
+    (MocoConfig, "momentum update of MoCo's key encoder"),
+    (config.ContinualConfig, "which L2-SP reads whole"),
+    (config.FinetuneConfig, "evaluation runs the model outside DeepSpeed's forward")])
+def test_fp16_and_zero3_are_refused_on_loading_each_stage_saying_why(schema, zero3_why):
+    """Once, by the loader: the DeepSpeed JSON is only ever made from a loaded config."""
+    assert error(overrides=["run.precision=fp16"], schema=schema).startswith(
+        "run.precision: fp16 is not supported: its loss scaler skips overflowing steps")
+    msg = error(overrides=["run.zero_stage=3"], schema=schema)
+    assert msg.startswith("run.zero_stage: ZeRO stage 3 is not supported") and zero3_why in msg
+    assert error(overrides=["run.zero_stage=4"], schema=schema) == \
+        "run.zero_stage: must be in [0, 2], got 4"
     with pytest.raises(ConfigError, match="^data.batch_size: .*not divisible by the world size 3"):
-        deepspeed_config(cfg, 3, on_cuda=True)
+        check_moco(load_config(None), 3)
 
 
 def test_check_moco():
@@ -182,8 +187,8 @@ def test_batch_norm_groups_must_cut_each_ranks_batch_into_groups_of_two_or_more(
 def test_shipped_configs_load_and_validate(name, world):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     check_moco(cfg, world)
-    deepspeed_config(cfg, world, on_cuda=False)
-    assert cfg.data.datasets == list(DATASETS)
+    deepspeed_config(cfg.run, cfg.data.batch_size, world, on_cuda=False)
+    assert cfg.data.datasets == list(registry.DATASETS)
     assert (cfg.data.mean, cfg.data.std, cfg.data.max_degrees) == (122.786, 18.390, 10.0)
 
 
@@ -203,7 +208,8 @@ def test_shipped_configs_are_the_papers():
 def test_deepspeed_accepts_the_generated_config():
     ds_config = pytest.importorskip("deepspeed.runtime.config")
     cfg = load_config(CONFIGS / "mdmoco_demo.yaml", ["run.precision=bf16", "run.zero_stage=2"])
-    parsed = ds_config.DeepSpeedConfig(deepspeed_config(cfg, 1, on_cuda=False))  # world 1 here
+    parsed = ds_config.DeepSpeedConfig(deepspeed_config(cfg.run, cfg.data.batch_size, 1,
+                                                        on_cuda=False))  # world 1 here
     assert (parsed.train_batch_size, parsed.gradient_accumulation_steps) == (16, 1)
     assert parsed.zero_optimization_stage == 2 and parsed.torch_autocast_enabled
     assert parsed.torch_autocast_dtype == torch.bfloat16 and not parsed.bfloat16_config.enabled
@@ -242,9 +248,11 @@ def test_sixteen_ranks_take_lung_at_one_image_each_and_refuse_tbx_in_one_line():
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 @pytest.mark.parametrize("task", ["pneumonia", "mura", "lung", "tbx"])
 def test_finetune_config_runs_every_task_on_one_to_eight_ranks(task, world):
-    from muscle_hpc.config import FinetuneConfig, check_finetune, load
+    from muscle_hpc.config import FinetuneConfig, check_finetune, check_finetune_task, load
 
-    check_finetune(load(CONFIGS / "finetune.yaml", [], FinetuneConfig), task, world)
+    cfg = load(CONFIGS / "finetune.yaml", [], FinetuneConfig)
+    check_finetune(cfg)
+    check_finetune_task(cfg, task, world)
 
 
 def test_demo_finetunes_at_the_paper_configs_learning_rate_per_image():
@@ -340,21 +348,21 @@ class _Derived(_Base):
 
 
 def test_field_comments_are_the_lines_above_and_the_end_of_the_line():
-    assert config.field_comments(_Derived) == {
+    assert field_comments(_Derived) == {
         "a": "Above a field, on two lines.", "b": "at the end of its line",
         "e": "on a continuation line", "f": ""}
 
 
 @pytest.mark.parametrize("stage", ["mdmoco", "continual", "finetune"])
 def test_describe_lists_every_key_with_its_type_default_and_comment(stage, capsys):
-    assert config.main(["--describe", stage]) == 0
+    assert describe_main(["--describe", stage]) == 0
     lines = capsys.readouterr().out.splitlines()
     described = {line.split(" ", 1)[0] for line in lines[1:] if not line.startswith(" ")}
     schema = config.SCHEMAS[stage]
     leaves = set()
-    for key in config._keys(schema):  # every key a file or override can set, sections aside
-        tp = config._leaf_type(schema, key)
-        if not dataclasses.is_dataclass(tp) and config._entries(tp) is None:
+    for key in schema_keys(schema):  # every key a file or override can set, sections aside
+        tp = key_type(schema, key)
+        if not dataclasses.is_dataclass(tp) and entry_schema(tp) is None:
             leaves.add(key)
     if stage == "finetune":  # user-named entries: described once, as tasks.<name>.KEY
         leaves = {k for k in leaves if not k.startswith("tasks.")}
@@ -377,5 +385,5 @@ def test_describe_lists_every_key_with_its_type_default_and_comment(stage, capsy
 
 def test_describe_refuses_an_unknown_stage(capsys):
     with pytest.raises(SystemExit) as e:
-        config.main(["--describe", "cl"])
+        describe_main(["--describe", "cl"])
     assert e.value.code == 2 and "invalid choice: 'cl'" in capsys.readouterr().err

@@ -76,8 +76,9 @@ def cnn_auc(train, test, epochs: int, pairs_per_batch: int = 8, seed: int = 0) -
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from muscle_hpc.data.loaders import MEAN, STD
     from muscle_hpc.models.backbone import build_backbone
+    from muscle_hpc.registry import PIXEL_MEAN as MEAN
+    from muscle_hpc.registry import PIXEL_STD as STD
 
     torch.set_num_threads(2)
     torch.manual_seed(seed)

@@ -15,7 +15,7 @@ import torch
 import torchvision
 from conftest import ROOT, assert_same_model, benchmark_models, finish_ranks, run_ranks, start_ranks
 
-from muscle_hpc import checkpoint, config
+from muscle_hpc import checkpoint, config, registry
 from muscle_hpc.models.backbone import build_backbone, export_torchvision, load_imagenet_into
 from muscle_hpc.stages import finetune
 from muscle_hpc.tblog import read_scalars
@@ -42,8 +42,8 @@ def paper_grid():
 def test_grid_covers_every_task_init_backbone_once(capsys):
     grid = paper_grid()
     assert len(grid) == 40 == len(set(grid))
-    assert set(grid) == set(itertools.product(config.TASK_NAMES, config.INITS,
-                                              config.BACKBONES))
+    assert set(grid) == set(itertools.product(registry.TASK_NAMES, registry.INIT_NAMES,
+                                              registry.BACKBONE_NAMES))
     assert finetune.main(["--list"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     assert [tuple(line.split()[1:4]) for line in lines] == grid

@@ -13,19 +13,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from muscle_hpc.data import (
-    MEAN,
-    STD,
     ShardError,
     TaskLoader,
     TwoViewLoader,
     open_shard,
     pretrain_shards,
 )
+from muscle_hpc.registry import PIXEL_MEAN, PIXEL_STD
 
 
 def _values(view):
     """The stored gray level of each image, read at its centre (rotation keeps the centre)."""
-    return torch.round(view[:, 0, 12, 20] * STD + MEAN).long().tolist()
+    return torch.round(view[:, 0, 12, 20] * PIXEL_STD + PIXEL_MEAN).long().tolist()
 
 
 def test_two_views_mix_all_shards_once_per_epoch(flat_shards):
@@ -185,7 +184,7 @@ def test_mocov2_views_of_one_image_differ_in_gray_levels(flat_shards):
     shards = pretrain_shards(flat_shards, ["dark", "bright"])
     q, k = next(iter(TwoViewLoader(shards, 16, seed=2, num_workers=1, views="mocov2")))
     assert (q.shape, k.shape) == ((16, 1, 24, 40),) * 2
-    levels = torch.stack([q.mean(dim=(1, 2, 3)), k.mean(dim=(1, 2, 3))]) * STD + MEAN
+    levels = torch.stack([q.mean(dim=(1, 2, 3)), k.mean(dim=(1, 2, 3))]) * PIXEL_STD + PIXEL_MEAN
     assert (levels[0] - levels[1]).abs().gt(1).float().mean() > 0.5
     paper_q, paper_k = next(iter(TwoViewLoader(shards, 16, seed=2, num_workers=1, max_degrees=0)))
     torch.testing.assert_close(paper_q.mean(dim=(1, 2, 3)), paper_k.mean(dim=(1, 2, 3)))
@@ -197,13 +196,13 @@ def test_data_views_is_checked_by_the_config_and_sizes_the_views(tmp_path):
     from muscle_hpc.data.loaders import two_view_loader
 
     demo = Path(__file__).parents[1] / "configs" / "mdmoco_demo.yaml"
-    assert config.load(demo).data.views == "paper"
+    assert config.load_config(demo).data.views == "paper"
     with pytest.raises(config.ConfigError) as e:
-        config.load(demo, ["data.views=simclr"])
+        config.load_config(demo, ["data.views=simclr"])
     assert str(e.value) == "data.views: 'simclr' is not one of paper, mococxr, mocov2"
-    assert config.DataConfig.__dataclass_fields__["views"].metadata["choices"] == \
+    assert config.mdmoco.MocoDataConfig.__dataclass_fields__["views"].metadata["choices"] == \
         augment.RECIPES
-    cfg = config.load(demo, ["data.views=mococxr", "data.synthetic=8",
+    cfg = config.load_config(demo, ["data.views=mococxr", "data.synthetic=8",
                              "data.synthetic_width=64", "data.synthetic_height=40"])
     loader = two_view_loader(None, 4, cfg.data, distributed=False)
     q, k = next(iter(loader.epoch_batches(0)))

@@ -160,7 +160,7 @@ def test_task_metrics_are_exactly_what_each_kind_returns(kind, k):
     records = _records(kind, k)
     scores = task.score(records, config.MetricsConfig())
     assert tuple(scores) == task.metrics
-    test, _ = task.test_metrics(records, config.FtEvalConfig(bootstrap=3))
+    test, _ = task.test_metrics(records, config.finetune.FtEvalConfig(bootstrap=3))
     assert tuple(test)[:len(task.metrics)] == task.metrics
     extra = set(test) - set(task.metrics)
     assert all(key.endswith("_ci") and key[:-3] in task.metrics or
@@ -180,21 +180,22 @@ def test_every_registry_backbone_can_be_built():
 
 
 def test_config_choices_defaults_and_sections_are_the_registry():
-    assert config.load(None).data.datasets == list(registry.DATASETS)
-    assert choices(config.ClDataConfig, "tasks") == registry.TASK_NAMES
+    assert config.load_config(None).data.datasets == list(registry.DATASETS)
+    assert choices(config.continual.ClDataConfig, "tasks") == registry.TASK_NAMES
     assert config.load(None, [], config.ContinualConfig).data.tasks == list(registry.TASK_NAMES)
-    assert choices(config.RunConfig, "monitor_tasks") == registry.KNN_TASKS
-    assert choices(config.ModelConfig, "arch") == choices(config.ClModelConfig, "arch") == \
-        registry.ARCHS
-    assert choices(config.ClMethodConfig, "method") == registry.CL_METHODS
-    assert [f.name for f in dataclasses.fields(config.TasksConfig)] == list(registry.TASK_NAMES)
+    assert choices(config.mdmoco.MocoRunConfig, "monitor_tasks") == registry.KNN_TASKS
+    assert choices(config.mdmoco.MocoModelConfig, "arch") == \
+        choices(config.continual.ClModelConfig, "arch") == registry.ARCHS
+    assert choices(config.continual.ClMethodConfig, "method") == registry.CL_METHODS
+    assert [f.name for f in dataclasses.fields(config.continual.TasksConfig)] == \
+        list(registry.TASK_NAMES)
     cl, ft = config.ContinualConfig(), config.FinetuneConfig()
     assert list(ft.tasks) == ft.grid.tasks == list(registry.TASK_NAMES)
     for task in registry.TASKS.values():
         assert cl.batch_size(task.name) == ft.task(task.name).batch_size == task.batch_size
         assert ft.definition(task.name) == task  # a paper task is its registry definition
     keys = {i.pretrained_key for i in registry.INITS.values() if i.pretrained_key}
-    assert {f.name for f in dataclasses.fields(config.PretrainedConfig)} == keys
+    assert {f.name for f in dataclasses.fields(config.finetune.PretrainedConfig)} == keys
     for init in (i for i in registry.INITS.values() if i.made_by):
         assert getattr(ft.pretrained, init.pretrained_key) == \
             registry.pretrained_template(init.name)
@@ -205,7 +206,7 @@ def test_config_choices_defaults_and_sections_are_the_registry():
 def test_config_refuses_a_task_the_knn_monitor_cannot_read_by_its_kind():
     for task in (t for t in registry.TASKS.values() if t.name not in registry.KNN_TASKS):
         with pytest.raises(config.ConfigError, match=f"{task.name} is a {task.kind} task"):
-            config.load(None, [f"run.monitor_tasks=[{task.name}]"])
+            config.load_config(None, [f"run.monitor_tasks=[{task.name}]"])
 
 
 def test_report_rows_columns_and_titles_are_the_registry():
@@ -313,7 +314,7 @@ def test_bench_learning_has_a_batch_for_every_task():
 
 def yaml_of(name: str) -> dict:
     """A shipped config as its YAML says it, laid over its ``base:`` if it has one."""
-    return config._read(CONFIGS / name, ())
+    return config.loader.read_with_bases(CONFIGS / name)
 
 
 def backbone_of(arch: str) -> str:

@@ -21,7 +21,7 @@ import torch
 import torchvision
 import yaml
 
-from muscle_hpc import config, report
+from muscle_hpc import config, registry, report
 from muscle_hpc.stages import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +41,12 @@ GRID = [tuple(sel)[:3] for sel in finetune.grid(finetune.load(finetune.DEFAULT_C
 
 def test_the_grid_is_every_task_init_backbone_once_in_index_order():
     assert len(GRID) == len(set(GRID)) == 40
-    assert set(GRID) == set(itertools.product(config.TASK_NAMES, config.INITS, config.BACKBONES))
-    backbones = list(config.BACKBONES)
+    assert set(GRID) == set(itertools.product(registry.TASK_NAMES, registry.INIT_NAMES,
+                                              registry.BACKBONE_NAMES))
+    backbones = list(registry.BACKBONE_NAMES)
     for i, (task, init, bb) in enumerate(GRID):
-        assert i == (backbones.index(bb) * 20 + config.TASK_NAMES.index(task) * 5
-                     + config.INITS.index(init))
+        assert i == (backbones.index(bb) * 20 + registry.TASK_NAMES.index(task) * 5
+                     + registry.INIT_NAMES.index(init))
 
 
 def test_list_prints_the_40_elements_in_index_order(capsys):
@@ -91,7 +92,7 @@ def fake_inputs(slurm, tmp_path_factory):
     base = tmp_path_factory.mktemp("ft_inputs")
     root, torch_home = base / "run", base / "torch"
     (torch_home / "hub" / "checkpoints").mkdir(parents=True)
-    for bb, arch in config.BACKBONES.items():
+    for bb, arch in ((b.name, b.arch) for b in registry.BACKBONES.values()):
         exported = base / f"{bb}.pth"
         torch.save(export_torchvision(build_backbone(arch)), exported)
         for key in ("mdmoco", "muscle", "muscle_minus"):
@@ -152,7 +153,7 @@ def expected_images(task: str, shards: Path) -> int:
 
 
 def expected_init(init: str, bb: str, root: Path, torch_home: Path) -> str:
-    arch = config.BACKBONES[bb]
+    arch = registry.BACKBONES[bb].arch
     if init == "scratch":
         return "Kaiming"
     if init == "imagenet":
@@ -184,9 +185,9 @@ def test_the_array_script_runs_each_index_on_its_own_grid_element(fake_inputs, t
                         f"training images), 1 rank(s), "
                         f"output {root / 'finetune' / f'{task}_{bb}_{init}'}"], log
         seen.add((task, init, bb))
-    assert {t for t, _, _ in seen} == set(config.TASK_NAMES)
-    assert {i for _, i, _ in seen} == set(config.INITS)
-    assert {b for _, _, b in seen} == set(config.BACKBONES)
+    assert {t for t, _, _ in seen} == set(registry.TASK_NAMES)
+    assert {i for _, i, _ in seen} == set(registry.INIT_NAMES)
+    assert {b for _, _, b in seen} == set(registry.BACKBONE_NAMES)
 
 
 def test_an_array_element_trains_and_requeues_alone_after_the_time_limit_signal(

@@ -115,6 +115,6 @@ def test_stages_check_no_shards_when_synthetic(tmp_path):
 
 def test_synthetic_counts_are_checked():
     with pytest.raises(config.ConfigError, match="data.synthetic: must be >= 0"):
-        config.load(None, ["data.synthetic=-1"])
+        config.load_config(None, ["data.synthetic=-1"])
     with pytest.raises(config.ConfigError, match="data.synthetic_width: must be >= 32"):
         config.load(None, ["data.synthetic_width=8"], config.FinetuneConfig)

@@ -141,7 +141,7 @@ def test_each_kind_trains_on_the_trunk_and_scores_its_records_as_sklearn(kind):
         batches.append(batch)
     scores = task.score(records, config.MetricsConfig())
     assert tuple(scores) == task.metrics
-    test, _ = task.test_metrics(records, config.FtEvalConfig(bootstrap=5))
+    test, _ = task.test_metrics(records, config.finetune.FtEvalConfig(bootstrap=5))
     assert set(task.metrics) <= set(test)
     assert all(test[k] == scores[k] or math.isnan(scores[k]) for k in task.metrics)
     if kind == "detection":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import queue
-import threading
 import time
 from collections.abc import Iterator
 
@@ -20,21 +19,13 @@ import numba
 import numpy as np
 import torch
 
+from muscle_hpc.config.definitions import check_flips
+from muscle_hpc.registry import PIXEL_MEAN, PIXEL_STD
+
 from . import augment
+from .prefetch import pins, prefetch, rank_and_world
 from .shards import Shard, ShardError
-
-# The paper's Z-score gray normalisation (MUSCLE, sec. 3.1).
-MEAN, STD = 122.786, 18.390
-
-
-def rank_and_world(distributed: bool) -> tuple[int, int]:
-    if not distributed:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("distributed=True needs torch.distributed to be initialised first")
-    return dist.get_rank(), dist.get_world_size()
+from .synthetic import SyntheticTaskLoader, SyntheticTwoViewLoader
 
 
 def _order_class(rank: int, world: int, shuffle: bool, drop_uneven: bool):
@@ -139,61 +130,6 @@ class _Stream:
             done += m
 
 
-def pins(device) -> bool:
-    """Whether batches bound for ``device`` are made in pinned host memory."""
-    return device is not None and torch.device(device).type == "cuda"
-
-
-def prefetch(batches: Iterator, depth: int, device=None) -> Iterator:
-    """Run ``batches`` in a daemon thread, ``depth`` ahead; errors re-raise in the consumer.
-    On a CUDA ``device`` the thread makes it current before any CUDA call (pinned memory)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def produce():
-        try:
-            if pins(device):
-                torch.cuda.set_device(device)
-            for b in batches:
-                while not stop.is_set():
-                    try:
-                        q.put(b, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
-                    return
-            q.put(end)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put(e)
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
-
-    t = threading.Thread(target=produce, daemon=True, name="muscle-loader")
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        # A consumer that leaves early (a break, a signal) waits for the producer to finish
-        # its batch and close its readers: a thread left inside numba or FFCV code when the
-        # interpreter exits aborts the process ("terminate called without an active exception").
-        stop.set()
-        while t.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                t.join(timeout=0.05)
-
-
 class _Ring:
     """Output buffers reused round-robin. Fresh large tensors per batch would page-fault on
     every first touch (as costly here as the augmentation itself). Like FFCV's own buffers, a
@@ -236,8 +172,8 @@ class TwoViewLoader:
     """
 
     def __init__(self, shards: list[Shard], batch_size: int, *, seed: int = 0,
-                 max_degrees: float = 10.0, flip_prob: float = 0.5, mean: float = MEAN,
-                 std: float = STD, num_workers: int = 2, distributed: bool = False,
+                 max_degrees: float = 10.0, flip_prob: float = 0.5, mean: float = PIXEL_MEAN,
+                 std: float = PIXEL_STD, num_workers: int = 2, distributed: bool = False,
                  sub_batch: int = 32, prefetch_depth: int = 2, with_keys: bool = False,
                  device=None, views: str = "paper"):
         if batch_size < 1:
@@ -331,8 +267,6 @@ def two_view_loader(shards: list[Shard] | None, batch_size: int, data_cfg, *,
     ``data.views`` (its views are mirror images, not the recipe's). Either has ``view_size``,
     the (w, h) of its views."""
     if data_cfg.synthetic:
-        from .synthetic import SyntheticTwoViewLoader
-
         size = augment.view_size(data_cfg.views, data_cfg.synthetic_width,
                                  data_cfg.synthetic_height)
         loader = SyntheticTwoViewLoader(
@@ -356,12 +290,8 @@ def task_loader(shard: Shard | None, batch_size: int, task, data_cfg, *, train: 
     (``task.flip_swap``), and refuses a task whose side-naming classes have no mirror."""
     flips = train and data_cfg.flip_prob > 0
     if flips:
-        from muscle_hpc.config import check_flips
-
         check_flips(task.definition, data_cfg.flip_prob)
     if data_cfg.synthetic:
-        from .synthetic import SyntheticTaskLoader
-
         return SyntheticTaskLoader(
             task.kind, data_cfg.synthetic, batch_size,
             (data_cfg.synthetic_width, data_cfg.synthetic_height), train=train,
@@ -430,10 +360,10 @@ class TaskLoader:
     """
 
     def __init__(self, shard: Shard, batch_size: int, kind: str, *, train: bool,
-                 seed: int = 0, flip_prob: float = 0.5, mean: float = MEAN, std: float = STD,
-                 num_workers: int = 2, distributed: bool = False, prefetch_depth: int = 2,
-                 device=None, fraction: float = 1.0, target: str = "value",
-                 flip_swap: dict[int, int] | None = None):
+                 seed: int = 0, flip_prob: float = 0.5, mean: float = PIXEL_MEAN,
+                 std: float = PIXEL_STD, num_workers: int = 2, distributed: bool = False,
+                 prefetch_depth: int = 2, device=None, fraction: float = 1.0,
+                 target: str = "value", flip_swap: dict[int, int] | None = None):
         if kind not in TASK_FIELDS:
             raise ValueError(f"kind must be one of {', '.join(TASK_FIELDS)}, not {kind!r}")
         self.rank, self.world = rank_and_world(distributed)

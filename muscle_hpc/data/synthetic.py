@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .loaders import pins, prefetch, rank_and_world
+from .prefetch import pins, prefetch, rank_and_world
 
 
 def _generator(*key: int) -> torch.Generator:

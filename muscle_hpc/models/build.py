@@ -24,7 +24,8 @@ from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
 from muscle_hpc.models.moco import MoCo
 
 if TYPE_CHECKING:
-    from muscle_hpc.config import HeadsConfig, ModelConfig
+    from muscle_hpc.config.mdmoco import MocoModelConfig
+    from muscle_hpc.config.sections import HeadsConfig
 
 
 class HasHead(Protocol):
@@ -33,7 +34,7 @@ class HasHead(Protocol):
     def head(self, channels: dict[str, int], heads: HeadsConfig) -> nn.Module: ...
 
 
-def build_moco(model: ModelConfig) -> MoCo:
+def build_moco(model: MocoModelConfig) -> MoCo:
     """MD-MoCo's MoCo v2 from the stage's ``model`` section: two 1-channel ResNet encoders
     (Kaiming init), the MLP projection head when ``model.mlp``, the key queue of ``model.K``
     and the batch-norm mode. ``model.bn_groups`` is the number of shuffle-BN groups over the

@@ -19,6 +19,7 @@ from data_prep.datasets.base import printable
 from muscle_hpc import checkpoint, config, dist, provenance, registry, runlock
 from muscle_hpc.config import ConfigError
 from muscle_hpc.data.shards import ShardError
+from muscle_hpc.ds_engine import check_device
 from muscle_hpc.engine import NO_SPACE_EXIT, RollingCheckpoint, StageError, Start, select_kernels
 from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
 
@@ -87,7 +88,7 @@ def started(stage: str, cfg, env: dist.DistEnv, on_cuda: bool, run_dir: Path,
     every rank, so all stop at once instead of waiting in a collective for a rank 0 that
     left), and every rank's host and GPU gathered for the provenance record. Leaving it
     releases the lock and the process group."""
-    config.check_device(cfg, on_cuda)
+    check_device(cfg.run, on_cuda)
     ckpt = RollingCheckpoint(run_dir, env.rank, env.world_size)
     try:
         resumed = ckpt.load(config.to_dict(cfg), may_change, kept)

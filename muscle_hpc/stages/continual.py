@@ -27,13 +27,14 @@ import torch
 
 from muscle_hpc import checkpoint, config, dist, registry, schedule
 from muscle_hpc.data.loaders import task_loader
-from muscle_hpc.engine import (
-    StageError,
-    TrainLoop,
+from muscle_hpc.ds_engine import (
     base_optimizer,
+    bf16_enabled,
+    deepspeed_config,
     deepspeed_engine,
     reset_optimizer_state,
 )
+from muscle_hpc.engine import StageError, TrainLoop
 from muscle_hpc.evaluate import evaluate
 from muscle_hpc.models.backbone import export_torchvision
 from muscle_hpc.models.build import build_multitask
@@ -74,8 +75,8 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool) -> Continual
     ``ShardError``."""
     cfg = config.load(config_path, overrides, config.ContinualConfig)
     config.check_continual(cfg, world_size)
-    ds_config = config.deepspeed_config(cfg, world_size, on_cuda,
-                                        batch_size=max(cfg.batch_size(t) for t in cfg.data.tasks))
+    ds_config = deepspeed_config(cfg.run, max(cfg.batch_size(t) for t in cfg.data.tasks),
+                                 world_size, on_cuda)
     shards = {}
     for name in cfg.data.tasks:
         task = TASKS[name]
@@ -121,7 +122,7 @@ def plan(cfg, loaders) -> list[dict]:
 
 def train(cfg, start, loaders, val, init, ds_config) -> int:
     tasks, device, on_cuda = cfg.data.tasks, dist.train_device(), start.on_cuda
-    bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
+    bf16 = bf16_enabled(cfg.run, on_cuda)
     torch.manual_seed(cfg.run.seed)
     net = build_multitask(cfg.model.arch, {t: TASKS[t] for t in tasks}, cfg.model, init)
     net = net.to(device)

@@ -37,7 +37,8 @@ import torch
 from muscle_hpc import checkpoint, config, dist, registry, schedule, tasks
 from muscle_hpc.data.loaders import task_loader, train_subset
 from muscle_hpc.data.shards import open_shard
-from muscle_hpc.engine import TrainLoop, deepspeed_engine
+from muscle_hpc.ds_engine import bf16_enabled, deepspeed_config, deepspeed_engine
+from muscle_hpc.engine import TrainLoop
 from muscle_hpc.evaluate import evaluate, evaluate_records
 from muscle_hpc.models.build import build_multitask
 from muscle_hpc.models.norm import sync_batchnorm
@@ -81,7 +82,7 @@ def add_arguments(p) -> None:
                                   f"({', '.join(registry.TASK_NAMES)}) or one under tasks")
     p.add_argument("--init", choices=registry.INIT_NAMES)
     p.add_argument("--backbone", choices=registry.BACKBONE_NAMES)
-    p.add_argument("--protocol", choices=config.PROTOCOLS, default="finetune",
+    p.add_argument("--protocol", choices=registry.PROTOCOLS, default="finetune",
                    help="finetune: train the whole network (default); linear: a linear probe, "
                         "the backbone frozen (batch-norm statistics too), only the head trained")
     p.add_argument("--fraction", type=float, default=1.0, metavar="F",
@@ -161,12 +162,13 @@ class FinetuneInputs(common.Prepared):
 
 def prepare(cfg, world_size: int, on_cuda: bool, sel: Selection,
             produced_later: bool = False) -> FinetuneInputs:
-    """The selected grid element's inputs, checked for ``world_size`` ranks.
+    """The selected grid element's inputs from a config ``load`` checked, for ``world_size``
+    ranks.
     ``produced_later``: the earlier stages' backbones are outputs of jobs not yet run; check
     only what exists now. Raises ``ConfigError`` or ``ShardError``."""
-    config.check_finetune(cfg, sel.task, world_size)
+    config.check_finetune_task(cfg, sel.task, world_size)
     batch = cfg.task(sel.task).batch_size
-    ds_config = config.deepspeed_config(cfg, world_size, on_cuda, batch_size=batch)
+    ds_config = deepspeed_config(cfg.run, batch, world_size, on_cuda)
     defn = cfg.definition(sel.task)
     shards = dict.fromkeys(("train", "valid", "test"))
     if not cfg.data.synthetic:
@@ -252,7 +254,7 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
     linear = sel.protocol == "linear"
     n_train = cfg.data.synthetic or loaders["train"].examples  # over all ranks
     device, on_cuda = dist.train_device(), start.on_cuda
-    bf16 = config.resolve_precision(cfg.run.precision, on_cuda) == "bf16"
+    bf16 = bf16_enabled(cfg.run, on_cuda)
     torch.manual_seed(cfg.run.seed)
     init_file, init_state = init
     net = build_multitask(sel.arch, {task.name: task}, cfg.model, init_state).to(device)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from muscle_hpc import checkpoint, config, dist, monitor, registry, schedule
 from muscle_hpc.data.loaders import BatchSizeError, two_view_loader
 from muscle_hpc.data.shards import ShardError, pretrain_shards
-from muscle_hpc.engine import StageError, TrainLoop, deepspeed_engine
+from muscle_hpc.ds_engine import bf16_enabled, deepspeed_config, deepspeed_engine
+from muscle_hpc.engine import StageError, TrainLoop
 from muscle_hpc.models.backbone import export_torchvision
 from muscle_hpc.models.build import build_moco
 from muscle_hpc.models.moco import all_gather_cat, splits_per_rank
@@ -59,7 +60,7 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool) -> MocoInput
     if cfg.model.bn == "sync" and not on_cuda:
         raise config.ConfigError("model.bn: sync needs GPUs (torch's SyncBatchNorm is GPU-only); "
                                  "use model.bn=shuffle")
-    ds_config = config.deepspeed_config(cfg, world_size, on_cuda)
+    ds_config = deepspeed_config(cfg.run, cfg.data.batch_size, world_size, on_cuda)
     if cfg.data.synthetic:
         return MocoInputs(cfg, ds_config, None, None)
     shards = pretrain_shards(Path(cfg.data.root), cfg.data.datasets, cfg.data.pretrain_extra)
@@ -131,7 +132,7 @@ def train(cfg, start, loader, knn, ds_config) -> int:
         results = monitor.knn_eval(moco.encoder_q, knn, device, run.monitor_max_images,
                                    run.monitor_knn_k, run.monitor_knn_t,
                                    cfg.data.batch_size // world,
-                                   ds_config["torch_autocast"]["enabled"])
+                                   bf16_enabled(cfg.run, start.on_cuda))
         seconds = time.perf_counter() - t0
         for task, r in results.items():
             loop.log.scalars(loop.step, f"monitor/knn/{task}/", accuracy=r["accuracy"],

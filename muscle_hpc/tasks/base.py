@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from muscle_hpc import metrics, registry
-from muscle_hpc.config import FtEvalConfig, HeadsConfig, MetricsConfig
+from muscle_hpc.config.finetune import FtEvalConfig
+from muscle_hpc.config.sections import HeadsConfig, MetricsConfig
 from muscle_hpc.data.shards import Shard, ShardError, open_shard
 from muscle_hpc.models.heads import (
     ClassifierHead,
