@@ -30,7 +30,7 @@ from muscle_hpc.models.backbone import ARCHS
 from muscle_hpc.models.build import build_multitask
 from muscle_hpc.models.heads import MultiTaskNet
 from muscle_hpc.regularizers import L2SP, omega
-from muscle_hpc.tasks import TASKS
+from muscle_hpc.tasks import PAPER_TASKS
 
 
 def size(text: str) -> tuple[int, int]:
@@ -40,7 +40,7 @@ def size(text: str) -> tuple[int, int]:
 
 def make_net(arch: str, tasks, heads: HeadsConfig, device) -> MultiTaskNet:
     torch.manual_seed(0)
-    return build_multitask(arch, {t: TASKS[t] for t in tasks}, heads).to(device)
+    return build_multitask(arch, {t: PAPER_TASKS[t] for t in tasks}, heads).to(device)
 
 
 def sgd(net, backbone_decay: float = 1e-4) -> torch.optim.SGD:

@@ -68,7 +68,6 @@ from muscle_hpc.checkpoint import save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-TASKS = registry.TASK_NAMES
 BACKBONE = "r18"  # the demo configs' model.arch, resnet18
 ARCH = "resnet18"
 PRETRAINED = ("mdmoco", "muscle--", "muscle")  # the inits each view recipe makes
@@ -96,7 +95,8 @@ def parse_args(argv):
                    help="comma-separated: finetune (whole network), linear (probe)")
     p.add_argument("--size", default=None,
                    help="image size WxH of the shards (default 128x80; 64x40 with --quick)")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks to fine-tune")
+    p.add_argument("--tasks", default=",".join(registry.TASK_NAMES),
+                   help="comma-separated tasks to fine-tune")
     p.add_argument("--moco-epochs", type=int, default=4)
     p.add_argument("--moco-batch", type=int, default=32)
     p.add_argument("--moco-m", type=float, default=0.99,
@@ -122,8 +122,8 @@ def parse_args(argv):
     if args.seeds < 1:
         p.error("--seeds: at least 1")
     args.tasks = args.tasks.split(",")
-    if not args.tasks or set(args.tasks) - set(TASKS):
-        p.error(f"--tasks: some of {', '.join(TASKS)}")
+    if not args.tasks or set(args.tasks) - set(registry.TASK_NAMES):
+        p.error(f"--tasks: some of {', '.join(registry.TASK_NAMES)}")
     args.protocols = args.protocols.split(",")
     if not args.protocols or set(args.protocols) - set(PROTOCOLS):
         p.error(f"--protocols: some of {', '.join(PROTOCOLS)}")
@@ -284,8 +284,8 @@ class Plan:
     def result(self, task: str, row: str, views: str | None, seed: int, fraction: float,
                protocol: str) -> Path:
         init = "scratch" if row == "scratch" else "mdmoco"
-        return registry.finetune_dir(self.ft_root(row, views, seed, fraction), task, BACKBONE,
-                                     init, protocol, fraction) / "results.json"
+        run = registry.FinetuneRun(task, init, BACKBONE, protocol, fraction)
+        return run.dir(self.ft_root(row, views, seed, fraction)) / "results.json"
 
     def rows(self, protocol: str) -> list[str]:
         return ["scratch", *(["scratch-bn"] if protocol == "linear" else []), *PRETRAINED]
@@ -329,11 +329,11 @@ def write_scratch_bn(plan: Plan, task_name: str, seed: int) -> None:
     from muscle_hpc.data.loaders import task_loader
     from muscle_hpc.data.shards import open_shard
     from muscle_hpc.models.backbone import build_backbone, export_torchvision
-    from muscle_hpc.tasks import TASKS as TASK_DEFS
+    from muscle_hpc.tasks import PAPER_TASKS
 
     torch.manual_seed(seed)
     trunk = build_backbone(ARCH)
-    task = TASK_DEFS[task_name]
+    task = PAPER_TASKS[task_name]
     data = config.load(CONFIGS / "finetune_demo.yaml", [f"data.root={plan.shards}"],
                        config.FinetuneConfig).data
     loader = task_loader(open_shard(plan.shards, task.dataset, "train"), 32, task, data,
@@ -365,7 +365,7 @@ def beats(a: tuple[float, float], b: tuple[float, float]) -> bool:
 def summarise(plan: Plan) -> dict:
     """Per recipe, protocol and fraction: every row's test headline per task over seeds, the
     comparisons (the linear probe's against Scratch-BN too) and whether the goal's rule holds."""
-    from muscle_hpc.tasks import TASKS as TASK_DEFS
+    from muscle_hpc.tasks import PAPER_TASKS
 
     a, tasks = plan.args, plan.args.tasks
     needed = max(1, round(0.75 * len(tasks)))  # 3 of the paper's 4
@@ -379,7 +379,7 @@ def summarise(plan: Plan) -> dict:
             for fraction in a.fractions:
                 per_task = {}
                 for task in tasks:
-                    metric = TASK_DEFS[task].headline
+                    metric = PAPER_TASKS[task].headline
                     scores = {row: [plan.score(
                         task, row, None if row in baselines else views, s, fraction,
                         protocol, metric=metric) for s in range(a.seeds)] for row in rows}
@@ -482,7 +482,8 @@ def report(plan: Plan, summary: dict, mon: dict, seconds: dict) -> str:
             matrix = json.loads((plan.continual(views, method) / "validation.json").read_text())
             lines.append(f"\nContinual stage [{views}] ({method}): every task's validation after "
                          f"every visit")
-            lines.append(matrix_markdown(matrix, [t for t in TASKS if t in matrix[0]]))
+            lines.append(matrix_markdown(matrix,
+                                         [t for t in registry.TASK_NAMES if t in matrix[0]]))
     verdict = goal(plan, summary)
     if verdict is None:
         lines.append(f"\nGoal ({RECOMMENDED}, {GOAL_PROTOCOL}, {GOAL_FRACTION:.0%} of the "

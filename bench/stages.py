@@ -128,9 +128,9 @@ def task_workload(stage: str, task_name: str, arch: str, per_gpu: int, size, cou
     from muscle_hpc.ds_engine import base_optimizer, deepspeed_config, deepspeed_engine
     from muscle_hpc.models.build import build_multitask
     from muscle_hpc.regularizers import L2SP
-    from muscle_hpc.tasks import TASKS
+    from muscle_hpc.tasks import PAPER_TASKS
 
-    task = TASKS[task_name]
+    task = PAPER_TASKS[task_name]
     if stage == "continual":
         cfg = config.load(ROOT / registry.default_config("continual", SHORT[arch]),
                           _synthetic([f"tasks.{task_name}.batch_size={per_gpu}", "model.init=''"],
@@ -488,7 +488,7 @@ def smoke(args) -> int:
              folder / "continual-2", folder / "continual-2-ref", 3)
     ft1 = folder / "finetune-1"
     s.run("finetune lung 1 rank", "finetune", 1, Smoke.dirs(finetune(1, export), ft1))
-    within = registry.finetune_dir("", "lung", SHORT[arch], "mdmoco")  # under a run root
+    within = registry.FinetuneRun("lung", "mdmoco", SHORT[arch]).dir("")  # under a run root
     s.resume("finetune lung", "finetune", finetune(2, export), folder / "finetune-2",
              folder / "finetune-2-ref", 3, within=str(within))
     files = [(str(export), arch), (str(registry.exported_backbone(cl1)), arch),

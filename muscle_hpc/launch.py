@@ -237,9 +237,7 @@ def finetune_argvs(args, config_path, overrides, world, on_cuda, backbones,
             check_device(cfg.run, on_cuda)
         except (config.ConfigError, ShardError) as e:
             raise type(e)(f"finetune {sel.name}: {e}") from None
-        argvs.append(["--config", str(config_path), "--task", sel.task, "--init", sel.init,
-                      "--backbone", sel.backbone, "--protocol", sel.protocol,
-                      "--fraction", repr(sel.fraction), *overrides])
+        argvs.append(["--config", str(config_path), *sel.argv(), *overrides])
     return argvs
 
 

@@ -48,9 +48,9 @@ class SplitFeatures:
 def task_shards(data_root: Path, tasks: list[str]) -> dict[str, dict[str, object]]:
     """The ``train`` and ``valid`` shards of each of ``tasks`` (names in ``muscle_hpc.tasks``),
     checked against the task. Raises ``ShardError`` naming what is missing."""
-    from muscle_hpc.tasks import TASKS
+    from muscle_hpc.tasks import PAPER_TASKS
 
-    return {name: TASKS[name].open_splits(data_root, SPLITS) for name in tasks}
+    return {name: PAPER_TASKS[name].open_splits(data_root, SPLITS) for name in tasks}
 
 
 def knn_loaders(shards: dict | None, tasks: list[str], data_cfg, batch_size: int, device=None
@@ -61,7 +61,7 @@ def knn_loaders(shards: dict | None, tasks: list[str], data_cfg, batch_size: int
     their own: the synthetic loader would otherwise make the same images and labels for both,
     and the kNN would find every valid image among the training ones."""
     from muscle_hpc.data.loaders import task_loader
-    from muscle_hpc.tasks import TASKS
+    from muscle_hpc.tasks import PAPER_TASKS
 
     out = {}
     for name in tasks:
@@ -72,7 +72,7 @@ def knn_loaders(shards: dict | None, tasks: list[str], data_cfg, batch_size: int
                 cfg = dataclasses.replace(data_cfg, seed=data_cfg.seed + i)
             else:
                 shard = shards[name][split]
-            loader = task_loader(shard, batch_size, TASKS[name], cfg, train=False,
+            loader = task_loader(shard, batch_size, PAPER_TASKS[name], cfg, train=False,
                                  distributed=True, device=device)
             out[name][split] = (loader, data_cfg.synthetic or shard.count)
     return out
@@ -221,14 +221,14 @@ def knn_eval(encoder: nn.Module, loaders: dict[str, dict[str, tuple[object, int]
     (``knn_scores``) of up to ``max_images`` valid images over up to ``max_images`` training
     images (``spread_subset`` of each), and the image counts used. Collective: every rank
     calls it, and all get the same numbers."""
-    from muscle_hpc.tasks import TASKS
+    from muscle_hpc.tasks import PAPER_TASKS
 
     out = {}
     for name, splits in loaders.items():
         train, valid = (embed_split(encoder, *splits[s], device, max_images, batch_size, bf16)
                         for s in SPLITS)
         scores = knn_scores(train.features, train.labels, valid.features,
-                            len(TASKS[name].classes), k, T)
+                            len(PAPER_TASKS[name].classes), k, T)
         out[name] = {**knn_metrics(scores, valid.labels), "train_images": len(train.labels),
                      "valid_images": len(valid.labels)}
     return out

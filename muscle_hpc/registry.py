@@ -265,17 +265,45 @@ def finetune_root(root: str | Path) -> Path:
     return Path(root) / "finetune"
 
 
-def finetune_name(task: str, backbone: str, init: str, protocol: str = "finetune",
-                  fraction: float = 1.0) -> str:
-    """``TASK_BB_INIT``, then ``_linear`` for a linear probe and ``_Npct`` for a fraction of
-    the training split (``mura_r18_mdmoco_linear_10pct``): the paper's runs keep their names."""
-    return (f"{task}_{backbone}_{init}" + ("" if protocol == "finetune" else f"_{protocol}")
-            + ("" if fraction == 1 else f"_{fraction * 100:g}pct"))
+@dataclass(frozen=True)
+class FinetuneRun:
+    """One fine-tune's identity: what ``--task --init --backbone --protocol --fraction`` select,
+    what a grid index stands for, the folder it writes (``name``) and the keys its results.json
+    records, read back by the report. One type from the launcher to the report, so that the
+    name of a run is derived in one place."""
 
+    task: str
+    init: str
+    backbone: str
+    protocol: str = "finetune"
+    fraction: float = 1.0
 
-def finetune_dir(root: str | Path, task: str, backbone: str, init: str,
-                 protocol: str = "finetune", fraction: float = 1.0) -> Path:
-    return finetune_root(root) / finetune_name(task, backbone, init, protocol, fraction)
+    @property
+    def arch(self) -> str:
+        return BACKBONES[self.backbone].arch
+
+    @property
+    def setting(self) -> tuple[str, float]:
+        """How it trains, (protocol, fraction): what the report gives tables of their own."""
+        return self.protocol, self.fraction
+
+    @property
+    def name(self) -> str:
+        """``TASK_BB_INIT``, then ``_linear`` for a linear probe and ``_Npct`` for a fraction of
+        the training split (``mura_r18_mdmoco_linear_10pct``): the paper's runs keep their
+        names."""
+        return (f"{self.task}_{self.backbone}_{self.init}"
+                + ("" if self.protocol == "finetune" else f"_{self.protocol}")
+                + ("" if self.fraction == 1 else f"_{self.fraction * 100:g}pct"))
+
+    def dir(self, root: str | Path) -> Path:
+        """Its run directory under the run root ``root``."""
+        return finetune_root(root) / self.name
+
+    def argv(self) -> list[str]:
+        """The fine-tune stage's arguments that select it (``repr``: the fraction exactly)."""
+        return ["--task", self.task, "--init", self.init, "--backbone", self.backbone,
+                "--protocol", self.protocol, "--fraction", repr(self.fraction)]
 
 
 def exported_backbone(run_dir: str | Path) -> Path:

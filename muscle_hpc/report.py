@@ -50,38 +50,24 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from muscle_hpc import registry
+from muscle_hpc import results as results_json
+from muscle_hpc.results import Result
 
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """What the report needs of a task: the paper's from the registry, any other from its
-    results.json (the definition the stage ran it with)."""
-    kind: str
-    metrics: tuple[str, ...]
-    title: str
-    headline: str
-
-
-PAPER_TASKS = {t.name: TaskInfo(t.kind, t.metrics, t.title, t.headline)
-               for t in registry.TASKS.values()}
 # Rows, columns and their titles, in the registry's order (the paper's).
-TASKS = {name: (t.kind, t.metrics) for name, t in PAPER_TASKS.items()}  # kind, test metrics
-TASK_NAMES = {name: t.title for name, t in PAPER_TASKS.items()}
-INITS = {i.name: i.title for i in registry.INITS.values()}
+INIT_TITLES = {i.name: i.title for i in registry.INITS.values()}
 # ASCII for the CSV: spreadsheets and terminals mangle ⁻
-CSV_INIT_NAMES = {i: title.replace("⁻", "-") for i, title in INITS.items()}
-BACKBONES = {b.name: b.title for b in registry.BACKBONES.values()}
+CSV_INIT_NAMES = {i: title.replace("⁻", "-") for i, title in INIT_TITLES.items()}
+BACKBONE_TITLES = {b.name: b.title for b in registry.BACKBONES.values()}
 METRIC_NAMES = {"acc": "Acc", "sen": "Sen", "spe": "Spe", "auc": "AUC (95% CI)", "dice": "Dice",
                 "miou": "mIoU", "map": "mAP", "ap_active": "AP_active", "ap_latent": "AP_latent",
                 "mae": "MAE", "rmse": "RMSE"}
 CI_SHOWN = {"auc"}  # the paper prints a CI for AUC only; the CSV has all of them
-HEADLINE = {t.name: t.headline for t in registry.TASKS.values()}  # what "best" means
 # Metrics in the target's own unit (regression errors), printed as they are, not as percents.
 IN_UNITS = frozenset({"mae", "rmse"})
 # The paper's tables are of whole-network fine-tunes on all training labels; any other
@@ -96,105 +82,11 @@ MISSING = "—"
 MAX_OVERLAYS = 8
 
 
-@dataclass
-class Result:
-    task: str
-    backbone: str
-    init: str
-    path: Path
-    test: dict[str, float]
-    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
-    n: int | None = None
-    roc: object = None  # as read; checked when plotted, a bad curve costs only its plot
-    info: TaskInfo | None = None  # None: the paper task's
-    protocol: str = "finetune"
-    fraction: float = 1.0
-
-    def __post_init__(self):
-        self.info = self.info or PAPER_TASKS[self.task]
-
-    @property
-    def name(self) -> str:
-        return registry.finetune_name(self.task, self.backbone, self.init, self.protocol,
-                                      self.fraction)
-
-    @property
-    def setting(self) -> tuple[str, float]:
-        return self.protocol, self.fraction
-
-
 class ReportError(Exception):
     """RUN_DIR cannot give a report at all."""
 
 
 # ---------------------------------------------------------------- reading
-
-
-def as_number(value, where: str) -> float:
-    if value is None:  # what a writer without NaN support would put for NaN
-        return math.nan
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{where} is {value!r}, not a number")
-    return float(value)
-
-
-def parse_result(data, path: Path) -> Result:
-    """The result in ``data`` (a loaded results.json); ValueError says what is wrong with it."""
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    for key, known in (("task", None), ("backbone", BACKBONES), ("init", INITS),
-                       ("protocol", registry.PROTOCOLS)):
-        if key not in data:
-            if key == "protocol":  # written before the linear probe existed
-                continue
-            raise ValueError(f"no '{key}'")
-        if not isinstance(data[key], str) or (known is not None and data[key] not in known):
-            raise ValueError(f"unknown {key} {data[key]!r}")
-    task, backbone, init = data["task"], data["backbone"], data["init"]
-    protocol = data.get("protocol", "finetune")
-    fraction = as_number(data.get("train_fraction", 1.0), "train_fraction")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"train_fraction {fraction} is not in (0, 1]")
-    info = PAPER_TASKS.get(task) or own_task(data)
-    if data.get("kind", info.kind) != info.kind:
-        raise ValueError(f"kind {data['kind']!r} is not {task}'s ({info.kind})")
-    # the folder is the result's identity in the grid; a copied file must not fill another cell
-    name = registry.finetune_name(task, backbone, init, protocol, fraction)
-    if path.parent.name != name:
-        raise ValueError(f"says {name}, its folder is {path.parent.name}")
-    test = data.get("test")
-    if not isinstance(test, dict):
-        raise ValueError("no 'test' metrics")
-    result = Result(task, backbone, init, path, {}, roc=data.get("roc"), info=info,
-                    protocol=protocol, fraction=fraction)
-    for m in info.metrics:
-        if m not in test:
-            raise ValueError(f"no 'test.{m}'")
-        result.test[m] = as_number(test[m], f"test.{m}")
-        ci = test.get(f"{m}_ci")
-        if ci is not None:
-            if not isinstance(ci, list | tuple) or len(ci) != 2:
-                raise ValueError(f"test.{m}_ci is {ci!r}, not [lo, hi]")
-            result.ci[m] = (as_number(ci[0], f"test.{m}_ci"), as_number(ci[1], f"test.{m}_ci"))
-    if isinstance(test.get("n"), int) and not isinstance(test["n"], bool):
-        result.n = test["n"]
-    return result
-
-
-def own_task(data: dict) -> TaskInfo:
-    """A task of the user's, as its results.json defines it (kind, classes, title, headline:
-    what the stage ran it with)."""
-    kind, classes = data.get("kind"), data.get("classes", [])
-    if kind not in registry.KINDS:
-        raise ValueError(f"unknown task {data['task']!r} without a known 'kind' ({kind!r})")
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise ValueError(f"'classes' is {classes!r}, not a list of names")
-    metrics = registry.task_metrics(kind, tuple(classes))
-    headline = data.get("selected_by", registry.HEADLINES[kind])
-    if headline not in metrics:
-        raise ValueError(f"selected_by {headline!r} is not one of its metrics")
-    title = data.get("title") if isinstance(data.get("title"), str) else data["task"]
-    return TaskInfo(kind, metrics, title, headline)
 
 
 def one_line(error: Exception) -> str:
@@ -212,7 +104,7 @@ def collect(run_dir: Path) -> tuple[list[Result], list[tuple[Path, str]]]:
     results, rejects = [], []
     for path in paths:
         try:
-            results.append(parse_result(json.loads(path.read_text()), path))
+            results.append(results_json.parse(json.loads(path.read_text()), path))
         except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError included
             rejects.append((path, one_line(e)))
     if not results:
@@ -243,9 +135,10 @@ def cell(result: Result | None, metric: str) -> str:
     return text
 
 
-def infos(by_key: dict) -> dict[str, TaskInfo]:
-    """Each task's info: the paper's four, and every other task that has a result here."""
-    return {**PAPER_TASKS, **{t: r.info for (t, _, _), r in by_key.items()}}
+def definitions(by_key: dict) -> dict[str, registry.Task]:
+    """Each task's definition: the paper's four, and every other task that has a result
+    here."""
+    return {**registry.TASKS, **{t: r.definition for (t, _, _), r in by_key.items()}}
 
 
 def metric_name(metric: str) -> str:
@@ -257,17 +150,17 @@ def metric_name(metric: str) -> str:
 def table_rows(tasks, by_key: dict) -> list[tuple[str, str]]:
     """(backbone, init) of each row: every init of each backbone that has a result here."""
     present = {b for (t, b, _) in by_key if t in tasks}
-    return [(b, i) for b in BACKBONES if b in present for i in INITS]
+    return [(b, i) for b in BACKBONE_TITLES if b in present for i in INIT_TITLES]
 
 
 def markdown_table(title: str, tasks, by_key: dict) -> str:
-    info = infos(by_key)
+    info = definitions(by_key)
     header = ["Backbone", "Pre-training"] + [f"{info[t].title} {metric_name(m)}"
                                              for t in tasks for m in info[t].metrics]
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for b, i in table_rows(tasks, by_key):
-        cells = [BACKBONES[b], INITS[i]] + [cell(by_key.get((t, b, i)), m)
+        cells = [BACKBONE_TITLES[b], INIT_TITLES[i]] + [cell(by_key.get((t, b, i)), m)
                                             for t in tasks for m in info[t].metrics]
         lines.append("| " + " | ".join(cells) + " |")
     if len(lines) == 4:
@@ -276,7 +169,7 @@ def markdown_table(title: str, tasks, by_key: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def csv_columns(tasks, info: dict[str, TaskInfo]) -> list[str]:
+def csv_columns(tasks, info: dict[str, registry.Task]) -> list[str]:
     cols = ["backbone", "init", "backbone_name", "init_name"]
     for t in tasks:
         for m in info[t].metrics:
@@ -288,7 +181,7 @@ def csv_columns(tasks, info: dict[str, TaskInfo]) -> list[str]:
 
 
 def csv_values(result: Result) -> dict[str, str]:
-    t = result.task
+    t = result.run.task
     out = {f"{t}_{m}": repr(v) for m, v in result.test.items()}
     for m, (lo, hi) in result.ci.items():
         out[f"{t}_{m}_lo"], out[f"{t}_{m}_hi"] = repr(lo), repr(hi)
@@ -299,12 +192,12 @@ def csv_values(result: Result) -> dict[str, str]:
 
 def csv_table(tasks, by_key: dict) -> str:
     buf = io.StringIO()
-    columns = csv_columns(tasks, infos(by_key))
+    columns = csv_columns(tasks, definitions(by_key))
     writer = csv.DictWriter(buf, columns, restval="", lineterminator="\n",
                             extrasaction="ignore")
     writer.writeheader()
     for b, i in table_rows(tasks, by_key):
-        row = {"backbone": b, "init": i, "backbone_name": BACKBONES[b],
+        row = {"backbone": b, "init": i, "backbone_name": BACKBONE_TITLES[b],
                "init_name": CSV_INIT_NAMES[i]}
         for t in tasks:
             if (t, b, i) in by_key:
@@ -317,7 +210,7 @@ def setting_names(setting: tuple[str, float]) -> tuple[str, str]:
     """A (protocol, training fraction) setting's file-name suffix and title words: ("", "")
     for the paper's, ("_linear_10pct", "linear probe, 10% of the training labels")."""
     protocol, fraction = setting
-    suffix = registry.finetune_name("", "", "", protocol, fraction)[2:]
+    suffix = registry.FinetuneRun("", "", "", protocol, fraction).name[2:]
     words = [w for w in ("linear probe (frozen backbone)" if protocol == "linear" else "",
                          f"{fraction * 100:g}% of the training labels" if fraction < 1 else "")
              if w]
@@ -337,7 +230,8 @@ def grid_settings(by_setting: dict) -> list[tuple[str, float]]:
     each with results of the paper's tasks, or the paper's own when none has any (its empty
     tables then say what there is to run). A run that fine-tuned the paper's tasks only on a
     fraction of the labels (the demo) is not shown empty tables of all the labels."""
-    found = [s for s, by_key in by_setting.items() if {t for t, _, _ in by_key} & set(PAPER_TASKS)]
+    found = [s for s, by_key in by_setting.items()
+             if {t for t, _, _ in by_key} & set(registry.TASKS)]
     return sorted(found, key=setting_order) or [PAPER_SETTING]
 
 
@@ -359,8 +253,8 @@ def tables_of(by_setting: dict) -> list[Table]:
             if setting == PAPER_SETTING and setting in grid or present & set(tasks):
                 out.append(Table(name + suffix, title + (f"; {words}" if words else ""), tasks,
                                  by_key))
-        for task in sorted(present - set(PAPER_TASKS)):
-            info = next(r.info for (t, _, _), r in by_key.items() if t == task)
+        for task in sorted(present - set(registry.TASKS)):
+            info = next(r.definition for (t, _, _), r in by_key.items() if t == task)
             unit = "; MAE, RMSE in the target's unit" if info.kind == "regression" else ""
             out.append(Table(f"table_{task}{suffix}",
                              f"{info.title}: {info.kind} (test split, %{unit})"
@@ -372,14 +266,14 @@ def missing_line(by_key: dict, words: str = "") -> str:
     """How many of the 40 grid results are missing, listed per task and backbone; ``words``:
     the setting, when not the paper's."""
     parts, count = [], 0
-    for t in TASKS:
-        for b in BACKBONES:
-            gone = [i for i in INITS if (t, b, i) not in by_key]
+    for t in registry.TASK_NAMES:
+        for b in registry.BACKBONE_NAMES:
+            gone = [i for i in registry.INIT_NAMES if (t, b, i) not in by_key]
             count += len(gone)
             if gone:
-                parts.append(f"{t} {b}: " + ("all" if len(gone) == len(INITS)
+                parts.append(f"{t} {b}: " + ("all" if len(gone) == len(registry.INITS)
                                              else ", ".join(gone)))
-    total = len(TASKS) * len(BACKBONES) * len(INITS)
+    total = len(registry.GRID)
     return (f"Missing {count} of {total} results" + (f" ({words})" if words else "")
             + (": " + "; ".join(parts) if parts else "."))
 
@@ -407,11 +301,11 @@ def verdict_lines(by_key: dict, tasks=None, heading: str = "") -> list[str]:
     an AUC above chance only when its CI is; Dice and mAP have no CI here, so their leads are
     given as measured, without a claim either way. ``tasks``: those to speak of (default: the
     paper's); ``heading``: what setting these results are of."""
-    lines, info = [], infos(by_key)
-    for task in tasks or HEADLINE:
+    lines, info = [], definitions(by_key)
+    for task in tasks or registry.TASK_NAMES:
         metric, lower = info[task].headline, info[task].headline in registry.LOWER_IS_BETTER
-        for b in BACKBONES:
-            scored = sorted(((r.test[metric], i) for i in INITS
+        for b in BACKBONE_TITLES:
+            scored = sorted(((r.test[metric], i) for i in INIT_TITLES
                              if (r := by_key.get((task, b, i))) and math.isfinite(r.test[metric])),
                             key=lambda vi: vi[0] if lower else -vi[0])
             if not scored:
@@ -419,19 +313,19 @@ def verdict_lines(by_key: dict, tasks=None, heading: str = "") -> list[str]:
             (top, best), name = scored[0], metric_name(metric).split(" ")[0]
             ci = finite_ci(by_key[(task, b, best)], metric)
             leaders = [i for v, i in scored if v == top]
-            line = f"- {info[task].title}, {BACKBONES[b]}: "
+            line = f"- {info[task].title}, {BACKBONE_TITLES[b]}: "
             if len(scored) == 1:
-                line += f"only {INITS[best]} has a result, {name} {pct(top, metric)}"
+                line += f"only {INIT_TITLES[best]} has a result, {name} {pct(top, metric)}"
             elif len(leaders) > 1:
-                names = [INITS[i] for i in leaders]
+                names = [INIT_TITLES[i] for i in leaders]
                 line += (f"{', '.join(names[:-1])} and {names[-1]} tie at {name} "
                          f"{pct(top, metric)}")
             else:
                 runner, second = scored[1]
                 gap = (f"{runner - top:.2f} lower than" if lower else
                        f"{100 * (top - runner):.2f} points over")
-                line += (f"{INITS[best]} scores best, {name} {pct(top, metric)}, "
-                         f"{gap} {INITS[second]}")
+                line += (f"{INIT_TITLES[best]} scores best, {name} {pct(top, metric)}, "
+                         f"{gap} {INIT_TITLES[second]}")
                 ci_second = finite_ci(by_key[(task, b, second)], metric)
                 if ci and ci_second:
                     apart = ci[1] < ci_second[0] if lower else ci[0] > ci_second[1]
@@ -440,7 +334,7 @@ def verdict_lines(by_key: dict, tasks=None, heading: str = "") -> list[str]:
             if metric == "auc" and ci:
                 line += ("; above chance (95% CI above 50)" if ci[0] > 0.5
                          else "; not clearly above chance (95% CI reaches 50)")
-            flags = "".join(degenerate(by_key[(task, b, i)], INITS[i]) for i in leaders)
+            flags = "".join(degenerate(by_key[(task, b, i)], INIT_TITLES[i]) for i in leaders)
             lines.append(line + flags + ".")
     return [f"In words{heading} (test split; headline metric per task):", *lines] \
         if lines else []
@@ -482,10 +376,10 @@ def roc_figure(task: str, backbone: str, results: list[Result]) -> bytes:
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", label="chance")
     for r in results:
         fpr, tpr = roc_arrays(r.roc)
-        ax.plot(fpr, tpr, label=f"{INITS[r.init]} (AUC {pct(r.test['auc'])})")
-    words = setting_names(results[0].setting)[1]
+        ax.plot(fpr, tpr, label=f"{INIT_TITLES[r.run.init]} (AUC {pct(r.test['auc'])})")
+    words = setting_names(results[0].run.setting)[1]
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 − specificity", ylabel="sensitivity",
-           title=f"{results[0].info.title} ROC, {BACKBONES[backbone]} (test split"
+           title=f"{results[0].definition.title} ROC, {BACKBONE_TITLES[backbone]} (test split"
                  f"{'; ' + words if words else ''})")
     ax.set_aspect("equal")
     ax.legend(loc="lower right")
@@ -532,7 +426,9 @@ def overlay_figure(result: Result, images, masks, preds) -> bytes:
         ax.imshow(overlay_rgb(images[k], masks[k], preds[k]), interpolation="nearest")
         ax.set_title(f"#{k} Dice {pct(dice(masks[k], preds[k]))}", fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"{result.info.title}, {BACKBONES[result.backbone]}, {INITS[result.init]}: "
+    run = result.run
+    fig.suptitle(f"{result.definition.title}, {BACKBONE_TITLES[run.backbone]}, "
+                 f"{INIT_TITLES[run.init]}: "
                  "green = ground truth outline, red = prediction (any foreground class)",
                  fontsize=10)
     return png_bytes(fig)
@@ -554,11 +450,14 @@ def write_figures(out: Path, results: list[Result], notes: list[str]) -> list[st
     """The ROC and overlay PNGs; returns their names. What cannot be drawn becomes a note."""
     written = []
     # one ROC figure per binary classification task, backbone and setting
-    binary = [r for r in results if r.info.kind == "classification" and "sen" in r.info.metrics]
-    for t, b, setting in dict.fromkeys((r.task, r.backbone, r.setting) for r in binary):
+    binary = [r for r in results
+              if r.definition.kind == "classification" and "sen" in r.definition.metrics]
+    for t, b, setting in dict.fromkeys((r.run.task, r.run.backbone, r.run.setting)
+                                       for r in binary):
         curves = []
-        for r in sorted((r for r in binary if (r.task, r.backbone, r.setting) == (t, b, setting)),
-                        key=lambda r: list(INITS).index(r.init)):
+        for r in sorted((r for r in binary
+                         if (r.run.task, r.run.backbone, r.run.setting) == (t, b, setting)),
+                        key=lambda r: registry.INIT_NAMES.index(r.run.init)):
             if roc_arrays(r.roc) is None:
                 notes.append(f"no ROC curve: {r.path} has no usable 'roc' (fpr, tpr)")
             else:
@@ -569,14 +468,14 @@ def write_figures(out: Path, results: list[Result], notes: list[str]) -> list[st
             written.append(name)
     for r in results:
         samples = r.path.parent / "samples.npz"
-        if r.info.kind != "segmentation" or not samples.is_file():
+        if r.definition.kind != "segmentation" or not samples.is_file():
             continue
         try:
             arrays = load_samples(samples)
         except Exception as e:  # a broken zip, a missing array, a bad shape: not the report's end
             notes.append(f"no overlay: {samples}: {one_line(e)}")
             continue
-        name = f"overlay_{r.name}.png"
+        name = f"overlay_{r.run.name}.png"
         write_atomic(out / name, overlay_figure(r, *arrays))
         written.append(name)
     # a figure of a result that has since gone would pass for a current one
@@ -596,20 +495,20 @@ def write_tensorboard(tb_dir: Path, tables: dict[str, str], results: list[Result
     with SummaryWriter(str(tmp)) as writer:
         for tag, markdown in tables.items():
             writer.add_text(tag, markdown, 0)
-    domains = {"task": list(dict.fromkeys([*TASKS, *(r.task for r in results)])),
-               "init": list(INITS), "backbone": list(BACKBONES),
+    domains = {"task": list(dict.fromkeys([*registry.TASKS, *(r.run.task for r in results)])),
+               "init": list(registry.INIT_NAMES), "backbone": list(registry.BACKBONE_NAMES),
                "protocol": list(registry.PROTOCOLS)}
     # TensorBoard takes the HParams columns from one session's experiment summary, picked at
     # random; SummaryWriter.add_hparams would declare only that session's task's metrics, so
     # every session here declares all of them (the body of add_hparams otherwise)
-    every_metric = {f"hparam/{m}": 0.0 for r in results for m in r.info.metrics}
+    every_metric = {f"hparam/{m}": 0.0 for r in results for m in r.definition.metrics}
     for r in results:
-        hp = {"task": r.task, "init": r.init, "backbone": r.backbone, "protocol": r.protocol,
-              "fraction": r.fraction}
+        hp = {"task": r.run.task, "init": r.run.init, "backbone": r.run.backbone,
+              "protocol": r.run.protocol, "fraction": r.run.fraction}
         metrics = {f"hparam/{m}": v for m, v in r.test.items() if math.isfinite(v)}
         experiment, _, _ = hparams(hp, every_metric, domains)
         _, start, end = hparams(hp, metrics, domains)
-        with SummaryWriter(str(tmp / r.name)) as run:
+        with SummaryWriter(str(tmp / r.run.name)) as run:
             for summary in (experiment, start, end):
                 run.file_writer.add_summary(summary)
             for tag, value in metrics.items():
@@ -626,7 +525,7 @@ def build_report(results: list[Result], rejects: list[tuple[Path, str]], out: Pa
     out.mkdir(parents=True, exist_ok=True)
     by_setting: dict[tuple[str, float], dict] = {}
     for r in results:
-        by_setting.setdefault(r.setting, {})[(r.task, r.backbone, r.init)] = r
+        by_setting.setdefault(r.run.setting, {})[(r.run.task, r.run.backbone, r.run.init)] = r
     tables = {}
     for table in tables_of(by_setting):
         tables[table.name] = markdown_table(table.title, table.tasks, table.by_key)
@@ -648,9 +547,9 @@ def build_report(results: list[Result], rejects: list[tuple[Path, str]], out: Pa
     lines += [missing_line(by_setting.get(setting, {}), setting_names(setting)[1])
               for setting in grid_settings(by_setting)]
     for setting, results_here in by_setting.items():
-        own = sorted({t for t, _, _ in results_here} - set(PAPER_TASKS))
+        own = sorted({t for t, _, _ in results_here} - set(registry.TASKS))
         words = setting_names(setting)[1]
-        said = verdict_lines(results_here, [*HEADLINE, *own], f", {words}" if words else "")
+        said = verdict_lines(results_here, [*registry.TASKS, *own], f", {words}" if words else "")
         if said:
             lines += ["", *said]
     text = "\n".join(lines) + "\n"

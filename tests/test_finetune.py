@@ -55,11 +55,13 @@ def test_protocols_and_fractions_are_axes_of_the_grid(capsys):
             "grid.protocols=[finetune,linear]", "grid.fractions=[0.01,0.1,1]"]
     grid = finetune.grid(finetune.load(None, axes))
     assert len(grid) == len(set(grid)) == 2 * 2 * 2 * 2 * 3
-    assert grid[0] == ("mura", "scratch", "r18", "finetune", 0.01)
+    assert grid[0] == registry.FinetuneRun("mura", "scratch", "r18", "finetune", 0.01)
     assert grid[len(grid) // 2].backbone == "r50"  # backbone-major: one array range each
     assert len({sel.name for sel in grid}) == len(grid)  # each its own run directory
-    assert finetune.Selection("mura", "mdmoco", "r18", "linear", 0.1).name == \
-        "mura_r18_mdmoco_linear_10pct"
+    run = registry.FinetuneRun("mura", "mdmoco", "r18", "linear", 0.1)
+    assert run.name == "mura_r18_mdmoco_linear_10pct"
+    assert run.argv() == ["--task", "mura", "--init", "mdmoco", "--backbone", "r18",
+                          "--protocol", "linear", "--fraction", "0.1"]
     assert finetune.main(["--list", *axes]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-2:] == ["# r18: --array=0-23", "# r50: --array=24-47"]
@@ -322,10 +324,10 @@ def finetune_head(tmp_path, task):
     """The head the stage starts from (its seed makes it the same in every run)."""
     torch.manual_seed(0)
     from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
-    from muscle_hpc.tasks import TASKS
+    from muscle_hpc.tasks import PAPER_TASKS
 
     trunk = build_backbone("resnet18")
-    net = MultiTaskNet(trunk, {task: TASKS[task].head(trunk_channels("resnet18"),
+    net = MultiTaskNet(trunk, {task: PAPER_TASKS[task].head(trunk_channels("resnet18"),
                                                       config.FinetuneConfig().model)})
     return {k: v for k, v in net.state_dict().items() if k.startswith("heads.")}
 

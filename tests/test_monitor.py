@@ -20,7 +20,7 @@ from muscle_hpc import config, monitor, registry
 from muscle_hpc.models.backbone import build_backbone
 from muscle_hpc.models.moco import MoCo
 from muscle_hpc.stages import mdmoco
-from muscle_hpc.tasks import TASKS
+from muscle_hpc.tasks import PAPER_TASKS
 from muscle_hpc.tblog import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,8 @@ def test_knn_metrics_of_more_than_two_classes_are_the_tasks_own():
 
 
 def test_monitor_tasks_are_the_classification_tasks():
-    assert set(registry.KNN_TASKS) == {n for n, t in TASKS.items() if t.kind == "classification"}
+    assert set(registry.KNN_TASKS) == \
+        {n for n, t in PAPER_TASKS.items() if t.kind == "classification"}
     assert config.load_config(None).run.monitor_tasks == ["pneumonia", "mura"]
     with pytest.raises(config.ConfigError, match="run.monitor_tasks: lung is a segmentation "
                                                  "task; the kNN monitor needs one class label"):

@@ -61,7 +61,7 @@ def test_the_run_layout_is_the_documented_one():
     assert registry.mdmoco_dir("runs", "r50") == Path("runs/mdmoco_r50")
     assert registry.continual_dir("runs", "r50") == Path("runs/continual_r50")
     assert registry.continual_dir("runs", "r18", "muscle--") == Path("runs/continual_r18_muscle--")
-    assert registry.finetune_dir("runs", "lung", "r18", "muscle--") == \
+    assert registry.FinetuneRun("lung", "muscle--", "r18").dir("runs") == \
         Path("runs/finetune/lung_r18_muscle--")
     assert registry.pretrained_template("muscle--") == \
         "{root}/continual_{backbone}_muscle--/backbone_torchvision.pth"
@@ -110,11 +110,11 @@ def test_data_prep_plugins_are_the_datasets_and_the_tasks_read_its_task_sets():
 def test_task_objects_are_the_registry_definitions_built_by_kind():
     from muscle_hpc import tasks
 
-    assert tuple(tasks.TASKS) == registry.TASK_NAMES
+    assert tuple(tasks.PAPER_TASKS) == registry.TASK_NAMES
     assert not [p.name for p in (ROOT / "muscle_hpc" / "tasks").glob("*.py")
                 if p.stem not in ("__init__", "base")]  # no per-task plug-in files any more
     for name, entry in registry.TASKS.items():
-        task = tasks.TASKS[name]
+        task = tasks.PAPER_TASKS[name]
         assert type(task) is tasks.base.BY_KIND[entry.kind], name
         assert (task.name, task.dataset, task.kind, task.classes, task.headline,
                 task.metrics) == (entry.name, entry.dataset, entry.kind, entry.classes,
@@ -212,12 +212,11 @@ def test_config_refuses_a_task_the_knn_monitor_cannot_read_by_its_kind():
 def test_report_rows_columns_and_titles_are_the_registry():
     from muscle_hpc import report
 
-    assert list(report.TASKS) == list(report.TASK_NAMES) == list(report.HEADLINE) == \
-        list(registry.TASK_NAMES)
-    assert list(report.INITS) == list(report.CSV_INIT_NAMES) == list(registry.INIT_NAMES)
-    assert list(report.BACKBONES) == list(registry.BACKBONE_NAMES)
+    assert list(report.definitions({})) == list(registry.TASK_NAMES)
+    assert list(report.INIT_TITLES) == list(report.CSV_INIT_NAMES) == list(registry.INIT_NAMES)
+    assert list(report.BACKBONE_TITLES) == list(registry.BACKBONE_NAMES)
     for name, task in registry.TASKS.items():
-        assert report.TASKS[name] == (task.kind, task.metrics)
+        assert report.definitions({})[name] is task
         assert set(task.metrics) <= set(report.METRIC_NAMES), name
     assert all(title.isascii() for title in report.CSV_INIT_NAMES.values())
     tabled = [t for _, tasks in report.TABLES.values() for t in tasks]
@@ -285,13 +284,13 @@ def test_launch_all_gives_each_fine_tune_element_one_gpu(tmp_path):
 def test_the_finetune_stage_reads_the_grid_and_the_layout(tmp_path, capsys):
     from muscle_hpc.stages import finetune
 
-    assert [tuple(sel)[:3] for sel in finetune.grid(finetune.load(None, []))] == \
-        list(registry.GRID)
+    assert [(sel.task, sel.init, sel.backbone)
+            for sel in finetune.grid(finetune.load(None, []))] == list(registry.GRID)
     cfg = config.load(CONFIGS / "finetune.yaml", [f"run.root={tmp_path}"],
                       config.FinetuneConfig)
     for task, init, bb in registry.GRID:
-        sel = finetune.Selection(task, init, bb)
-        assert finetune.output_dir(cfg, sel) == registry.finetune_dir(tmp_path, task, bb, init)
+        sel = registry.FinetuneRun(task, init, bb)
+        assert finetune.output_dir(cfg, sel) == tmp_path / "finetune" / f"{task}_{bb}_{init}"
         if registry.INITS[init].made_by:
             # the YAML's templates find what the earlier stages write
             assert Path(finetune.init_path(cfg, sel)) == \
@@ -300,7 +299,7 @@ def test_the_finetune_stage_reads_the_grid_and_the_layout(tmp_path, capsys):
     assert finetune.main(["--grid-index", str(index), "--check", "data.synthetic=4",
                           f"run.root={tmp_path}", "run.allow_cpu=true"]) == 0
     out = capsys.readouterr().out
-    assert f"output {registry.finetune_dir(tmp_path, 'lung', 'r50', 'scratch')}\n" in out
+    assert f"output {tmp_path / 'finetune' / 'lung_r50_scratch'}\n" in out
 
 
 def test_bench_learning_has_a_batch_for_every_task():

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from muscle_hpc import report
+from muscle_hpc import registry, report
+from muscle_hpc import results as results_json
+from muscle_hpc.registry import FinetuneRun
+from muscle_hpc.results import Result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,8 +142,8 @@ def test_table2_csv_other_cells_and_missing_are_empty(built):
     assert float(rows[("r50", "imagenet")]["pneumonia_auc"]) == PNEU_R50_IMAGENET["test"]["auc"]
     assert rows[("r18", "muscle--")]["mura_acc"] == ""  # no mura r18 muscle-- result
     assert all(v == "" for k, v in rows[("r18", "imagenet")].items() if k.startswith("p"))
-    assert list(rows)[:5] == [("r18", i) for i in report.INITS]  # the paper's row order
-    assert [k for k in rows if k[0] == "r50"] == [("r50", i) for i in report.INITS]
+    assert list(rows)[:5] == [("r18", i) for i in report.INIT_TITLES]  # the paper's row order
+    assert [k for k in rows if k[0] == "r50"] == [("r50", i) for i in report.INIT_TITLES]
 
 
 def test_table3_csv_holds_the_exact_numbers(built):
@@ -204,8 +207,8 @@ def test_table3_leaves_out_a_backbone_without_results(built):
 
 
 def test_cell_ci_formatting():
-    r = report.Result("pneumonia", "r18", "muscle", Path("x"), {"auc": 0.951, "acc": 0.5},
-                      {"auc": (math.nan, 0.96), "acc": (0.4, 0.6)})
+    r = Result(FinetuneRun("pneumonia", "muscle", "r18"), registry.TASKS["pneumonia"],
+               Path("x"), {"auc": 0.951, "acc": 0.5}, {"auc": (math.nan, 0.96), "acc": (0.4, 0.6)})
     assert report.cell(r, "auc") == "95.10 (n/a)"
     assert report.cell(r, "acc") == "50.00"  # the paper shows the CI of AUC only
     r.ci = {}
@@ -242,9 +245,9 @@ def test_stdout_has_both_tables_the_missing_count_and_the_words_last(built):
 def words(*results) -> list[str]:
     by_key = {}
     for data in results:
-        r = report.parse_result(data, Path(f"{data['task']}_{data['backbone']}_{data['init']}")
-                                / "results.json")
-        by_key[(r.task, r.backbone, r.init)] = r
+        r = results_json.parse(data, Path(f"{data['task']}_{data['backbone']}_{data['init']}")
+                               / "results.json")
+        by_key[(r.run.task, r.run.backbone, r.run.init)] = r
     return report.verdict_lines(by_key)[1:]
 
 
@@ -306,14 +309,14 @@ def test_parse_result_says_what_is_wrong(mutate, reason):
     data = json.loads(json.dumps(PNEU_R18_SCRATCH))
     mutate(data)
     with pytest.raises(ValueError, match=reason.replace("[", r"\[").replace("(", r"\(")):
-        report.parse_result(data, Path("finetune/pneumonia_r18_scratch/results.json"))
+        results_json.parse(data, Path("finetune/pneumonia_r18_scratch/results.json"))
 
 
 def test_result_in_the_wrong_folder_is_rejected(tmp_path):
     write_result(tmp_path, PNEU_R18_SCRATCH)
     write_result(tmp_path, PNEU_R18_MUSCLE, folder="pneumonia_r18_mdmoco")
     results, rejects = report.collect(tmp_path)
-    assert [r.name for r in results] == ["pneumonia_r18_scratch"]
+    assert [r.run.name for r in results] == ["pneumonia_r18_scratch"]
     assert rejects == [(tmp_path / "finetune/pneumonia_r18_mdmoco/results.json",
                         "says pneumonia_r18_muscle--, its folder is pneumonia_r18_mdmoco")]
 
@@ -321,7 +324,7 @@ def test_result_in_the_wrong_folder_is_rejected(tmp_path):
 def test_null_metric_reads_as_nan():
     data = json.loads(json.dumps(PNEU_R18_SCRATCH))
     data["test"]["spe"] = None
-    r = report.parse_result(data, Path("pneumonia_r18_scratch/results.json"))
+    r = results_json.parse(data, Path("pneumonia_r18_scratch/results.json"))
     assert math.isnan(r.test["spe"])
 
 
@@ -393,7 +396,7 @@ def test_tensorboard_has_one_hparams_session_per_result(built):
     out, _, _ = built
     runs = sorted(p.name for p in (out / "tb").iterdir() if p.is_dir())
     assert runs == sorted(f"{d['task']}_{d['backbone']}_{d['init']}" for d in GOOD)
-    every_metric = {f"hparam/{m}" for t in report.TASKS for m in report.TASKS[t][1]}
+    every_metric = {f"hparam/{m}" for t in registry.TASKS.values() for m in t.metrics}
     for data in GOOD:
         acc = accumulator(out / "tb" / f"{data['task']}_{data['backbone']}_{data['init']}")
         content = acc.PluginTagToContent("hparams")
@@ -408,7 +411,7 @@ def test_tensorboard_has_one_hparams_session_per_result(built):
         assert {m.name.tag for m in experiment.metric_infos} == every_metric
         assert {h.name for h in experiment.hparam_infos} == {"task", "init", "backbone",
                                                              "protocol", "fraction"}
-        finite = {f"hparam/{m}": v for m in report.TASKS[data["task"]][1]
+        finite = {f"hparam/{m}": v for m in registry.TASKS[data["task"]].metrics
                   if math.isfinite(v := data["test"][m])}
         assert set(acc.Tags()["scalars"]) == set(finite)  # NaN metrics are left out
         for tag, value in finite.items():
@@ -556,5 +559,5 @@ def test_a_result_of_an_unknown_task_without_its_definition_is_rejected(tmp_path
     del bad["kind"]
     path = write_result(tmp_path, bad)
     results, rejects = report.collect(tmp_path)
-    assert [r.task for r in results] == ["pneumonia"]
+    assert [r.run.task for r in results] == ["pneumonia"]
     assert rejects == [(path, "unknown task 'knee' without a known 'kind' (None)")]

@@ -36,7 +36,8 @@ TINY = ["tasks.pneumonia.batch_size=4", "tasks.pneumonia.epochs=2", "run.max_ste
         "data.num_workers=1", "eval.bootstrap=10", "run.log_every_steps=1"]
 
 
-GRID = [tuple(sel)[:3] for sel in finetune.grid(finetune.load(finetune.DEFAULT_CONFIG, []))]
+GRID = [(sel.task, sel.init, sel.backbone)
+        for sel in finetune.grid(finetune.load(finetune.DEFAULT_CONFIG, []))]
 
 
 def test_the_grid_is_every_task_init_backbone_once_in_index_order():
@@ -398,7 +399,7 @@ def assert_pipeline_ran(root: Path, inits: list[str]) -> None:
     assert {bb for bb, _ in rows} == {"r18"}, rows
     assert {init for (_, init), r in rows.items() if r["pneumonia_n"]} == set(inits), rows
     markdown = (root / "report" / "table2.md").read_text().splitlines()
-    for init, name in report.INITS.items():  # "—": no result
+    for init, name in report.INIT_TITLES.items():  # "—": no result
         row = next(line for line in markdown if line.startswith(f"| ResNet-18 | {name} |"))
         assert (row.split("|")[3].strip() != "—") == (init in inits), row
     assert "r18" not in (root / "report" / "table3.csv").read_text()  # no lung or TBX run

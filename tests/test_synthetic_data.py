@@ -8,7 +8,7 @@ from muscle_hpc import config, registry
 from muscle_hpc.data.loaders import task_loader, two_view_loader
 from muscle_hpc.data.synthetic import SyntheticTaskLoader, SyntheticTwoViewLoader
 from muscle_hpc.stages import continual, finetune, mdmoco
-from muscle_hpc.tasks import TASKS
+from muscle_hpc.tasks import PAPER_TASKS
 
 
 def test_two_views_are_z_scored_mirror_images_replayed_from_any_step():
@@ -30,9 +30,9 @@ def test_two_views_are_z_scored_mirror_images_replayed_from_any_step():
         SyntheticTwoViewLoader(3, 4, (12, 8))
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("task", sorted(PAPER_TASKS))
 def test_task_batches_have_the_kind_of_the_task(task):
-    kind = TASKS[task].kind
+    kind = PAPER_TASKS[task].kind
     loader = SyntheticTaskLoader(kind, 10, 4, (40, 24), train=True, box_categories=(1, 2))
     assert len(loader) == 2
     batch = next(iter(loader.epoch_batches(0)))
@@ -105,9 +105,9 @@ def test_stages_check_no_shards_when_synthetic(tmp_path):
                                       "run.allow_cpu=true"], 1, False)
     cfg, shards = inputs.cfg, inputs.shards
     assert shards == {t: {"train": None, "valid": None} for t in cfg.data.tasks}
-    loader = task_loader(None, 2, TASKS["tbx"], cfg.data, train=True, distributed=False)
+    loader = task_loader(None, 2, PAPER_TASKS["tbx"], cfg.data, train=True, distributed=False)
     assert loader.box_categories == (1, 2) and (loader.width, loader.height) == (800, 500)
-    sel = finetune.Selection("lung", "scratch", "r18")
+    sel = registry.FinetuneRun("lung", "scratch", "r18")
     cfg = finetune.load(None, [missing, "data.synthetic=8", "run.allow_cpu=true"])
     shards = finetune.prepare(cfg, 1, False, sel).shards
     assert shards == {"train": None, "valid": None, "test": None}

@@ -20,7 +20,7 @@ from muscle_hpc.data.loaders import TaskLoader, task_loader
 from muscle_hpc.data.shards import Shard, ShardError, open_shard
 from muscle_hpc.models.backbone import build_backbone
 from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
-from muscle_hpc.tasks import TASKS, build
+from muscle_hpc.tasks import PAPER_TASKS, build
 from muscle_hpc.tasks.base import target_stats
 
 DEFINITIONS = {
@@ -174,9 +174,9 @@ def check_detection_records(task, records, outputs, batches):
 
 def test_the_paper_tasks_are_the_registry_definitions_built():
     for name, definition in registry.TASKS.items():
-        task = TASKS[name]
+        task = PAPER_TASKS[name]
         assert task.definition is definition and task.metrics == definition.metrics
-    assert TASKS["tbx"].categories == {1: (1, "active"), 2: (2, "latent")}
+    assert PAPER_TASKS["tbx"].categories == {1: (1, "active"), 2: (2, "latent")}
 
 
 # --- check(): the shard against the definition ------------------------------------------------
@@ -191,7 +191,7 @@ def one_line_error(task, shard) -> str:
 
 def test_a_shard_with_another_class_count_is_refused_in_one_line(flat_shards):
     shard = open_shard(flat_shards, "dark", "train")  # label names ("a", "b")
-    TASKS["pneumonia"].check(shard)  # two classes: accepted, whatever their names
+    PAPER_TASKS["pneumonia"].check(shard)  # two classes: accepted, whatever their names
     msg = one_line_error(build(dataclasses.replace(DEFINITIONS["classification"],
                                                    dataset="dark")), shard)
     assert "2 classes" in msg and "(a, b)" in msg and "grade" in msg and \
@@ -206,7 +206,7 @@ def fake_shard(fields: dict) -> Shard:
 
 def test_masks_and_box_categories_are_checked_against_the_definition():
     lobes = build(DEFINITIONS["segmentation"])
-    TASKS["lung"].check(fake_shard({"mask": {"type": "NDArrayField"}}))  # old binary shards
+    PAPER_TASKS["lung"].check(fake_shard({"mask": {"type": "NDArrayField"}}))  # old binary shards
     assert "do not name their classes" in one_line_error(
         lobes, fake_shard({"mask": {"type": "NDArrayField"}}))
     assert "2 mask classes" in one_line_error(

@@ -58,12 +58,13 @@ import sys
 import torch
 import torchvision
 
-from muscle_hpc.stages.continual import TASKS, matrix_markdown
+from muscle_hpc.registry import TASK_NAMES
+from muscle_hpc.stages.continual import matrix_markdown
 
 run = sys.argv[1]
 matrix = json.load(open(f"{run}/validation.json"))
 print("Continual learning demo (MUSCLE): validation of every task after every visit")
-print(matrix_markdown(matrix, [t for t in TASKS if t in matrix[0]]))
+print(matrix_markdown(matrix, [t for t in TASK_NAMES if t in matrix[0]]))
 print("Backbone drift |w - w0| over each visit (MUSCLE: LR restarted per visit, L2-SP pull "
       "toward the visit's start; MUSCLE--: one decaying LR, no pull):")
 for name, folder in (("MUSCLE", run), ("MUSCLE--", f"{run}_muscle--")):

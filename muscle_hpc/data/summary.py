@@ -17,7 +17,7 @@ from .loaders import TaskLoader, TwoViewLoader
 from .shards import ShardError, open_shard, pretrain_shards, read_manifest
 
 # (dataset, kind) of each task set, once per set, in the tasks' order.
-TASKS = tuple(dict.fromkeys((t.dataset, t.kind) for t in registry.TASKS.values()))
+TASK_DATASETS = tuple(dict.fromkeys((t.dataset, t.kind) for t in registry.TASKS.values()))
 
 
 def _timed(loader) -> tuple[int, int, float, object]:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         print(f"\nMD-MoCo two-view loader: {len(moco.shards)} shards mixed, {batches} batches, "
               f"views {tuple(q.shape)} mean {q.mean():.2f} std {q.std():.2f}, "
               f"{n / secs:.0f} img/s")
-        for name, kind in TASKS:
+        for name, kind in TASK_DATASETS:
             if name not in present:
                 continue
             loader = TaskLoader(open_shard(args.data, name, "train"), args.batch_size, kind,

@@ -41,7 +41,7 @@ from muscle_hpc.models.build import build_multitask
 from muscle_hpc.models.norm import sync_batchnorm
 from muscle_hpc.regularizers import L2SP
 from muscle_hpc.stages import common
-from muscle_hpc.tasks import TASKS
+from muscle_hpc.tasks import PAPER_TASKS
 
 RESUMABLE_CHANGES = ("run.", "data.num_workers")
 # Except run.seed: it draws every round's visit order, which a resume recomputes; another seed
@@ -79,7 +79,7 @@ def prepare(config_path, overrides, world_size: int, on_cuda: bool) -> Continual
                                  world_size, on_cuda)
     shards = {}
     for name in cfg.data.tasks:
-        task = TASKS[name]
+        task = PAPER_TASKS[name]
         if cfg.data.synthetic:
             shards[name] = {"train": None, "valid": None}
             continue
@@ -100,7 +100,7 @@ def run(args) -> int:
                         RESUMABLE_CHANGES, KEPT_ON_RESUME) as start:
         def loader(t, split):
             return task_loader(inputs.shards[t][split], cfg.batch_size(t) // env.world_size,
-                               TASKS[t], cfg.data, train=split == "train",
+                               PAPER_TASKS[t], cfg.data, train=split == "train",
                                device=dist.train_device())
 
         loaders = {t: loader(t, "train") for t in cfg.data.tasks}
@@ -124,7 +124,7 @@ def train(cfg, start, loaders, val, init, ds_config) -> int:
     tasks, device, on_cuda = cfg.data.tasks, dist.train_device(), start.on_cuda
     bf16 = bf16_enabled(cfg.run, on_cuda)
     torch.manual_seed(cfg.run.seed)
-    net = build_multitask(cfg.model.arch, {t: TASKS[t] for t in tasks}, cfg.model, init)
+    net = build_multitask(cfg.model.arch, {t: PAPER_TASKS[t] for t in tasks}, cfg.model, init)
     net = net.to(device)
     if start.env.world_size > 1 and cfg.model.sync_bn:
         sync_batchnorm(net, on_cuda)
@@ -164,7 +164,7 @@ def train(cfg, start, loaders, val, init, ds_config) -> int:
              f"{'resuming at step ' + str(loop.step) if loop.resumed else 'new run'} in "
              f"{start.ckpt.run_dir}")
     for t in [] if cfg.data.synthetic else tasks:
-        if note := TASKS[t].ignored(loaders[t].shard):
+        if note := PAPER_TASKS[t].ignored(loaders[t].shard):
             loop.say(f"continual: {note}")
 
     def set_lr(visit, task):
@@ -204,19 +204,19 @@ def train(cfg, start, loaders, val, init, ds_config) -> int:
         row = {"visit": index, "round": visit["round"], "trained": visit["task"],
                "step": loop.step}
         for t in val:
-            row[t] = evaluate(net, TASKS[t], val[t], device, cfg.eval, bf16)
+            row[t] = evaluate(net, PAPER_TASKS[t], val[t], device, cfg.eval, bf16)
             loop.log.scalars(loop.step, f"val/{t}/", **row[t])
-            loop.log.scalars(index + 1, "forgetting/", **{t: row[t][TASKS[t].headline]})
+            loop.log.scalars(index + 1, "forgetting/", **{t: row[t][PAPER_TASKS[t].headline]})
         matrix.append(row)
         if start.env.rank == 0:
             loop.log.text("val/matrix", matrix_markdown(matrix, val), index + 1)
             checkpoint.save_json(start.ckpt.run_dir / "validation.json", matrix)
         loop.say(f"continual: after visit {index + 1} ({visit['task']}): " + ", ".join(
-            f"{t} {TASKS[t].headline} {row[t][TASKS[t].headline]:.3f}" for t in val))
+            f"{t} {PAPER_TASKS[t].headline} {row[t][PAPER_TASKS[t].headline]:.3f}" for t in val))
 
     with loop:
         for index, visit in enumerate(visits):
-            task, first = TASKS[visit["task"]], visit["start"]
+            task, first = PAPER_TASKS[visit["task"]], visit["start"]
             last = first + visit["steps"]
             if first < end and loop.step < last:
                 net.train()
@@ -263,11 +263,11 @@ def matrix_markdown(matrix, val) -> str:
     every task after it (so a task's column shows what later visits did to it)."""
     names = list(val)
     lines = ["| visit | round | trained | " + " | ".join(
-        f"{t} {TASKS[t].headline}" for t in names) + " |",
+        f"{t} {PAPER_TASKS[t].headline}" for t in names) + " |",
         "|" + "---|" * (3 + len(names))]
     for row in matrix:
         lines.append(f"| {row['visit'] + 1} | {row['round'] + 1} | {row['trained']} | " +
-                     " | ".join(f"{row[t][TASKS[t].headline]:.4f}" for t in names) + " |")
+                     " | ".join(f"{row[t][PAPER_TASKS[t].headline]:.4f}" for t in names) + " |")
     return "\n".join(lines)
 
 

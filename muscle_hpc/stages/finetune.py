@@ -29,7 +29,6 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +41,8 @@ from muscle_hpc.engine import TrainLoop
 from muscle_hpc.evaluate import evaluate, evaluate_records
 from muscle_hpc.models.build import build_multitask
 from muscle_hpc.models.norm import sync_batchnorm
+from muscle_hpc.registry import FinetuneRun
+from muscle_hpc.results import record
 from muscle_hpc.stages import common
 from muscle_hpc.tasks.base import TaskKind
 
@@ -52,28 +53,11 @@ PRETRAINED_KEY = {i.name: i.pretrained_key for i in registry.INITS.values() if i
 MADE_BY = {i.name: i.made_by for i in registry.INITS.values() if i.made_by}
 
 
-class Selection(NamedTuple):
-    task: str
-    init: str
-    backbone: str
-    protocol: str = "finetune"
-    fraction: float = 1.0
-
-    @property
-    def arch(self) -> str:
-        return registry.BACKBONES[self.backbone].arch
-
-    @property
-    def name(self) -> str:
-        return registry.finetune_name(self.task, self.backbone, self.init, self.protocol,
-                                      self.fraction)
-
-
-def grid(cfg) -> list[Selection]:
+def grid(cfg) -> list[FinetuneRun]:
     """The config's grid (``grid`` section), in array-index order: backbone-major, then
     protocol, fraction, task, init (the paper's defaults give ``registry.GRID``)."""
     g = cfg.grid
-    return [Selection(t, i, b, p, f) for b in g.backbones for p in g.protocols
+    return [FinetuneRun(t, i, b, p, f) for b in g.backbones for p in g.protocols
             for f in g.fractions for t in g.tasks for i in g.inits]
 
 
@@ -103,7 +87,7 @@ def parse_args(argv):
                              config_default=str(DEFAULT_CONFIG), add_arguments=add_arguments)
 
 
-def selection(args, cfg) -> Selection:
+def selection(args, cfg) -> FinetuneRun:
     """What the arguments name, in ``cfg``'s grid for ``--grid-index``. Raises
     ``ConfigError``."""
     flags = (args.task, args.init, args.backbone)
@@ -120,15 +104,14 @@ def selection(args, cfg) -> Selection:
         raise config.ConfigError("give --task, --init and --backbone, or --grid-index")
     if not 0 < args.fraction <= 1:
         raise config.ConfigError(f"--fraction: must be in (0, 1], got {args.fraction}")
-    return Selection(*flags, args.protocol, args.fraction)
+    return FinetuneRun(*flags, args.protocol, args.fraction)
 
 
-def output_dir(cfg, sel: Selection) -> Path:
-    return registry.finetune_dir(cfg.run.root, sel.task, sel.backbone, sel.init, sel.protocol,
-                                 sel.fraction)
+def output_dir(cfg, sel: FinetuneRun) -> Path:
+    return sel.dir(cfg.run.root)
 
 
-def init_path(cfg, sel: Selection) -> str | None:
+def init_path(cfg, sel: FinetuneRun) -> str | None:
     """The file ``sel.init`` starts from (None: Kaiming init). Raises ``ConfigError``."""
     if sel.init == "scratch":
         return None
@@ -160,7 +143,7 @@ class FinetuneInputs(common.Prepared):
     init_weights: dict | None
 
 
-def prepare(cfg, world_size: int, on_cuda: bool, sel: Selection,
+def prepare(cfg, world_size: int, on_cuda: bool, sel: FinetuneRun,
             produced_later: bool = False) -> FinetuneInputs:
     """The selected grid element's inputs from a config ``load`` checked, for ``world_size``
     ranks.
@@ -324,14 +307,10 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
         records = evaluate_records(net, task, loaders["test"], device, bf16, keeper)
         scores, extra = task.test_metrics(records, cfg.eval)
         if rank == 0:
-            results = {"task": sel.task, "kind": task.kind, "title": task.definition.title,
-                       "classes": list(task.classes), "init": sel.init,
-                       "backbone": sel.backbone, "arch": sel.arch, "best_epoch": best["epoch"],
-                       "epochs": tcfg.epochs, "protocol": sel.protocol,
-                       "train_fraction": sel.fraction, "train_images": n_train,
-                       "selected_by": task.headline, "valid": best["valid"],
-                       "test": {**scores, "n": len(records)}, **extra,
-                       "init_weights": init_file, "history": history}
+            results = record(sel, task.definition, {**scores, "n": len(records)},
+                             best_epoch=best["epoch"], epochs=tcfg.epochs, train_images=n_train,
+                             valid=best["valid"], **extra, init_weights=init_file,
+                             history=history)
             checkpoint.save_json(out / "results.json", results)
             loop.log.scalars(loop.step, "test/", **{k: v for k, v in scores.items()
                                                     if isinstance(v, float)})
