@@ -47,6 +47,9 @@ The full default takes hours on a CPU machine, longer than many sessions and job
 one-line error): each stage resumes from its run directory's checkpoint (the stages' own exact
 resume), a fine-tune that wrote its results is not run again, and the wall times printed are
 this invocation's.
+
+Why one module over ~450 lines: a benchmark is one command, read top to bottom as the
+experiment it runs (plan, stages, fine-tunes, verdict).
 """
 
 from __future__ import annotations

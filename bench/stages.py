@@ -26,6 +26,9 @@ cannot see a GPU. Two ranks use the CUDA backend string (``cpu:gloo,cuda:nccl``)
 two GPUs, gloo for both device types where there is one (NCCL refuses two ranks on one GPU), and
 ``cpu:gloo,cuda:gloo`` on CPU, so the two-backend group is exercised there too. One line per
 check; exit status 1 if any failed.
+
+Why one module over ~450 lines: a benchmark is one command; its timing and its smoke run share
+the workloads they measure.
 """
 
 from __future__ import annotations

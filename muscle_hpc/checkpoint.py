@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 import os
 import pickle
 import random
@@ -78,8 +79,6 @@ def save(path: Path, state: dict) -> None:
 
 def save_json(path: Path, obj) -> None:
     """``obj`` as JSON at ``path``, atomically (a reader never sees half a file)."""
-    import json
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1))

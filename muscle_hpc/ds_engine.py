@@ -13,6 +13,8 @@ import torch
 from muscle_hpc.config import ConfigError
 from muscle_hpc.dist import rank_world
 
+# deepspeed is imported where it is used: after DS_ACCELERATOR is set (import_deepspeed).
+
 
 def bf16_enabled(run, on_cuda: bool) -> bool:
     """Whether a stage whose run section is ``run`` computes in bf16: ``run.precision``, where

@@ -26,6 +26,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+# sklearn.metrics (~1.5 s) and pycocotools are imported where they are used: the stages import
+# this module at start, and most runs score only some kinds.
+
 
 def _binary(labels, probs) -> tuple[np.ndarray, np.ndarray]:
     """``labels`` as int in {0, 1} and ``probs`` as the (N,) probability of class 1."""

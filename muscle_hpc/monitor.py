@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from muscle_hpc import dist
+from muscle_hpc.data.loaders import task_loader
+from muscle_hpc.models.moco import all_gather_cat
+from muscle_hpc.tasks import PAPER_TASKS
 
 SPLITS = ("train", "valid")
 
@@ -48,8 +51,6 @@ class SplitFeatures:
 def task_shards(data_root: Path, tasks: list[str]) -> dict[str, dict[str, object]]:
     """The ``train`` and ``valid`` shards of each of ``tasks`` (names in ``muscle_hpc.tasks``),
     checked against the task. Raises ``ShardError`` naming what is missing."""
-    from muscle_hpc.tasks import PAPER_TASKS
-
     return {name: PAPER_TASKS[name].open_splits(data_root, SPLITS) for name in tasks}
 
 
@@ -60,9 +61,6 @@ def knn_loaders(shards: dict | None, tasks: list[str], data_cfg, batch_size: int
     (``task_shards``), or with ``data.synthetic`` random images. Synthetic splits get seeds of
     their own: the synthetic loader would otherwise make the same images and labels for both,
     and the kNN would find every valid image among the training ones."""
-    from muscle_hpc.data.loaders import task_loader
-    from muscle_hpc.tasks import PAPER_TASKS
-
     out = {}
     for name in tasks:
         out[name] = {}
@@ -221,8 +219,6 @@ def knn_eval(encoder: nn.Module, loaders: dict[str, dict[str, tuple[object, int]
     (``knn_scores``) of up to ``max_images`` valid images over up to ``max_images`` training
     images (``spread_subset`` of each), and the image counts used. Collective: every rank
     calls it, and all get the same numbers."""
-    from muscle_hpc.tasks import PAPER_TASKS
-
     out = {}
     for name, splits in loaders.items():
         train, valid = (embed_split(encoder, *splits[s], device, max_images, batch_size, bf16)
@@ -268,8 +264,6 @@ class HistogramShortcut:
     @torch.no_grad()
     def step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> torch.Tensor:
         """This rank's top-1 on its views (a 0-dim tensor); then all ranks' keys enqueued."""
-        from muscle_hpc.models.moco import all_gather_cat
-
         q, k = gray_quantiles(im_q), gray_quantiles(im_k)
         positive = (q - k).norm(dim=1)
         negative = torch.cdist(q, self.queue).nan_to_num(math.inf).amin(dim=1)

@@ -36,6 +36,8 @@ from pathlib import Path
 
 from muscle_hpc.checkpoint import save_json
 
+# torch is imported where it is used (~4 s): record() and the git lookup need none of it.
+
 FILE_NAME = "provenance.json"
 PACKAGES = ("torch", "torchvision", "deepspeed", "ffcv", "numpy")
 GIT_TIMEOUT_S = 10.0  # a hung network file system must not hold up the start of training

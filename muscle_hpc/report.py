@@ -38,6 +38,9 @@ a segmentation result's ``samples.npz``) and writes into DIR:
 Every file is written to a temporary name and renamed, and ``tb/`` is built aside and swapped in,
 so a killed report leaves the previous complete output, never half a table. Exit status 2, with
 one line on stderr, when RUN_DIR is missing or holds no usable result.
+
+Why one module over ~450 lines: one command whose parts (tables, words, figures, TensorBoard)
+run once each, in the order of its output; reading results is ``muscle_hpc.results``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ import numpy as np
 from muscle_hpc import registry
 from muscle_hpc import results as results_json
 from muscle_hpc.results import Result
+
+# matplotlib (~1 s) and torch's TensorBoard writer (~3 s) are imported where they are used, so
+# that reading results and printing the tables needs neither.
 
 # Rows, columns and their titles, in the registry's order (the paper's).
 INIT_TITLES = {i.name: i.title for i in registry.INITS.values()}

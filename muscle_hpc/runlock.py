@@ -76,6 +76,10 @@ Design and trade-offs:
   stale case above.
 * psutil is not used: it is not a dependency of this package (only ffcv's extra brings it), and
   /proc tells the same on Linux. Without /proc the pid's existence alone decides on one host.
+
+Why one module over ~450 lines: acquiring, beating, taking over a stale lock and releasing are
+one protocol whose races are reasoned about together; split, each part would hide the others'
+assumptions.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+# TensorBoard's writer (~3 s with torch) and reader are imported where used: only rank 0 writes.
+
 
 class RunLogger:
     def __init__(self, log_dir: Path, rank: int = 0, purge_step: int | None = None):

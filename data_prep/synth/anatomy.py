@@ -12,6 +12,9 @@ the finding, so a positive and a negative drawn from the same rng share film and
 Everything works on float32 canvases in 0..255; small shapes are drawn on their bounding-box
 crop only, so a 512 px image costs a few milliseconds. Every random choice comes from the
 ``rng`` passed in, so a seed fixes the pixels.
+
+Why one module over ~450 lines: the drawing primitives and the bodies drawn with them are tuned
+together (what makes a finding local and visible).
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ augmented the same way whichever rank, batch or worker thread it lands on, which
 a resumed run bit-identical to an uninterrupted one. Each recipe is one numba kernel that reads
 uint8 and writes normalised float32, parallel over images and releasing the GIL, so it runs in
 the loader's background thread beside training.
+
+Why one module over ~450 lines: the recipes' parameter draws and the numba kernels that render
+them must agree field by field; they change together.
 """
 
 from __future__ import annotations

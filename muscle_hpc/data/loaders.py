@@ -27,6 +27,8 @@ from .prefetch import pins, prefetch, rank_and_world
 from .shards import Shard, ShardError
 from .synthetic import SyntheticTaskLoader, SyntheticTwoViewLoader
 
+# FFCV is imported where it is used (~8 s here, and optional: synthetic runs go without it).
+
 
 def _order_class(rank: int, world: int, shuffle: bool, drop_uneven: bool):
     """An FFCV traversal order: one seeded permutation per epoch, split between ranks.

@@ -54,6 +54,18 @@ class Shard:
                              f"for {self.count} images (convert it again)")
         return groups
 
+    def scalar_values(self, name: str) -> np.ndarray:
+        """Every sample's value of the scalar field ``name`` (an int or float field), in shard
+        order, as float64, from FFCV's metadata table, where FFCV keeps scalar fields: no image
+        is read."""
+        shard_files.import_ffcv()
+        # Lazy: FFCV takes seconds to import, and synthetic runs go without it.
+        from ffcv.reader import Reader
+
+        reader = Reader(str(self.path))
+        table = reader.metadata
+        return np.asarray(table[table.dtype.names[reader.field_names.index(name)]], np.float64)
+
 
 def read_manifest(data_root: Path, dataset: str) -> dict:
     folder = Path(data_root) / dataset

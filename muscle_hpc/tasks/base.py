@@ -216,15 +216,7 @@ def target_stats(shard: Shard, target: str) -> tuple[float, float]:
     summary = train.get(target)
     if isinstance(summary, dict) and "mean" in summary and "std" in summary:
         return float(summary["mean"]), float(summary["std"])
-    from data_prep.shard import import_ffcv
-
-    import_ffcv()
-    from ffcv.reader import Reader
-
-    path = shard.path.parent / train["file"]
-    reader = Reader(str(path))
-    table = reader.metadata
-    values = np.asarray(table[table.dtype.names[reader.field_names.index(target)]], np.float64)
+    values = open_shard(shard.path.parents[1], shard.dataset, "train").scalar_values(target)
     values = values[~np.isnan(values)]
     if not values.size:
         raise ShardError(f"{shard.dataset}/train: no {target!r} value to standardize with")
