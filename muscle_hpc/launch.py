@@ -259,7 +259,7 @@ def plan_stage(args, world: int, on_cuda: bool) -> tuple[list[Step], Path]:
                     array=len(argvs) > 1)
         return [step], Path(root)
     stage = importlib.import_module(STAGES[args.stage])
-    cfg = stage.prepare(args.config, args.overrides, world, on_cuda).cfg
+    cfg = stage.prepare(stage.load(args.config, args.overrides), world, on_cuda).cfg
     check_device(cfg.run, on_cuda)
     argv = ["--config", str(args.config), *args.overrides]
     return [Step(args.stage, args.stage, [argv], args.nodes, args.gpus_per_node)], \
@@ -292,12 +292,13 @@ def plan_all(args, tasks_per_node: int, on_cuda: bool) -> tuple[list[Step], Path
     ft_config = args.finetune_config or CONFIGS.parent / registry.default_config("finetune", bb)
     ft_ov = [*common, *args.finetune_override, f"run.root={root}"]
 
-    cfg = mdmoco.prepare(moco_config, moco_ov, world, on_cuda).cfg
+    cfg = mdmoco.prepare(mdmoco.load(moco_config, moco_ov), world, on_cuda).cfg
     check_device(cfg.run, on_cuda)
     checked = [(moco_config, cfg.model.arch)]
     for ov in cl_ovs.values():
         # MD-MoCo's backbone does not exist yet: check all but model.init.
-        cfg = continual.prepare(cl_config, [*ov, "model.init=''"], world, on_cuda).cfg
+        cfg = continual.prepare(continual.load(cl_config, [*ov, "model.init=''"]), world,
+                                on_cuda).cfg
         check_device(cfg.run, on_cuda)
         checked.append((cl_config, cfg.model.arch))
     for path, got in checked:

@@ -94,15 +94,15 @@ def test_stages_check_no_shards_when_synthetic(tmp_path):
     """With data.synthetic the stages start without a shard folder, and the loaders they
     build from their configs are the synthetic ones."""
     missing = f"data.root={tmp_path / 'none'}"
-    inputs = mdmoco.prepare(None, [missing, "data.synthetic=16", "data.batch_size=4",
-                                   "model.K=16", "model.bn_groups=2", "run.allow_cpu=true"],
-                            1, False)
+    inputs = mdmoco.prepare(mdmoco.load(None, [missing, "data.synthetic=16", "data.batch_size=4",
+                                               "model.K=16", "model.bn_groups=2",
+                                               "run.allow_cpu=true"]), 1, False)
     cfg, shards = inputs.cfg, inputs.shards
     assert shards is None and inputs.knn_shards is None
     assert isinstance(two_view_loader(shards, 4, cfg.data, distributed=False),
                       SyntheticTwoViewLoader)
-    inputs = continual.prepare(None, [missing, "data.synthetic=8", "model.init=''",
-                                      "run.allow_cpu=true"], 1, False)
+    inputs = continual.prepare(continual.load(None, [missing, "data.synthetic=8", "model.init=''",
+                                                     "run.allow_cpu=true"]), 1, False)
     cfg, shards = inputs.cfg, inputs.shards
     assert shards == {t: {"train": None, "valid": None} for t in cfg.data.tasks}
     loader = task_loader(None, 2, PAPER_TASKS["tbx"], cfg.data, train=True, distributed=False)

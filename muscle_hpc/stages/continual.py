@@ -70,10 +70,14 @@ class ContinualInputs(common.Prepared):
     init: dict | None
 
 
-def prepare(config_path, overrides, world_size: int, on_cuda: bool) -> ContinualInputs:
-    """The stage's inputs, checked for ``world_size`` ranks. Raises ``ConfigError`` or
-    ``ShardError``."""
-    cfg = config.load(config_path, overrides, config.ContinualConfig)
+def load(config_path, overrides) -> config.ContinualConfig:
+    """The stage's config, from its file and overrides. Raises ``ConfigError``."""
+    return config.load(config_path, overrides, config.ContinualConfig)
+
+
+def prepare(cfg: config.ContinualConfig, world_size: int, on_cuda: bool) -> ContinualInputs:
+    """The stage's inputs from a loaded config, checked for ``world_size`` ranks. Raises
+    ``ConfigError`` or ``ShardError``."""
     config.check_continual(cfg, world_size)
     ds_config = deepspeed_config(cfg.run, max(cfg.batch_size(t) for t in cfg.data.tasks),
                                  world_size, on_cuda)
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     env, on_cuda = dist.dist_env(), torch.cuda.is_available()
-    inputs = prepare(args.config, args.overrides, env.world_size, on_cuda)
+    inputs = prepare(load(args.config, args.overrides), env.world_size, on_cuda)
     cfg = inputs.cfg
     with common.started("continual", cfg, env, on_cuda, Path(cfg.run.dir),
                         RESUMABLE_CHANGES, KEPT_ON_RESUME) as start:

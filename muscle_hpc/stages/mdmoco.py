@@ -52,10 +52,14 @@ class MocoInputs(common.Prepared):
     knn_shards: dict | None
 
 
-def prepare(config_path, overrides, world_size: int, on_cuda: bool) -> MocoInputs:
-    """The stage's inputs, checked for ``world_size`` ranks. Raises ``ConfigError`` or
-    ``ShardError``."""
-    cfg = config.load_config(config_path, overrides)
+def load(config_path, overrides) -> config.MocoConfig:
+    """The stage's config, from its file and overrides. Raises ``ConfigError``."""
+    return config.load_config(config_path, overrides)
+
+
+def prepare(cfg: config.MocoConfig, world_size: int, on_cuda: bool) -> MocoInputs:
+    """The stage's inputs from a loaded config, checked for ``world_size`` ranks. Raises
+    ``ConfigError`` or ``ShardError``."""
     config.check_moco(cfg, world_size)
     if cfg.model.bn == "sync" and not on_cuda:
         raise config.ConfigError("model.bn: sync needs GPUs (torch's SyncBatchNorm is GPU-only); "
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     env, on_cuda = dist.dist_env(), torch.cuda.is_available()
-    inputs = prepare(args.config, args.overrides, env.world_size, on_cuda)
+    inputs = prepare(load(args.config, args.overrides), env.world_size, on_cuda)
     cfg = inputs.cfg
     with common.started("mdmoco", cfg, env, on_cuda, Path(cfg.run.dir),
                         RESUMABLE_CHANGES) as start:
