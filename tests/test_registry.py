@@ -228,8 +228,8 @@ def test_report_rows_columns_and_titles_are_the_registry():
 def test_the_summary_reads_every_task_set_once():
     from muscle_hpc.data import summary
 
-    assert len(dict(summary.TASKS)) == len(summary.TASKS)
-    assert dict(summary.TASKS) == {t.dataset: t.kind for t in registry.TASKS.values()}
+    assert len(dict(summary.TASK_DATASETS)) == len(summary.TASK_DATASETS)
+    assert dict(summary.TASK_DATASETS) == {t.dataset: t.kind for t in registry.TASKS.values()}
 
 
 def test_launch_choices_and_defaults_are_the_registry(capsys):
