@@ -256,7 +256,7 @@ def given_shards(root: Path) -> list:
 
 def timing(args) -> int:
     from muscle_hpc import dist
-    from muscle_hpc.config import ContinualConfig, FinetuneConfig, load
+    from muscle_hpc.config import ContinualConfig, FinetuneConfig, MocoConfig, load
     from muscle_hpc.engine import select_kernels
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -271,9 +271,10 @@ def timing(args) -> int:
         b = max(1, global_batch // args.world)
         return min(b, cap) if cap else b
 
-    moco_batch = load(ROOT / registry.default_config("mdmoco", "r50")).data.batch_size
-    cl = load(ROOT / registry.default_config("continual", "r50"), schema=ContinualConfig)
-    ft = load(ROOT / registry.default_config("finetune", "r50"), schema=FinetuneConfig)
+    moco_batch = load(ROOT / registry.default_config("mdmoco", "r50"), [],
+                      MocoConfig).data.batch_size
+    cl = load(ROOT / registry.default_config("continual", "r50"), [], ContinualConfig)
+    ft = load(ROOT / registry.default_config("finetune", "r50"), [], FinetuneConfig)
 
     def count(batch: int) -> int:  # images for the resident pass (one batch) and the fed one
         return batch * (args.steps + args.warmup + 1)

@@ -36,7 +36,8 @@ def save_backbone(path, arch="resnet18"):
 
 
 def paper_grid():
-    return [tuple(sel)[:3] for sel in finetune.grid(finetune.load(finetune.DEFAULT_CONFIG, []))]
+    return [(sel.task, sel.init, sel.backbone)
+            for sel in finetune.grid(finetune.load(finetune.DEFAULT_CONFIG, []))]
 
 
 def test_grid_covers_every_task_init_backbone_once(capsys):

@@ -233,7 +233,7 @@ def test_an_external_task_runs_as_an_array_element_and_appears_in_the_report(
     convert.convert_dataset(layouts.build_spec("knee", "folders", knee, {}), knee, shards,
                             size=(128, 80), log=lambda *_: 0)
     cfg = finetune.load(CONFIGS / "external_demo.yaml", [])
-    index = finetune.grid(cfg).index(("knee", "muscle", "r18", "finetune", 1.0))
+    index = finetune.grid(cfg).index(registry.FinetuneRun("knee", "muscle", "r18", "finetune", 1.0))
     run = tmp_path / "run"
     shutil.copytree(root / "continual_r18", run / "continual_r18")
     job = sbatch_array(tmp_path / "logs", str(index), "configs/external_demo.yaml",
