@@ -355,9 +355,12 @@ def write_scratch_bn(plan: Plan, task_name: str, seed: int) -> None:
 
 
 def spread(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value); NaNs (an undefined metric) kept."""
-    mean = statistics.fmean(values)
-    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+    """Mean and sample standard deviation (0 for one value). A NaN (an undefined metric, a
+    diverged fine-tune) makes both NaN, which no comparison beats or loses to; ``statistics``
+    itself cannot take one (its exact sums fail on a float NaN)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def beats(a: tuple[float, float], b: tuple[float, float]) -> bool:

@@ -1,6 +1,7 @@
 """bench.learning: the real stages end to end at --quick size, and its comparison rules."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -15,6 +16,14 @@ def test_beyond_the_seed_spread_means_the_mean_sd_intervals_do_not_overlap():
     assert learning.beats((0.9, 0.05), (0.7, 0.1))
     assert not learning.beats((0.9, 0.1), (0.75, 0.1))  # 0.8 < 0.85: within the spread
     assert not learning.beats((0.7, 0.0), (0.7, 0.0))
+
+
+def test_a_diverged_seed_makes_its_cell_nan_and_it_neither_beats_nor_loses():
+    # The full run's summary ended in statistics.stdev on Scratch's diverged TBX probe (NaN).
+    mean, sd = learning.spread([0.2, math.nan, 0.3])
+    assert math.isnan(mean) and math.isnan(sd)
+    assert not learning.beats((mean, sd), (0.1, 0.0))
+    assert not learning.beats((0.9, 0.0), (mean, sd))
 
 
 def test_a_fraction_smaller_than_a_batch_stops_before_any_training(tmp_path):
