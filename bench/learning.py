@@ -67,6 +67,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from muscle_hpc import registry
+from muscle_hpc import results as results_json
 from muscle_hpc.checkpoint import save_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,7 +283,8 @@ class Plan:
         an error, never a gap)."""
         if self.diverged(*job).exists():
             return math.nan
-        return json.loads(self.result(*job).read_text())["test"][metric]
+        path = self.result(*job)
+        return results_json.parse(json.loads(path.read_text()), path).test[metric]
 
     def result(self, task: str, row: str, views: str | None, seed: int, fraction: float,
                protocol: str) -> Path:

@@ -288,13 +288,17 @@ class FinetuneRun:
         return self.protocol, self.fraction
 
     @property
-    def name(self) -> str:
-        """``TASK_BB_INIT``, then ``_linear`` for a linear probe and ``_Npct`` for a fraction of
-        the training split (``mura_r18_mdmoco_linear_10pct``): the paper's runs keep their
-        names."""
-        return (f"{self.task}_{self.backbone}_{self.init}"
-                + ("" if self.protocol == "finetune" else f"_{self.protocol}")
+    def setting_suffix(self) -> str:
+        """``_linear`` for a linear probe, then ``_Npct`` for a fraction of the training split;
+        empty for the paper's setting (whole network, all labels)."""
+        return (("" if self.protocol == "finetune" else f"_{self.protocol}")
                 + ("" if self.fraction == 1 else f"_{self.fraction * 100:g}pct"))
+
+    @property
+    def name(self) -> str:
+        """``TASK_BB_INIT`` and the setting's suffix (``mura_r18_mdmoco_linear_10pct``): the
+        paper's runs keep their names."""
+        return f"{self.task}_{self.backbone}_{self.init}{self.setting_suffix}"
 
     def dir(self, root: str | Path) -> Path:
         """Its run directory under the run root ``root``."""

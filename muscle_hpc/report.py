@@ -216,7 +216,7 @@ def setting_names(setting: tuple[str, float]) -> tuple[str, str]:
     """A (protocol, training fraction) setting's file-name suffix and title words: ("", "")
     for the paper's, ("_linear_10pct", "linear probe, 10% of the training labels")."""
     protocol, fraction = setting
-    suffix = registry.FinetuneRun("", "", "", protocol, fraction).name[2:]
+    suffix = registry.FinetuneRun("", "", "", protocol, fraction).setting_suffix
     words = [w for w in ("linear probe (frozen backbone)" if protocol == "linear" else "",
                          f"{fraction * 100:g}% of the training labels" if fraction < 1 else "")
              if w]
