@@ -9,6 +9,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch", "torchvision", "deepspeed", "numpy", "numba", "pycocotools",
                       "submitit", "tensorboard", "tqdm", "pyyaml", "scikit-learn", "pillow",
-                      "opencv-python-headless"],
+                      "opencv-python-headless", "safetensors"],
     extras_require={"ffcv": ["ffcv==1.0.2"]},
 )

@@ -53,12 +53,27 @@ def save(path: Path, state: dict) -> None:
     """``state`` at ``path``, atomically. A full file system raises ``NoSpaceError`` and leaves
     ``path`` as it was."""
     state = on_cpu(state)
-    path = Path(path)
+
+    def size() -> int:
+        need = _CountingSink()
+        torch.save(state, need)  # again, into nothing: only a failed write pays for it
+        return need.bytes
+
+    _write_atomic(Path(path), lambda f: torch.save(state, f), size)
+
+
+def save_bytes(path: Path, data: bytes) -> None:
+    """``data`` at ``path``, atomically, as ``save`` writes a checkpoint (``NoSpaceError``
+    included): for files other libraries serialise, such as safetensors."""
+    _write_atomic(Path(path), lambda f: f.write(data), lambda: len(data))
+
+
+def _write_atomic(path: Path, write, size) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,7 +82,7 @@ def save(path: Path, state: dict) -> None:
         if full is None:
             raise
         tmp.unlink(missing_ok=True)  # first: the space it held is free again
-        raise NoSpaceError(_no_space(path, state, full)) from None
+        raise NoSpaceError(_no_space(path, size(), full)) from None
     finally:
         tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -94,13 +109,11 @@ def _out_of_space(e: BaseException) -> OSError | None:
     return None
 
 
-def _no_space(path: Path, state: dict, error: OSError) -> str:
-    need = _CountingSink()
-    torch.save(state, need)  # again, into nothing: only a failed write pays for it
+def _no_space(path: Path, need: int, error: OSError) -> str:
     mount, kind = _file_system(path.parent)
     free = shutil.disk_usage(path.parent).free
     return (f"{path}: {error.strerror} on the {kind} file system mounted at {mount}: the file "
-            f"needs {_size_text(need.bytes)}, {_size_text(free)} free")
+            f"needs {_size_text(need)}, {_size_text(free)} free")
 
 
 class _CountingSink:

@@ -526,12 +526,18 @@ def write_tensorboard(tb_dir: Path, tables: dict[str, str], results: list[Result
     shutil.rmtree(old, ignore_errors=True)
 
 
-def build_report(results: list[Result], rejects: list[tuple[Path, str]], out: Path) -> str:
-    """Writes everything into ``out``; returns the report's text (tables, rejects, missing)."""
-    out.mkdir(parents=True, exist_ok=True)
+def by_setting_of(results: list[Result]) -> dict[tuple[str, float], dict]:
+    """The results of each setting (protocol, fraction), keyed (task, backbone, init)."""
     by_setting: dict[tuple[str, float], dict] = {}
     for r in results:
         by_setting.setdefault(r.run.setting, {})[(r.run.task, r.run.backbone, r.run.init)] = r
+    return by_setting
+
+
+def build_report(results: list[Result], rejects: list[tuple[Path, str]], out: Path) -> str:
+    """Writes everything into ``out``; returns the report's text (tables, rejects, missing)."""
+    out.mkdir(parents=True, exist_ok=True)
+    by_setting = by_setting_of(results)
     tables = {}
     for table in tables_of(by_setting):
         tables[table.name] = markdown_table(table.title, table.tasks, table.by_key)

@@ -64,9 +64,10 @@ def test_an_export_onto_a_full_file_system_is_one_line(tmp_path, tmpfs, capsys):
     trunk = build_backbone("resnet18", in_chans=1).state_dict()
     path = tmp_path / "checkpoint.pth"
     checkpoint.save(path, {"model": {f"encoder_q.{k}": v for k, v in trunk.items()},
-                           "config": {"model": {"arch": "resnet18"}}, "step": 3})
+                           "config": {"model": {"arch": "resnet18"},
+                                      "data": {"mean": 122.786, "std": 18.39}}, "step": 3})
     out = tmpfs.mount("1m") / "backbone.pth"  # a ResNet-18 is ~45 MB
-    assert export.main([str(path), "--out", str(out)]) == 1
+    assert export.main([str(path), "--out", str(out), "--size", "80x50"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"export: error: {out}: No space left on "
                                                     "device on the tmpfs file system"), err

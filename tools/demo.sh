@@ -102,6 +102,8 @@ grid configs/finetune_demo_10pct.yaml "$RUN/finetune_logs/"
   --root "$RUN/downloads" --out "$RUN/shards" --size 128x80 --workers 2
 grid configs/external_demo.yaml "$RUN/finetune_logs/external_"
 .venv/bin/python -m muscle_hpc.report "$RUN"
+# MUSCLE's backbone as users load it: a hub folder with its model card (the tables above in it).
+.venv/bin/python -m muscle_hpc.export "$RUN/continual_r18" --format hub
 echo "These are demo-scale numbers (synthetic X-rays at 128x80, one epoch of MD-MoCo and of each"
 echo "continual visit, fine-tunes on 10 % of the labels, one seed; test splits of 13-107 images),"
 echo "not the paper's, which come from days of training on the real datasets at 800x500. Whether"

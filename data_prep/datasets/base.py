@@ -74,6 +74,30 @@ class Scan:
         self.rejects.append(Reject(relpath(root, path), reason))
 
 
+# What NLM asks users of its two TB sets (Shenzhen, Montgomery) and of their derivatives to cite.
+NLM_TB_CITATION = ("Jaeger S et al., Automatic tuberculosis screening using chest radiographs, "
+                   "IEEE TMI 33(2):233-245, 2014; Candemir S et al., Lung segmentation in chest "
+                   "radiographs using anatomical atlases with nonrigid registration, IEEE TMI "
+                   "33(2):577-590, 2014")
+
+
+@dataclass(frozen=True)
+class Licence:
+    """A dataset's terms of use as its publisher states them, written by hand once: a model
+    card lists them, since weights trained on the images carry them.
+
+    ``terms``: the licence's identifier, or what kind of custom terms; ``summary``: what they
+    allow, in plain words, the publisher's key words quoted; ``url``: where the publisher says
+    it; ``citation``: what the publisher asks to cite; ``read``: how we know (the publisher's
+    own page, or a copy of its text, and what could not be found)."""
+
+    terms: str
+    summary: str
+    url: str
+    citation: str
+    read: str
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """What a dataset is and how to read it.
@@ -99,6 +123,7 @@ class DatasetSpec:
     mask_classes: tuple[str, ...] = ()
     value_name: str = ""
     definition: dict | None = None
+    licence: Licence | None = None  # None: a dataset of the user's, its terms not recorded
 
     def __post_init__(self):
         if self.role not in ("task", "pretrain"):

@@ -14,6 +14,7 @@ from pathlib import Path
 from .base import (
     DatasetSpec,
     LayoutError,
+    Licence,
     Record,
     Scan,
     find_dir,
@@ -110,5 +111,19 @@ def scan(root: Path) -> Scan:
     return out
 
 
+LICENCE = Licence(
+    terms='custom terms: RSNA 2017 AI Challenge, non-commercial',
+    summary=('"for the purposes of academic research and education, and other '
+             'non-commercial purposes"; no attempt to identify any subject; sharing the '
+             "data requires a link to RSNA's download page and the citation."),
+    url=('https://www.rsna.org/rsnai/ai-image-challenge/RSNA-Pediatric-Bone-Age-Challenge-'
+         '2017'),
+    citation=('Halabi SS et al., The RSNA Pediatric Bone Age Machine Learning Challenge, '
+              'Radiology 290(2):498-503, 2019'),
+    read=("RSNA's Terms of Use and Attribution through a verbatim copy; the Stanford AIMI "
+          "and Kaggle copies' terms were not found"),
+)
+
 SPEC = DatasetSpec(name="boneage", folder_names=("rsna-bone-age", "boneage", "RSNA-Bone-Age"),
-                   role="pretrain", fields=("boneage", "male"), scan=scan)
+                   role="pretrain", fields=("boneage", "male"), scan=scan,
+                   licence=LICENCE)

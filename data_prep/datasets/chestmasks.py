@@ -18,7 +18,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import DatasetSpec, LayoutError, Record, Scan, find_dir, is_image, list_files
+from .base import (
+    NLM_TB_CITATION,
+    DatasetSpec,
+    LayoutError,
+    Licence,
+    Record,
+    Scan,
+    find_dir,
+    is_image,
+    list_files,
+)
 
 NAME = re.compile(r"[A-Za-z]+_\d+_([01])")
 MAX_DEPTH = 3
@@ -86,7 +96,18 @@ def scan(root: Path) -> Scan:
     return out
 
 
+LICENCE = Licence(
+    terms="CC0 label on Kaggle; the images keep NLM's terms",
+    summary=("The Kaggle upload is labelled CC0, but its images are NLM's Shenzhen and "
+             'Montgomery sets, whose terms (attribution; Montgomery: no sharing outside '
+             "your group) a re-upload cannot lift: follow NLM's."),
+    url='https://www.kaggle.com/datasets/nikhilpandey360/chest-xray-masks-and-labels',
+    citation=NLM_TB_CITATION,
+    read='the Kaggle page through two copies of its text',
+)
+
 SPEC = DatasetSpec(name="chestmasks",
                    folder_names=("Lung Segmentation", "chest-xray-masks-and-labels"),
                    role="task", fields=("label", "mask"), scan=scan,
-                   label_names=("normal", "tb"), mask_classes=("lung",))
+                   label_names=("normal", "tb"), mask_classes=("lung",),
+                   licence=LICENCE)

@@ -18,6 +18,7 @@ from pathlib import Path
 from .base import (
     DatasetSpec,
     LayoutError,
+    Licence,
     Record,
     Scan,
     find_dir,
@@ -149,8 +150,20 @@ def scan(root: Path) -> Scan:
     return out
 
 
+LICENCE = Licence(
+    terms='not confirmed (third parties: CC BY-NC-ND 4.0)',
+    summary=("The publisher's terms (Open-i's FAQ) could not be read; third parties give "
+             'CC BY-NC-ND 4.0 (non-commercial, no derivatives, attribution), one mirror CC'
+             " BY-ND 4.0. Read Open-i's FAQ before sharing weights trained on it."),
+    url='https://openi.nlm.nih.gov/faq',
+    citation=('Demner-Fushman D et al., Preparing a collection of radiology examinations '
+              'for distribution and retrieval, JAMIA 23(2):304-310, 2016'),
+    read='not found from the publisher; second-hand statements that disagree',
+)
+
 SPEC = DatasetSpec(name="indiana",
                    folder_names=("OpenI", "IndianaOpenI", "indiana",
                                  "chest-xrays-indiana-university"),
                    role="pretrain", fields=("label",), scan=scan,
-                   label_names=("normal", "abnormal"))
+                   label_names=("normal", "abnormal"),
+                   licence=LICENCE)

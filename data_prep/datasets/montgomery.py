@@ -11,7 +11,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import DatasetSpec, LayoutError, Record, Scan, find_dir, is_image, list_files
+from .base import (
+    NLM_TB_CITATION,
+    DatasetSpec,
+    LayoutError,
+    Licence,
+    Record,
+    Scan,
+    find_dir,
+    is_image,
+    list_files,
+)
 
 NAME = re.compile(r"MCUCXR_(\d{4})_([01])")
 SIDES = ("left", "right")
@@ -61,6 +71,19 @@ def scan(root: Path) -> Scan:
     return out
 
 
+LICENCE = Licence(
+    terms='custom terms: research use, no sharing, attribution',
+    summary=('The README: "Please do not share the data set outside of your research '
+             'group/organization, but forward new data set requests to us"; publications '
+             'attribute the National Library of Medicine, NIH and cite two papers. No '
+             'statement on commercial use found.'),
+    url=('https://lhncbc.nlm.nih.gov/LHC-publications/pubs/TuberculosisChestXrayImageDataS'
+         'ets.html'),
+    citation=NLM_TB_CITATION,
+    read='the README (Citation and Use) through a copy of its text',
+)
+
 SPEC = DatasetSpec(name="montgomery", folder_names=("MontgomerySet", "Montgomery"),
                    role="pretrain", fields=("label", "mask"), scan=scan,
-                   label_names=("normal", "tb"), mask_classes=("lung",))
+                   label_names=("normal", "tb"), mask_classes=("lung",),
+                   licence=LICENCE)

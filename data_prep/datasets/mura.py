@@ -24,6 +24,7 @@ from pathlib import Path
 from .base import (
     DatasetSpec,
     LayoutError,
+    Licence,
     Record,
     Scan,
     find_dir,
@@ -140,6 +141,19 @@ def scan(root: Path) -> Scan:
     return out
 
 
+LICENCE = Licence(
+    terms='custom terms: Stanford MURA Research Use Agreement, non-commercial',
+    summary=('"for personal, non-commercial research purposes only. Any commercial use, '
+             'sale, or other monetization is prohibited"; no redistribution without '
+             'written permission; "You must not ... create derivative works from the MURA '
+             'Dataset".'),
+    url='https://stanfordmlgroup.github.io/competitions/mura/',
+    citation=('Rajpurkar P et al., MURA: Large Dataset for Abnormality Detection in '
+              'Musculoskeletal Radiographs, arXiv:1712.06957, 2017'),
+    read="the publisher's own agreement page (verbatim)",
+)
+
 SPEC = DatasetSpec(name="mura", folder_names=(FOLDER,), role="task",
                    fields=("label", "body_part"), scan=scan, has_official_split=True,
-                   label_names=("negative", "positive"))
+                   label_names=("negative", "positive"),
+                   licence=LICENCE)

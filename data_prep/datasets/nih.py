@@ -14,6 +14,7 @@ from pathlib import Path
 from .base import (
     DatasetSpec,
     LayoutError,
+    Licence,
     Record,
     Scan,
     find_file,
@@ -124,6 +125,20 @@ def scan(root: Path) -> Scan:
     return out
 
 
+LICENCE = Licence(
+    terms='custom terms: unrestricted use with attribution',
+    summary=('"The usage of the data set is unrestricted. But you should provide the link '
+             'to our original download site, acknowledge the NIH Clinical Center and '
+             'provide a citation to our CVPR 2017 paper."'),
+    url='https://nihcc.app.box.com/v/ChestXray-NIHCC',
+    citation=('Wang X et al., ChestX-ray8: Hospital-scale Chest X-ray Database and '
+              'Benchmarks on Weakly-Supervised Classification and Localization of Common '
+              'Thorax Diseases, CVPR 2017'),
+    read=("FAQ_CHESTXRAY.pdf Q04 through a text extraction, and Google Cloud's page for "
+          'the set, which says the same'),
+)
+
 SPEC = DatasetSpec(name="nih", folder_names=("ChestX-ray14", "NIH", "nih-chest-xrays", "data"),
                    role="pretrain", fields=("labels",), scan=scan, has_official_split=True,
-                   label_names=LABEL_NAMES)
+                   label_names=LABEL_NAMES,
+                   licence=LICENCE)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import DatasetSpec, LayoutError, Record, Scan, is_image, list_files
+from .base import DatasetSpec, LayoutError, Licence, Record, Scan, is_image, list_files
 
 SPLITS = {"train": "train", "val": "valid", "valid": "valid", "test": "test"}
 CLASSES = {"normal": 0, "pneumonia": 1}
@@ -86,6 +86,19 @@ def scan(root: Path) -> Scan:
     return out
 
 
+LICENCE = Licence(
+    terms='CC BY 4.0',
+    summary=('Any use, commercial included, with credit to the creators and the licence '
+             'named.'),
+    url='https://data.mendeley.com/datasets/rscbjbr9sj/2',
+    citation=('Kermany D, Zhang K, Goldbaum M, Labeled Optical Coherence Tomography (OCT) '
+              'and Chest X-Ray Images for Classification, Mendeley Data V2, '
+              'doi:10.17632/rscbjbr9sj.2; Kermany DS et al., Cell 172(5):1122-1131, 2018'),
+    read=("the Kaggle page's and the Mendeley record's licence through three copies that "
+          'agree'),
+)
+
 SPEC = DatasetSpec(name="pneumonia", folder_names=("chest_xray", "chest-xray-pneumonia", "Kermany"),
                    role="task", fields=("label",), scan=scan, has_official_split=True,
-                   label_names=("normal", "pneumonia"))
+                   label_names=("normal", "pneumonia"),
+                   licence=LICENCE)

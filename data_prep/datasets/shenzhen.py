@@ -10,7 +10,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import DatasetSpec, LayoutError, Record, Scan, find_dir, is_image, list_files
+from .base import (
+    NLM_TB_CITATION,
+    DatasetSpec,
+    LayoutError,
+    Licence,
+    Record,
+    Scan,
+    find_dir,
+    is_image,
+    list_files,
+)
 
 NAME = re.compile(r"CHNCXR_(\d{4})_([01])")
 
@@ -31,5 +41,19 @@ def scan(root: Path) -> Scan:
     return out
 
 
+LICENCE = Licence(
+    terms='custom terms: research use, attribution',
+    summary=('NLM: the sets "are available to the research community"; the README asks '
+             'publications to attribute the National Library of Medicine, NIH and Shenzhen'
+             " No.3 People's Hospital and to cite two papers. No statement on commercial "
+             'use found.'),
+    url=('https://lhncbc.nlm.nih.gov/LHC-publications/pubs/TuberculosisChestXrayImageDataS'
+         'ets.html'),
+    citation=NLM_TB_CITATION,
+    read=("NLM's page; the README through copies of its text (whether it also holds "
+          "Montgomery's do-not-share clause was not confirmed)"),
+)
+
 SPEC = DatasetSpec(name="shenzhen", folder_names=("ChinaSet_AllFiles", "Shenzhen"),
-                   role="pretrain", fields=("label",), scan=scan, label_names=("normal", "tb"))
+                   role="pretrain", fields=("label",), scan=scan, label_names=("normal", "tb"),
+                   licence=LICENCE)

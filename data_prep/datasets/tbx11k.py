@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from .base import (
     DatasetSpec,
     LayoutError,
+    Licence,
     Record,
     Scan,
     coco_bbox,
@@ -146,6 +147,20 @@ def scan(root: Path) -> Scan:
     return out
 
 
+LICENCE = Licence(
+    terms='no data licence stated (the code: CC BY-NC-SA 4.0)',
+    summary=('The authors state no licence for the data and ask to be cited ("It would be '
+             'highly appreciated if you can cite our paper when using our dataset"); their'
+             ' code is CC BY-NC-SA 4.0, commercial use by permission. Read conservatively:'
+             ' non-commercial, with attribution.'),
+    url='https://github.com/yun-liu/Tuberculosis',
+    citation=('Liu Y et al., Rethinking Computer-aided Tuberculosis Diagnosis, CVPR 2020; '
+              'Liu Y et al., Revisiting Computer-Aided Tuberculosis Diagnosis, IEEE TPAMI '
+              '46(4):2316-2332, 2023'),
+    read="the publisher's repository and project page (verbatim); no data licence there",
+)
+
 SPEC = DatasetSpec(name="tbx11k", folder_names=("TBX11K", "tbx11k"), role="task",
                    fields=("label", "boxes"), scan=scan, has_official_split=True,
-                   label_names=LABEL_NAMES, box_categories=CATEGORIES)
+                   label_names=LABEL_NAMES, box_categories=CATEGORIES,
+                   licence=LICENCE)

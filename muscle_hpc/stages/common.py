@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from data_prep.datasets.base import printable
-from muscle_hpc import checkpoint, config, dist, provenance, registry, runlock
+from muscle_hpc import checkpoint, config, dist, export, provenance, registry, runlock
 from muscle_hpc.config import ConfigError
 from muscle_hpc.data.shards import ShardError
 from muscle_hpc.ds_engine import check_device
@@ -190,3 +190,11 @@ def imagenet_weights_path(arch: str, configured: str = "") -> str:
     raise ConfigError(f"pretrained.imagenet: no ImageNet {arch} weights: put {names[0]} "
                       f"(from {url}) in {cache}/ (or $TORCH_HOME/hub/checkpoints), or set "
                       f"pretrained.imagenet=FILE")
+
+
+def export_backbone(model: torch.nn.Module, cfg, step: int, run_dir: Path) -> list[Path]:
+    """The trunk of ``model`` (MoCo, or the continual stage's net) as users load it:
+    ``muscle_hpc.export``'s default files in ``run_dir``, with the preprocessing and provenance
+    recorded; the paths written."""
+    ckpt = {"model": model.state_dict(), "config": config.to_dict(cfg), "step": step}
+    return export.export_run(ckpt, Path(run_dir))[1]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from muscle_hpc import checkpoint, config, dist, registry, schedule
+from muscle_hpc import checkpoint, config, dist, schedule
 from muscle_hpc.data.loaders import task_loader
 from muscle_hpc.ds_engine import (
     base_optimizer,
@@ -36,7 +36,6 @@ from muscle_hpc.ds_engine import (
 )
 from muscle_hpc.engine import StageError, TrainLoop
 from muscle_hpc.evaluate import evaluate
-from muscle_hpc.models.backbone import export_torchvision
 from muscle_hpc.models.build import build_multitask
 from muscle_hpc.models.norm import sync_batchnorm
 from muscle_hpc.regularizers import L2SP
@@ -255,10 +254,10 @@ def train(cfg, start, loaders, val, init, ds_config) -> int:
         if loop.saved_at != loop.step:
             loop.save()
     if start.env.rank == 0:
-        path = registry.exported_backbone(start.ckpt.run_dir)
-        checkpoint.save(path, export_torchvision(net.backbone))
+        paths = common.export_backbone(net, cfg, loop.step, start.ckpt.run_dir)
         loop.say(f"continual: {'done' if loop.step == total else 'reached run.max_steps'}, "
-                 f"{loop.step} of {total} steps; torchvision backbone in {path}")
+                 f"{loop.step} of {total} steps; the backbone in "
+                 f"{', '.join(map(str, paths))}")
     return 0
 
 

@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from muscle_hpc import checkpoint, config, dist, monitor, registry, schedule
+from muscle_hpc import config, dist, monitor, schedule
 from muscle_hpc.data.loaders import BatchSizeError, two_view_loader
 from muscle_hpc.data.shards import ShardError, pretrain_shards
 from muscle_hpc.ds_engine import bf16_enabled, deepspeed_config, deepspeed_engine
 from muscle_hpc.engine import StageError, TrainLoop
-from muscle_hpc.models.backbone import export_torchvision
 from muscle_hpc.models.build import build_moco
 from muscle_hpc.models.moco import all_gather_cat, splits_per_rank
 from muscle_hpc.stages import common
@@ -206,10 +205,10 @@ def train(cfg, start, loader, knn, ds_config) -> int:
                     if loop.step == end:
                         break
     if start.env.rank == 0:
-        path = registry.exported_backbone(start.ckpt.run_dir)
-        checkpoint.save(path, export_torchvision(moco.encoder_q))
+        paths = common.export_backbone(moco, cfg, loop.step, start.ckpt.run_dir)
         loop.say(f"mdmoco: {'done' if loop.step == total else 'reached run.max_steps'}, "
-                 f"{loop.step} of {total} steps; torchvision backbone in {path}")
+                 f"{loop.step} of {total} steps; the backbone in "
+                 f"{', '.join(map(str, paths))}")
     return 0
 
 
