@@ -71,14 +71,16 @@ def import_deepspeed():
     return deepspeed
 
 
-def deepspeed_engine(model: torch.nn.Module, params, ds_config: dict, *, momentum: float,
-                     weight_decay: float):
-    """``model`` in a DeepSpeed engine that trains ``params`` with torch SGD. The LR is set per
-    step by the caller (``schedule.set_lr(engine.optimizer, lr)``), so the optimizer starts at
-    0 and a resume needs only the step. Parameters outside ``params`` (MoCo's key encoder) are
-    never optimised; DeepSpeed broadcasts all parameters and buffers from rank 0 at start."""
+def deepspeed_engine(model: torch.nn.Module, params, ds_config: dict, *, momentum: float = 0.0,
+                     weight_decay: float, adam: bool = False):
+    """``model`` in a DeepSpeed engine that trains ``params`` with torch SGD (``momentum``), or
+    torch Adam (its default betas) with ``adam``. The LR is set per step by the caller
+    (``schedule.set_lr(engine.optimizer, lr)``), so the optimizer starts at 0 and a resume
+    needs only the step. Parameters outside ``params`` (MoCo's key encoder) are never
+    optimised; DeepSpeed broadcasts all parameters and buffers from rank 0 at start."""
     deepspeed = import_deepspeed()
-    optimizer = torch.optim.SGD(params, lr=0.0, momentum=momentum, weight_decay=weight_decay)
+    optimizer = (torch.optim.Adam(params, lr=0.0, weight_decay=weight_decay) if adam else
+                 torch.optim.SGD(params, lr=0.0, momentum=momentum, weight_decay=weight_decay))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 

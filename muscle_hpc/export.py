@@ -32,7 +32,7 @@ from muscle_hpc.models.backbone import build_backbone, export_torchvision
 from muscle_hpc.weights import Preprocessing, Published, WeightsError
 
 PREFIXES = {"query": "encoder_q.", "key": "encoder_k."}
-TRUNK_PREFIX = "backbone."  # the continual and fine-tune stages' MultiTaskNet
+TRUNK_PREFIX = "backbone."  # MultiTaskNet's (continual, fine-tune) and MultiMixNet's
 FORMATS = ("torchvision", "safetensors", "hub")
 DEFAULT_FORMATS = ("torchvision", "safetensors")
 
@@ -42,6 +42,8 @@ def stage_of(ckpt: dict) -> str:
     cfg = ckpt["config"]
     if "cl" in cfg:
         return "continual"
+    if "multimix" in cfg:
+        return "multimix"
     if "grid" in cfg:
         return "finetune"
     return "mdmoco"
@@ -51,7 +53,7 @@ def method_of(stage: str, cfg: dict) -> str:
     """The method's name as the report and the fine-tune inits say it."""
     if stage == "continual":
         return cfg["cl"]["method"]
-    return {"mdmoco": "mdmoco", "finetune": "fine-tune"}[stage]
+    return {"mdmoco": "mdmoco", "finetune": "fine-tune", "multimix": "multimix"}[stage]
 
 
 def trunk_state(ckpt: dict, encoder: str = "query") -> dict:
@@ -61,8 +63,11 @@ def trunk_state(ckpt: dict, encoder: str = "query") -> dict:
         model, cfg = ckpt["model"], ckpt["config"]
     except (KeyError, TypeError):
         raise WeightsError("not a muscle-hpc stage checkpoint (no model/config in it)") from None
+    if not isinstance(cfg, dict) or not isinstance(model, dict):
+        raise WeightsError("not a muscle-hpc stage checkpoint (its model or config is not a "
+                           "mapping)")
     prefix = PREFIXES[encoder] if stage_of(ckpt) == "mdmoco" else TRUNK_PREFIX
-    if not isinstance(cfg, dict) or not any(k.startswith(prefix) for k in model):
+    if not any(k.startswith(prefix) for k in model):
         raise WeightsError(f"the checkpoint holds no {prefix[:-1]} weights")
     # float32 whatever the run trained in (bf16 keeps bf16 module weights): what users expect.
     return {k[len(prefix):]: v.float() if v.is_floating_point() else v for k, v in model.items()
@@ -81,13 +86,17 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def run_datasets(cfg: dict) -> list[str]:
     """The datasets a stage's config reads: MD-MoCo's ``data.datasets``, the continual
-    stage's tasks' (``data.tasks``), the fine-tune config's task definitions'."""
+    stage's tasks' (``data.tasks``), the fine-tune config's tasks', MultiMix's two tasks'."""
     data = cfg["data"]
     names = list(data.get("datasets") or [])
     names += [registry.TASKS[t].dataset for t in data.get("tasks") or [] if t in registry.TASKS]
-    names += [t["dataset"] for t in (cfg.get("tasks") or {}).values()
-              if isinstance(t, dict) and t.get("dataset")]
-    return list(dict.fromkeys(names))
+    defined = cfg.get("tasks") or {}
+    joined = cfg.get("multimix") or {}
+    for task in (joined.get("cls_task"), joined.get("seg_task")) if joined else defined:
+        entry = defined.get(task) or {}
+        dataset = entry.get("dataset") if isinstance(entry, dict) else None
+        names += [dataset or (registry.TASKS[task].dataset if task in registry.TASKS else None)]
+    return [n for n in dict.fromkeys(names) if n]
 
 
 def trained_size(cfg: dict) -> tuple[int, int]:
@@ -111,8 +120,10 @@ def trained_size(cfg: dict) -> tuple[int, int]:
     return next(iter(sizes.values()))
 
 
-def published(ckpt: dict, encoder: str, size: tuple[int, int] | None,
+def published(ckpt: dict, trunk: dict, encoder: str, size: tuple[int, int] | None,
               provenance: list[dict]) -> Published:
+    """What goes with ``trunk`` (from ``trunk_state(ckpt, encoder)``): its architecture, the
+    run's preprocessing (``size`` if given, else ``trained_size``) and its provenance."""
     cfg = ckpt["config"]
     if not isinstance(cfg.get("data"), dict):
         raise WeightsError("the checkpoint's config has no data section (not a stage's?)")
@@ -123,9 +134,9 @@ def published(ckpt: dict, encoder: str, size: tuple[int, int] | None,
               "commit": code.get("commit"), "dirty": code.get("dirty")}
     if stage == "mdmoco":
         source["encoder"] = encoder
-    trunk_arch = weights.trunk_arch(trunk_state(ckpt, encoder))
-    return Published(trunk_arch, Preprocessing(w, h, float(cfg["data"]["mean"]),
-                                               float(cfg["data"]["std"])), source)
+    data = cfg["data"]
+    return Published(weights.trunk_arch(trunk),
+                     Preprocessing(w, h, float(data["mean"]), float(data["std"])), source)
 
 
 def read_provenance(run_dir: Path) -> list[dict]:
@@ -186,7 +197,7 @@ def export_run(ckpt: dict, run_dir: Path, formats=DEFAULT_FORMATS, *, out: Path 
     ``checkpoint.NoSpaceError`` for a file that did not fit."""
     trunk = trunk_state(ckpt, encoder)
     provenance = read_provenance(run_dir)
-    info = published(ckpt, encoder, size, provenance)
+    info = published(ckpt, trunk, encoder, size, provenance)
     card = None
     if "hub" in formats:
         from muscle_hpc import modelcard  # tensorboard and the report: only for a card

@@ -19,9 +19,10 @@ from muscle_hpc.export import run_datasets
 from muscle_hpc.weights import Published
 
 METHOD_TITLES = {"mdmoco": "MD-MoCo", "muscle": "MUSCLE", "muscle--": "MUSCLE⁻⁻",
-                 "fine-tune": "a fine-tune"}
+                 "fine-tune": "a fine-tune", "multimix": "MultiMix"}
 STAGE_TITLES = {"mdmoco": "MD-MoCo pre-training (MoCo v2 over the X-ray datasets)",
-                "continual": "multi-task continual learning", "finetune": "fine-tuning"}
+                "continual": "multi-task continual learning", "finetune": "fine-tuning",
+                "multimix": "MultiMix (semi-supervised classification and segmentation)"}
 MAX_CURVES = 40
 CITATION = """@inproceedings{liao2022muscle,
   title     = {MUSCLE: Multi-task Self-supervised Continual Learning to Pre-train Deep Models
@@ -35,7 +36,7 @@ CITATION = """@inproceedings{liao2022muscle,
 
 def run_root(run_dir: Path, stage: str) -> Path:
     """The run root whose ``finetune/`` holds the fine-tunes of this run's backbone."""
-    return run_dir.parent.parent if stage == "finetune" else run_dir.parent
+    return run_dir.parent.parent if stage in ("finetune", "multimix") else run_dir.parent
 
 
 def flat(d: dict, prefix: str = "") -> dict[str, object]:
@@ -81,6 +82,9 @@ def used_splits(stage: str, cfg: dict) -> str:
         init = cfg["model"].get("init") or "none: Kaiming init"
         return ("Each task trained on its `train` split, with its labels; `valid` scored the "
                 f"tasks after each visit. The trunk started from `{init}` (`model.init`).")
+    if stage == "multimix":
+        return ("MultiMix trained on both tasks' `train` splits: the labels of a fraction, "
+                "the rest of each without labels.")
     return "The fine-tune trained on its task's `train` split (or a fraction of it)."
 
 

@@ -310,6 +310,40 @@ class FinetuneRun:
                 "--protocol", self.protocol, "--fraction", repr(self.fraction)]
 
 
+# MultiMix's saliency bridge: the paper's, zeros in place of the map (the control), none.
+MULTIMIX_BRIDGES = ("saliency", "image", "none")
+
+
+def multimix_root(root: str | Path) -> Path:
+    return Path(root) / "multimix"
+
+
+@dataclass(frozen=True)
+class MultiMixRun:
+    """One MultiMix run's identity: the two tasks it joins, the init and backbone of its
+    encoder, the share of each training split whose labels it uses (the rest unlabelled)."""
+
+    init: str
+    backbone: str
+    fraction: float = 1.0
+    cls_task: str = "pneumonia"
+    seg_task: str = "lung"
+
+    @property
+    def arch(self) -> str:
+        return BACKBONES[self.backbone].arch
+
+    @property
+    def name(self) -> str:
+        """``CLS+SEG_BB_INIT``, and ``_Npct`` below all labels:
+        ``pneumonia+lung_r18_muscle_10pct``."""
+        pct = "" if self.fraction == 1 else f"_{self.fraction * 100:g}pct"
+        return f"{self.cls_task}+{self.seg_task}_{self.backbone}_{self.init}{pct}"
+
+    def dir(self, root: str | Path) -> Path:
+        return multimix_root(root) / self.name
+
+
 def exported_backbone(run_dir: str | Path) -> Path:
     return Path(run_dir) / EXPORTED_BACKBONE
 

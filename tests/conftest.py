@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +109,22 @@ def start_ranks(stage: str, world: int, args, port=None) -> list[subprocess.Pope
 def finish_ranks(procs, timeout=300):
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     return [p.returncode for p in procs], outs
+
+
+def stopped_at_step(stage: str, args, step: int) -> int:
+    """Start ``stage`` on one rank, send it SIGTERM when it reports ``step``, and return the
+    step it stopped after: the stop is agreed at the end of a step, that of ``step`` if the
+    signal beat it, else the next."""
+    (proc,) = start_ranks(stage, 1, args)
+    for line in proc.stdout:
+        if line.startswith(f"step {step}/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    codes, outs = finish_ranks([proc])
+    assert codes == [128 + signal.SIGTERM], outs[0][-2000:]
+    stopped = re.search(r"stopped by signal 15 after step (\d+)", outs[0])
+    assert stopped and int(stopped[1]) in (step, step + 1), outs[0][-2000:]
+    return int(stopped[1])
 
 
 def run_ranks(stage: str, world: int, args) -> str:

@@ -6,14 +6,20 @@ import csv
 import itertools
 import json
 import math
-import re
-import signal
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, assert_same_model, benchmark_models, finish_ranks, run_ranks, start_ranks
+from conftest import (
+    ROOT,
+    assert_same_model,
+    benchmark_models,
+    finish_ranks,
+    run_ranks,
+    start_ranks,
+    stopped_at_step,
+)
 
 from muscle_hpc import checkpoint, config, registry
 from muscle_hpc.models.backbone import build_backbone, export_torchvision, load_imagenet_into
@@ -262,19 +268,10 @@ def test_stopped_by_signal_then_resumed_equals_an_uninterrupted_run(task_shards,
 
     cut = tmp_path / "cut"
     args = ft_args(task_shards, cut, "mura", "scratch", *extra)
-    (proc,) = start_ranks("finetune", 1, args)
-    for line in proc.stdout:  # stop in epoch 1 (steps 4-6 of 9)
-        if line.startswith("step 4/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    codes, outs = finish_ranks([proc])
-    assert codes == [128 + signal.SIGTERM], outs[0][-2000:]
-    # The stop is agreed at the end of a step: that of step 4 if the signal beat it, else 5.
-    stopped = re.search(r"stopped by signal 15 after step (\d+)", outs[0])
-    assert stopped and int(stopped[1]) in (4, 5), outs[0][-2000:]
+    stopped = stopped_at_step("finetune", args, 4)  # in epoch 1 (steps 4-6 of 9)
     codes, outs = finish_ranks(start_ranks("finetune", 1, args))
     assert codes == [0], outs[0][-2000:]
-    assert f"resuming at step {stopped[1]}" in outs[0]
+    assert f"resuming at step {stopped}" in outs[0]
 
     a = checkpoint.load(whole / "finetune" / "mura_r18_scratch" / "checkpoint.pth")
     b = checkpoint.load(cut / "finetune" / "mura_r18_scratch" / "checkpoint.pth")

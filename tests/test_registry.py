@@ -282,7 +282,7 @@ def test_launch_all_gives_each_fine_tune_element_one_gpu(tmp_path):
 
 
 def test_the_finetune_stage_reads_the_grid_and_the_layout(tmp_path, capsys):
-    from muscle_hpc.stages import finetune
+    from muscle_hpc.stages import common, finetune
 
     assert [(sel.task, sel.init, sel.backbone)
             for sel in finetune.grid(finetune.load(None, []))] == list(registry.GRID)
@@ -293,7 +293,7 @@ def test_the_finetune_stage_reads_the_grid_and_the_layout(tmp_path, capsys):
         assert finetune.output_dir(cfg, sel) == tmp_path / "finetune" / f"{task}_{bb}_{init}"
         if registry.INITS[init].made_by:
             # the YAML's templates find what the earlier stages write
-            assert Path(finetune.init_path(cfg, sel)) == \
+            assert Path(common.init_path(cfg, sel)) == \
                 registry.exported_backbone(registry.init_run_dir(tmp_path, bb, init))
     index = registry.grid_index("lung", "scratch", "r50")
     assert finetune.main(["--grid-index", str(index), "--check", "data.synthetic=4",

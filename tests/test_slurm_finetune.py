@@ -22,7 +22,7 @@ import torchvision
 import yaml
 
 from muscle_hpc import config, registry, report
-from muscle_hpc.stages import finetune
+from muscle_hpc.stages import common, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -159,7 +159,7 @@ def expected_init(init: str, bb: str, root: Path, torch_home: Path) -> str:
         return "Kaiming"
     if init == "imagenet":
         return str(torch_home / "hub" / "checkpoints" / IMAGENET_FILES[arch])
-    return str(template_path(finetune.PRETRAINED_KEY[init], root, bb))
+    return str(template_path(common.PRETRAINED_KEY[init], root, bb))
 
 
 def test_the_array_script_runs_each_index_on_its_own_grid_element(fake_inputs, task_shards,
@@ -389,7 +389,7 @@ def assert_pipeline_ran(root: Path, inits: list[str]) -> None:
     for init in inits:
         results = json.loads((root / "finetune" / f"pneumonia_r18_{init}" / "results.json")
                              .read_text())
-        assert results["init_weights"] == str(template_path(finetune.PRETRAINED_KEY[init],
+        assert results["init_weights"] == str(template_path(common.PRETRAINED_KEY[init],
                                                             root, "r18"))
     p = subprocess.run([sys.executable, "-m", "muscle_hpc.report", str(root)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""The two models the stages train, each built in one place.
+"""The models the stages train, each built in one place.
 
 The three stages and the benchmarks (``bench.stages``, ``bench.moco_step``, ``bench.cl_step``)
 call these and nothing else, so a benchmark times the model a stage trains, not a copy of it
@@ -22,9 +22,11 @@ from torch import nn
 from muscle_hpc.models.backbone import build_backbone, load_imagenet_into
 from muscle_hpc.models.heads import MultiTaskNet, trunk_channels
 from muscle_hpc.models.moco import MoCo
+from muscle_hpc.models.multimix import MultiMixNet
 
 if TYPE_CHECKING:
     from muscle_hpc.config.mdmoco import MocoModelConfig
+    from muscle_hpc.config.multimix import MultiMixSection
     from muscle_hpc.config.sections import HeadsConfig
 
 
@@ -61,3 +63,15 @@ def build_multitask(arch: str, tasks: Mapping[str, HasHead], heads: HeadsConfig,
         load_imagenet_into(trunk, init)
     channels = trunk_channels(arch)
     return MultiTaskNet(trunk, {name: task.head(channels, heads) for name, task in tasks.items()})
+
+
+def build_multimix(arch: str, section: MultiMixSection, num_classes: int, seg_classes: int,
+                   init: dict[str, torch.Tensor] | None = None) -> MultiMixNet:
+    """MultiMix (``muscle_hpc.models.multimix``) on a 1-channel ``arch`` trunk: the trunk
+    first (Kaiming init, or ``init`` loaded into it), then the classification branch and the
+    decoder, from the stage's ``multimix`` section (its two tasks, the bridge, the dropout)."""
+    trunk = build_backbone(arch)
+    if init is not None:
+        load_imagenet_into(trunk, init)
+    return MultiMixNet(trunk, arch, (section.cls_task, section.seg_task), num_classes,
+                       seg_classes, bridge=section.bridge, dropout=section.dropout)

@@ -173,6 +173,33 @@ def backbone_weights(path: str, arch: str, key: str, missing_hint: str) -> dict:
     return state
 
 
+# The inits that earlier stages write under run.root: their pretrained.<key>, their maker.
+PRETRAINED_KEY = {i.name: i.pretrained_key for i in registry.INITS.values() if i.made_by}
+MADE_BY = {i.name: i.made_by for i in registry.INITS.values() if i.made_by}
+
+
+def init_path(cfg, run) -> str | None:
+    """The file ``run.init`` starts from (None: Kaiming init), as ``cfg.pretrained`` and
+    ``cfg.run.root`` say, for a run of ``run.backbone`` (a ``FinetuneRun`` or
+    ``MultiMixRun``). Raises ``ConfigError``."""
+    if run.init == "scratch":
+        return None
+    if run.init == "imagenet":
+        configured = config.expand_path("pretrained.imagenet", cfg.pretrained.imagenet,
+                                        root=cfg.run.root, backbone=run.backbone)
+        return imagenet_weights_path(run.arch, configured)
+    key = PRETRAINED_KEY[run.init]
+    return config.expand_path(f"pretrained.{key}", getattr(cfg.pretrained, key),
+                              root=cfg.run.root, backbone=run.backbone)
+
+
+def init_weights(path: str, run) -> dict:
+    """The backbone at ``path`` (``init_path``'s), checked to load into ``run.arch``."""
+    key = f"pretrained.{PRETRAINED_KEY.get(run.init, 'imagenet')}"
+    hint = f"run {MADE_BY[run.init]} first" if run.init in MADE_BY else "see its docs"
+    return backbone_weights(path, run.arch, key, hint)
+
+
 def imagenet_weights_path(arch: str, configured: str = "") -> str:
     """torchvision's ImageNet ``arch`` weights: ``configured`` if set, else the first of
     torchvision's files (IMAGENET1K_V1, then V2) found in the torch hub cache. Nothing is

@@ -48,9 +48,6 @@ from muscle_hpc.tasks.base import TaskKind
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune.yaml"
 RESUMABLE_CHANGES = ("run.", "data.num_workers", "eval.")
-# The inits that earlier stages write under run.root: their pretrained.<key>, their maker.
-PRETRAINED_KEY = {i.name: i.pretrained_key for i in registry.INITS.values() if i.made_by}
-MADE_BY = {i.name: i.made_by for i in registry.INITS.values() if i.made_by}
 
 
 def grid(cfg) -> list[FinetuneRun]:
@@ -111,19 +108,6 @@ def output_dir(cfg, sel: FinetuneRun) -> Path:
     return sel.dir(cfg.run.root)
 
 
-def init_path(cfg, sel: FinetuneRun) -> str | None:
-    """The file ``sel.init`` starts from (None: Kaiming init). Raises ``ConfigError``."""
-    if sel.init == "scratch":
-        return None
-    if sel.init == "imagenet":
-        configured = config.expand_path("pretrained.imagenet", cfg.pretrained.imagenet,
-                                        root=cfg.run.root, backbone=sel.backbone)
-        return common.imagenet_weights_path(sel.arch, configured)
-    key = PRETRAINED_KEY[sel.init]
-    return config.expand_path(f"pretrained.{key}", getattr(cfg.pretrained, key),
-                              root=cfg.run.root, backbone=sel.backbone)
-
-
 def load(config_path, overrides):
     """The fine-tune config, its tasks' definitions and its grid checked. Raises
     ``ConfigError``."""
@@ -170,12 +154,10 @@ def prepare(cfg, world_size: int, on_cuda: bool, sel: FinetuneRun,
             raise config.ConfigError(
                 f"--fraction: {sel.fraction:g} of the {shards['train'].count} {sel.task} "
                 f"training images is {kept}, less than one batch of {batch}")
-    path = init_path(cfg, sel)
+    path = common.init_path(cfg, sel)
     weights = None
-    if path and not (produced_later and sel.init in MADE_BY):
-        key = f"pretrained.{PRETRAINED_KEY.get(sel.init, 'imagenet')}"
-        hint = f"run {MADE_BY[sel.init]} first" if sel.init in MADE_BY else "see its docs"
-        weights = common.backbone_weights(path, sel.arch, key, hint)
+    if path and not (produced_later and sel.init in common.MADE_BY):
+        weights = common.init_weights(path, sel)
     return FinetuneInputs(cfg, ds_config, shards, task, path, weights)
 
 
