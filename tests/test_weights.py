@@ -72,7 +72,8 @@ def test_the_stage_writes_both_files_with_the_same_tensors_and_the_runs_preproce
         weights.Preprocessing(800, 500, 122.786, 18.39)
 
 
-def test_every_format_gives_our_backbones_features(run):
+def test_every_format_gives_our_backbones_features(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # the URL's download
     ref_net = ours(run)
     x = images(weights.Preprocessing(40, 24))
     with torch.no_grad():
@@ -89,6 +90,7 @@ def test_every_format_gives_our_backbones_features(run):
             model = torch.hub.load(str(ROOT), "muscle_resnet18", source="local",
                                    weights=str(source), in_chans=chans, progress=False)
             assert_same_features(model, x.repeat(1, chans, 1, 1), ref)
+    assert (tmp_path / "hub" / "checkpoints" / "backbone_torchvision.safetensors").is_file()
     # timm: the file as a torchvision-layout ResNet, and the hub folder as a timm hub model.
     for chans in (1, 3):
         model = timm.create_model("resnet18", pretrained=True, in_chans=chans, num_classes=0,
