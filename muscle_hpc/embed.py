@@ -22,6 +22,7 @@ import argparse
 import io
 import json
 import sys
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,25 +99,23 @@ def shard_batches(shards: list, preprocessing: Preprocessing, batch_size: int):
     """The shards' images in shard order, read through FFCV, named ``NAME/SPLIT#i``. They
     are uint8 at the shard's size already; ``preprocessing`` resizes them only when the
     weights were trained at another size."""
-    from muscle_hpc.data.loaders import close_epoch, ffcv_loader
+    from muscle_hpc.data.loaders import epoch_arrays, ffcv_loader
 
     for shard in shards:
         fields = ("image", "label") if "label" in shard.fields else ("image",)
-        it = iter(ffcv_loader(shard, batch_size, fields, shuffle=False, seed=0, rank=0,
-                              world=1, num_workers=1, drop_last=False))
+        loader = ffcv_loader(shard, batch_size, fields, shuffle=False, seed=0, rank=0, world=1,
+                             num_workers=1, drop_last=False)
         n = 0
-        try:
-            for batch in it:
-                images = batch[0].reshape(len(batch[0]), shard.size[1], shard.size[0])
-                labels = batch[1].reshape(-1).tolist() if len(batch) > 1 else None
+        with closing(epoch_arrays(loader, 0)) as batches:
+            for raw in batches:
+                images = raw["image"].reshape(-1, shard.size[1], shard.size[0])
+                labels = raw["label"].reshape(-1).tolist() if "label" in raw else None
                 rows = []
                 for k in range(len(images)):
                     rows.append({"path": f"{shard.dataset}/{shard.split}#{n + k}"}
                                 | ({"label": int(labels[k])} if labels else {}))
                 n += len(images)
                 yield Batch(rows, torch.stack([preprocessing(im) for im in images]), [])
-        finally:
-            close_epoch(it)
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,8 @@ from pathlib import Path
 from muscle_hpc import checkpoint, registry, weights
 from muscle_hpc.data.shards import ShardError, read_manifest
 from muscle_hpc.models.backbone import build_backbone, export_torchvision
+from muscle_hpc.models.heads import trunk_channels
+from muscle_hpc.provenance import read as provenance_entries
 from muscle_hpc.weights import Preprocessing, Published, WeightsError
 
 PREFIXES = {"query": "encoder_q.", "key": "encoder_k."}
@@ -74,14 +76,14 @@ def trunk_state(ckpt: dict, encoder: str = "query") -> dict:
             if k.startswith(prefix) and not k[len(prefix):].startswith("fc.")}
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def size_arg(text: str) -> tuple[int, int]:
+    """``--size``: W×H as the converter reads its own ``--size`` (``convert.parse_size``)."""
+    from data_prep.convert import ConvertError, parse_size  # the converter's imports: only here
+
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 800x500, not {text!r}") from None
-    if w < 1 or h < 1:
-        raise argparse.ArgumentTypeError(f"a size must be positive, not {text!r}")
-    return w, h
+        return parse_size(text)
+    except ConvertError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run_datasets(cfg: dict) -> list[str]:
@@ -139,15 +141,6 @@ def published(ckpt: dict, trunk: dict, encoder: str, size: tuple[int, int] | Non
                      Preprocessing(w, h, float(data["mean"]), float(data["std"])), source)
 
 
-def read_provenance(run_dir: Path) -> list[dict]:
-    """The run's provenance entries, read only (a card is no reason to move a bad file)."""
-    try:
-        entries = json.loads((run_dir / "provenance.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return entries if isinstance(entries, list) else []
-
-
 def write_hub(folder: Path, trunk: dict, info: Published, card: str) -> None:
     """The hub folder: the trunk as trained (``model.safetensors``), timm's ``config.json``,
     the model card; each file atomic, the weights first (a folder whose card exists is
@@ -168,7 +161,7 @@ def hub_config(info: Published) -> dict:
     return {
         "architecture": info.arch,
         "num_classes": 0,
-        "num_features": weights.FEATURES[info.arch],
+        "num_features": trunk_channels(info.arch)["layer4"],
         "global_pool": "avg",
         "model_args": {"in_chans": 1},
         "pretrained_cfg": {
@@ -196,7 +189,7 @@ def export_run(ckpt: dict, run_dir: Path, formats=DEFAULT_FORMATS, *, out: Path 
     (default ``RUN_DIR/hub``). Raises ``WeightsError`` before anything is written, and
     ``checkpoint.NoSpaceError`` for a file that did not fit."""
     trunk = trunk_state(ckpt, encoder)
-    provenance = read_provenance(run_dir)
+    provenance = provenance_entries(run_dir / "provenance.json", move_unreadable=False)
     info = published(ckpt, trunk, encoder, size, provenance)
     card = None
     if "hub" in formats:
@@ -233,7 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--hub-dir", help="the hub folder (default: SOURCE_DIR/hub)")
     p.add_argument("--encoder", choices=tuple(PREFIXES), default="query",
                    help="MD-MoCo's query encoder (default) or its momentum encoder")
-    p.add_argument("--size", type=parse_size, help="the input size WxH the run trained at "
+    p.add_argument("--size", type=size_arg, help="the input size WxH the run trained at "
                                                    "(default: its shards' size)")
     args = p.parse_args(argv)
     formats = tuple(dict.fromkeys(args.formats or DEFAULT_FORMATS))

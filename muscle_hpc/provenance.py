@@ -156,18 +156,25 @@ def record(run_dir: str | os.PathLike, ranks: list[dict], world_size: int, stage
     return entry
 
 
-def read(path: str | os.PathLike) -> list[dict]:
+def read(path: str | os.PathLike, move_unreadable: bool = True) -> list[dict]:
     """The entries of a ``provenance.json`` (``[]`` when there is none yet); an unreadable file is
-    moved aside as ``record`` says."""
+    moved aside as ``record`` says, or with ``move_unreadable`` off (a reader that is not
+    about to record, such as a model card) left where it is and read as ``[]``."""
     path = Path(path)
     try:
         entries = json.loads(path.read_text())
     except FileNotFoundError:
         return []
+    except OSError:
+        if move_unreadable:
+            raise
+        return []
     except ValueError:
         entries = None
     if isinstance(entries, list):
         return entries
+    if not move_unreadable:
+        return []
     aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(path, aside)
     warnings.warn(f"{path} was not a JSON list; kept as {aside.name}, starting a new one",

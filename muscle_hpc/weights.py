@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,7 +43,6 @@ HUB_WEIGHTS = "model.safetensors"
 HUB_CONFIG = "config.json"
 HUB_CARD = "README.md"
 METADATA_KEY = "muscle_hpc"  # the safetensors header entry: JSON of ``Published``
-FEATURES = {"resnet18": 512, "resnet50": 2048}
 # A uint8 image spans 256 levels; a batch that spans fewer than this many (once the Z-score is
 # undone) is blank, or it is not an 8-bit image Z-scored (0-1 pixels span 1/std of a level).
 MIN_LEVELS = 32
@@ -50,6 +50,14 @@ MIN_LEVELS = 32
 
 class WeightsError(ValueError):
     """A weights file or folder that cannot be used, said in one line."""
+
+
+def z_score(gray, mean: float, std: float) -> torch.Tensor:
+    """A uint8 array (any shape) as a float32 tensor of the same shape, Z-scored with the
+    loaders' arithmetic (``augment.py``): ``(x - mean) * (1 / std)`` in float32. A copy: shard
+    pages are read-only."""
+    x = torch.from_numpy(np.array(gray, dtype=np.float32))
+    return (x - np.float32(mean)) * np.float32(1.0 / std)
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,6 @@ class Preprocessing:
     std: float = registry.PIXEL_STD
 
     def __call__(self, image) -> torch.Tensor:
-        import numpy as np
         from PIL import Image
 
         from data_prep import imaging  # cv2: only where images are decoded
@@ -87,9 +94,7 @@ class Preprocessing:
             raise TypeError(f"expected a path, a PIL image or a NumPy array, not "
                             f"{type(image).__name__}")
         gray = imaging.resize(imaging.to_uint8(image), (self.width, self.height))
-        x = torch.from_numpy(np.array(gray, dtype=np.float32))  # a copy: shard pages are read-only
-        # The loaders' arithmetic (augment.py): (x - mean) * (1 / std) in float32.
-        return ((x - self.mean) * torch.tensor(1.0 / self.std, dtype=torch.float32))[None]
+        return z_score(gray, self.mean, self.std)[None]
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -305,7 +310,7 @@ def backbone(weights: Weights, in_chans: int = 1, num_classes: int = 0,
         w = model.conv1.weight.detach()
         model.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         model.conv1.weight.data.copy_((w / 3).repeat(1, 3, 1, 1))
-    model.fc = nn.Linear(FEATURES[weights.arch], num_classes) if num_classes else nn.Identity()
+    model.fc = nn.Linear(model.fc.in_features, num_classes) if num_classes else nn.Identity()
     model.preprocessing = weights.preprocessing
     if check_inputs:
         model.register_forward_pre_hook(InputCheck(weights.preprocessing))

@@ -14,6 +14,7 @@ import math
 import queue
 import time
 from collections.abc import Iterator
+from contextlib import closing
 
 import numba
 import numpy as np
@@ -98,6 +99,21 @@ def close_epoch(it) -> None:
         except queue.Empty:
             it.join(0.05)
     it.close()
+
+
+def epoch_arrays(loader, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Epoch ``epoch`` of a raw FFCV loader (``ffcv_loader``) from batch ``start_step`` on,
+    each batch as ``{field: array}``; the epoch's reader thread is stopped however the
+    iteration ends (``close_epoch``)."""
+    loader.next_epoch = epoch
+    names = loader.output_names
+    it = iter(loader)
+    try:
+        for step, arrays in enumerate(it):
+            if step >= start_step:
+                yield dict(zip(names, arrays))
+    finally:
+        close_epoch(it)
 
 
 class _Stream:
@@ -401,17 +417,10 @@ class TaskLoader:
         return prefetch(self._batches(epoch, start_step), self.prefetch_depth, self.device)
 
     def _batches(self, epoch: int, start_step: int):
-        self.loader.next_epoch = epoch
-        names = self.loader.output_names
         numba.set_num_threads(self.num_workers)
-        it = iter(self.loader)
-        try:
-            for step, arrays in enumerate(it):
-                if step < start_step:
-                    continue
-                yield self._to_batch(epoch, dict(zip(names, arrays)))
-        finally:
-            close_epoch(it)
+        with closing(epoch_arrays(self.loader, epoch, start_step)) as batches:
+            for raw in batches:
+                yield self._to_batch(epoch, raw)
 
     def _to_batch(self, epoch: int, raw: dict) -> dict:
         b, h, w = len(raw["image"]), self.height, self.width

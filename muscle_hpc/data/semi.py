@@ -12,12 +12,15 @@ the uninterrupted run would have, and streams of different lengths cycle indepen
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import closing
 
 import numpy as np
 import torch
 
+from muscle_hpc.weights import z_score
+
 from . import randaugment
-from .loaders import close_epoch, ffcv_loader, train_subset
+from .loaders import epoch_arrays, ffcv_loader, train_subset
 from .prefetch import rank_and_world
 from .shards import Shard
 
@@ -72,18 +75,11 @@ class Stream:
     def batches(self, step: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(pass, batch) from global ``step`` on, forever; ``batch``: ``image`` (B, H, W)
         uint8, ``index`` (B,) int64 and the stream's fields."""
-        n = len(self)
-        epoch, skip = divmod(step, n)
-        names = self.loader.output_names
+        epoch, skip = divmod(step, len(self))
         b, h, w = self.loader.batch_size, self.height, self.width
         while True:
-            self.loader.next_epoch = epoch
-            it = iter(self.loader)
-            try:
-                for i, arrays in enumerate(it):
-                    if i < skip:
-                        continue
-                    raw = dict(zip(names, arrays))
+            with closing(epoch_arrays(self.loader, epoch, skip)) as batches:
+                for raw in batches:
                     batch = {"image": raw["image"].reshape(b, h, w),
                              "index": raw["index"].reshape(b).astype(np.int64)}
                     if "label" in raw:
@@ -91,16 +87,12 @@ class Stream:
                     if "mask" in raw:
                         batch["mask"] = raw["mask"].reshape(b, h, w)
                     yield epoch, batch
-            finally:
-                close_epoch(it)
             epoch, skip = epoch + 1, 0
 
 
 def z_scored(images: np.ndarray, mean: float, std: float) -> torch.Tensor:
-    """uint8 (B, H, W) to float32 (B, 1, H, W), as the loaders compute it:
-    ``(x - mean) * (1 / std)`` in float32."""
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    return ((x - np.float32(mean)) * np.float32(1.0 / std))[:, None]
+    """uint8 (B, H, W) to float32 (B, 1, H, W), Z-scored as the loaders do it."""
+    return z_score(images, mean, std)[:, None]
 
 
 def views(batch: dict, kind: str, seed: int, epoch: int) -> np.ndarray:

@@ -4,6 +4,7 @@ prelude (checkpoint, rendezvous, lock, provenance), reading a pre-trained backbo
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sized
@@ -137,6 +138,17 @@ def agreed(action: Callable[[], T]) -> T:
     if refusals:
         raise StageError(refusals[0])
     return result
+
+
+def better(score: float, best: dict | None, lower: bool = False) -> bool:
+    """Model selection: higher is better (``lower``: an error such as MAE, lower is), and any
+    number beats NaN (an undefined AUC)."""
+    if best is None:
+        return True
+    if math.isnan(score):
+        return False
+    return math.isnan(best["score"]) or (score < best["score"] if lower else
+                                         score > best["score"])
 
 
 def join(env, deterministic: bool) -> None:

@@ -25,7 +25,6 @@ status as for the other stages.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,17 +202,6 @@ def run(args) -> int:
                      inputs.ds_config)
 
 
-def better(score: float, best: dict | None, lower: bool = False) -> bool:
-    """Model selection: higher is better (``lower``: an error such as MAE, lower is), and any
-    number beats NaN (an undefined AUC)."""
-    if best is None:
-        return True
-    if math.isnan(score):
-        return False
-    return math.isnan(best["score"]) or (score < best["score"] if lower else
-                                         score > best["score"])
-
-
 def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
     out, rank, tcfg = start.ckpt.run_dir, start.env.rank, cfg.task(sel.task)
     linear = sel.protocol == "linear"
@@ -274,7 +262,8 @@ def train(cfg, start, sel, task, loaders, init, ds_config) -> int:
                 scores = evaluate(net, task, loaders["valid"], device, cfg.eval, bf16)
                 history.append({"epoch": epoch, "step": loop.step, **scores})
                 loop.log.scalars(loop.step, "valid/", **scores)
-                if better(scores[task.headline], best, task.headline in registry.LOWER_IS_BETTER):
+                if common.better(scores[task.headline], best,
+                                 task.headline in registry.LOWER_IS_BETTER):
                     best = {"epoch": epoch, "score": scores[task.headline], "valid": scores}
                     if rank == 0:
                         checkpoint.save(out / "best.pth", net.state_dict())

@@ -23,7 +23,6 @@ stages.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,11 +204,6 @@ def selection_score(scores: dict[str, dict], heads: dict[str, str]) -> float:
     return float(np.mean([scores[t][h] for t, h in heads.items()]))
 
 
-def better(score: float, best: dict | None) -> bool:
-    return best is None or (not math.isnan(score) and
-                            (math.isnan(best["score"]) or score > best["score"]))
-
-
 def train(cfg: MultiMixConfig, start, run: MultiMixRun, inputs: MultiMixInputs) -> int:
     out, rank, world = start.ckpt.run_dir, start.env.rank, start.env.world_size
     m = cfg.multimix
@@ -282,7 +276,7 @@ def train(cfg: MultiMixConfig, start, run: MultiMixRun, inputs: MultiMixInputs) 
                 history.append({"epoch": epoch, "step": loop.step, **scores})
                 for name, s in scores.items():
                     loop.log.scalars(loop.step, f"valid/{name}/", **s)
-                if better(score, best):
+                if common.better(score, best):
                     best = {"epoch": epoch, "score": score, "valid": scores}
                     if rank == 0:
                         checkpoint.save(out / "best.pth", net.state_dict())
