@@ -13,7 +13,8 @@ shard folder (``SHARDS/NAME`` with its ``manifest.json``), or a shard root holdi
 Writes ``feats.npy`` (float32, one row per image, in the order listed) and ``feats.json``
 beside it: the weights, the preprocessing, each row's image (its path, or ``NAME/SPLIT#i`` in a
 shard, with its class where the shard has one) and each file that could not be read with the
-reason. Both files are written whole or not at all.
+reason. Both files are written whole or not at all, the ``.json`` last: a pair is complete
+once its ``.json`` is there.
 """
 
 from __future__ import annotations
@@ -181,8 +182,11 @@ def main(argv=None) -> int:
     buf = io.BytesIO()
     np.save(buf, features.astype(np.float32), allow_pickle=False)
     try:
-        checkpoint.save_bytes(side, json.dumps(meta, indent=1).encode())
+        # The .json is written last and an old one removed first: a run killed between the
+        # two files leaves features without rows, never rows beside another run's features.
+        side.unlink(missing_ok=True)
         checkpoint.save_bytes(out, buf.getvalue())
+        checkpoint.save_bytes(side, json.dumps(meta, indent=1).encode())
     except checkpoint.NoSpaceError as e:
         print(f"embed: error: {e}", file=sys.stderr)
         return 1

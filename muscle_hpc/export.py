@@ -143,9 +143,10 @@ def published(ckpt: dict, trunk: dict, encoder: str, size: tuple[int, int] | Non
 
 def write_hub(folder: Path, trunk: dict, info: Published, card: str) -> None:
     """The hub folder: the trunk as trained (``model.safetensors``), timm's ``config.json``,
-    the model card; each file atomic, the weights first (a folder whose card exists is
-    complete)."""
+    the model card; each file atomic, the card last and an old one removed first, so that a
+    folder whose card exists is complete and of one export."""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / weights.HUB_CARD).unlink(missing_ok=True)
     weights.save_safetensors(folder / weights.HUB_WEIGHTS, trunk, info)
     checkpoint.save_bytes(folder / weights.HUB_CONFIG,
                           json.dumps(hub_config(info), indent=2).encode())
