@@ -203,13 +203,20 @@ def export_run(ckpt: dict, run_dir: Path, formats=DEFAULT_FORMATS, *, out: Path 
     backbone = build_backbone(info.arch, in_chans=1)
     backbone.load_state_dict(trunk, strict=False)  # trunk_arch checked every name and shape
     tv = export_torchvision(backbone)
+    pth = base.with_name(base.name + ".pth")
+    safetensors = base.with_name(base.name + weights.SAFETENSORS_SUFFIX)
+    if {"torchvision", "safetensors"} & set(formats):
+        # The pair at one path holds one export's tensors: an older twin goes first (readers
+        # of a run directory take the .safetensors), and the .safetensors comes last.
+        pth.unlink(missing_ok=True)
+        safetensors.unlink(missing_ok=True)
     written = []
     if "torchvision" in formats:
-        written.append(base.with_name(base.name + ".pth"))
-        checkpoint.save(written[-1], tv)
+        written.append(pth)
+        checkpoint.save(pth, tv)
     if "safetensors" in formats:
-        written.append(base.with_name(base.name + weights.SAFETENSORS_SUFFIX))
-        weights.save_safetensors(written[-1], tv, info)
+        written.append(safetensors)
+        weights.save_safetensors(safetensors, tv, info)
     if "hub" in formats:
         written.append(Path(hub_dir) if hub_dir else run_dir / "hub")
         write_hub(written[-1], trunk, info, card)

@@ -250,3 +250,8 @@ def test_export_needs_the_input_size_and_says_so(run, tmp_path, capsys):
     assert weights.read(tmp_path / "backbone_torchvision.safetensors").preprocessing == \
         weights.Preprocessing(64, 48)
     assert not (tmp_path / registry.EXPORTED_BACKBONE).exists()  # only the format asked for
+    # A later export of one format leaves no older twin beside it (a run directory's reader
+    # takes the .safetensors).
+    assert export.main([str(tmp_path), "--size", "32x32", "--format", "torchvision"]) == 0
+    assert (tmp_path / registry.EXPORTED_BACKBONE).exists()
+    assert not (tmp_path / "backbone_torchvision.safetensors").exists()
